@@ -1,0 +1,37 @@
+"""The service contract: model and tensor names, dtypes and limits.
+
+Export, the Triton models, the configs' tests and the client all read these, so a name or a limit
+is changed in one place. Dependency-free: the thin client imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Model names as they appear in model_repository/.
+SEARCH_MODEL: Final = "search"
+PREPROCESS_MODEL: Final = "preprocess"
+ENCODER_MODEL: Final = "query_encoder"
+RETRIEVE_MODEL: Final = "retrieve"
+
+# Inputs and outputs of the `search` ensemble.
+QUERY: Final = "query"  # BYTES [batch, 1], UTF-8
+TOP_K: Final = "top_k"  # INT32 [batch, 1], optional
+PRODUCT_IDS: Final = "product_ids"  # BYTES [batch, k]
+SCORES: Final = "scores"  # FP32 [batch, k], higher is better
+TITLES: Final = "titles"  # BYTES [batch, k]
+
+# Tensors between the composing models.
+INPUT_IDS: Final = "input_ids"  # INT64 [batch, sequence]
+ATTENTION_MASK: Final = "attention_mask"  # INT64 [batch, sequence]
+EMBEDDING: Final = "embedding"  # FP32 [batch, dim], L2-normalised
+
+# Limits, documented in the README and enforced by the models.
+DEFAULT_TOP_K: Final = 10
+MAX_TOP_K: Final = 100
+# The ensemble's max_batch_size: queries in one request. Larger batches are rejected by Triton.
+MAX_QUERIES_PER_REQUEST: Final = 64
+# A query is a few words; anything this long is a client bug or abuse, not a search.
+MAX_QUERY_BYTES: Final = 2048
+# Queries longer than this many tokens are truncated (after the byte-length check).
+MAX_QUERY_TOKENS: Final = 64

@@ -1,0 +1,210 @@
+"""`ecomsearch build-index`: embed a catalog and write a FAISS index directory atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ecomsearch.catalog import Product, product_text, read_catalog
+from ecomsearch.encoder import OnnxEncoder
+from ecomsearch.fingerprint import file_sha256, texts_sha256
+from ecomsearch.index.manifest import (
+    DATA_FILES,
+    FAISS_FILE,
+    IDS_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    IndexLoadError,
+    IndexManifest,
+)
+from ecomsearch.paths import ModelRepositoryLayout
+
+log = logging.getLogger(__name__)
+
+# Product texts carry a title, a category and a spec-like description; 128 tokens keeps all
+# of a title and most descriptions while bounding the quadratic attention cost.
+PRODUCT_MAX_TOKENS = 128
+EMBEDDING_BATCH_SIZE = 64
+
+# Up to this many products, exact inner-product search (IndexFlatIP) costs a few milliseconds a
+# query on a CPU core; beyond it, HNSW keeps the per-query cost nearly flat as the catalog grows.
+EXACT_SEARCH_MAX_PRODUCTS = 100_000
+HNSW_NEIGHBOURS = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 256
+RECALL_K = 100
+RECALL_SAMPLE_QUERIES = 200
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest: IndexManifest
+    index_dir: Path
+    reused: bool
+
+
+def choose_index_type(count: int, exact_max_products: int = EXACT_SEARCH_MAX_PRODUCTS) -> str:
+    return "flat" if count <= exact_max_products else "hnsw"
+
+
+def make_faiss_index(embeddings: np.ndarray, index_type: str) -> tuple[Any, dict[str, Any]]:
+    import faiss
+
+    dimension = embeddings.shape[1]
+    if index_type == "flat":
+        index, params = faiss.IndexFlatIP(dimension), {}
+    elif index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dimension, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        params = {
+            "neighbours": HNSW_NEIGHBOURS,
+            "ef_construction": HNSW_EF_CONSTRUCTION,
+            "ef_search": HNSW_EF_SEARCH,
+        }
+    else:
+        raise ValueError(f"unknown index type {index_type!r}")
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return index, params
+
+
+def recall_against_exact(
+    index: Any, embeddings: np.ndarray, k: int = RECALL_K, sample: int = RECALL_SAMPLE_QUERIES
+) -> float:
+    """Recall@k of `index` versus exact search, queried with perturbed sampled product vectors
+    (perturbed so a product is not trivially its own nearest neighbour)."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    k = min(k, len(embeddings))
+    picks = rng.choice(len(embeddings), size=min(sample, len(embeddings)), replace=False)
+    queries = embeddings[picks] + rng.normal(0, 0.05, (len(picks), embeddings.shape[1]))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    exact = faiss.IndexFlatIP(embeddings.shape[1])
+    exact.add(embeddings)
+    _, truth = exact.search(queries, k)
+    _, found = index.search(queries, k)
+    hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True))
+    return hits / truth.size
+
+
+class EmbeddingCache:
+    """Embeddings keyed by encoder fingerprint and the exact texts, so a rebuild is instant."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+
+    def path(self, encoder_fingerprint: str, texts_digest: str, max_tokens: int) -> Path:
+        name = f"{texts_digest[:24]}-t{max_tokens}.npy"
+        return self.cache_dir / "embeddings" / encoder_fingerprint[:24] / name
+
+    def get_or_compute(self, encoder: OnnxEncoder, texts: list[str], max_tokens: int) -> np.ndarray:
+        path = self.path(encoder.fingerprint, texts_sha256(texts), max_tokens)
+        if path.is_file():
+            cached = np.load(path)
+            if cached.shape == (len(texts), encoder.dimension):
+                log.info("embeddings: reused cache %s", path)
+                return cached
+        embeddings = encoder.encode(texts, batch_size=EMBEDDING_BATCH_SIZE, progress=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(scratch, embeddings)
+        os.replace(scratch, path)
+        return embeddings
+
+
+def _write_index_dir(
+    target: Path, faiss_index: Any, products: list[Product], manifest: IndexManifest
+) -> None:
+    """Writes into a sibling scratch directory, then swaps it in, so readers never see half."""
+    import faiss
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(f".{target.name}.building-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    faiss.write_index(faiss_index, str(scratch / FAISS_FILE))
+    (scratch / IDS_FILE).write_text(json.dumps([p.id for p in products]), encoding="utf-8")
+    with open(scratch / METADATA_FILE, "w", encoding="utf-8") as stream:
+        for product in products:
+            stream.write(json.dumps(product.metadata(), ensure_ascii=False) + "\n")
+    checksums = {name: file_sha256(scratch / name) for name in DATA_FILES}
+    manifest = IndexManifest(**{**manifest.__dict__, "file_sha256": checksums})
+    (scratch / MANIFEST_FILE).write_text(manifest.to_json())
+
+    retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(scratch, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def build_index(
+    catalog_path: Path,
+    layout: ModelRepositoryLayout,
+    cache_dir: Path,
+    index_dir: Path | None = None,
+    force: bool = False,
+    exact_max_products: int = EXACT_SEARCH_MAX_PRODUCTS,
+) -> BuildResult:
+    started = time.perf_counter()
+    index_dir = index_dir or layout.index_dir
+    encoder = OnnxEncoder(layout.encoder_onnx, layout.tokenizer_dir, PRODUCT_MAX_TOKENS)
+    catalog_sha256 = file_sha256(catalog_path)
+
+    if not force:
+        try:
+            existing = IndexManifest.read(index_dir)
+        except IndexLoadError:
+            existing = None
+        if (
+            existing is not None
+            and existing.encoder_fingerprint == encoder.fingerprint
+            and existing.catalog_sha256 == catalog_sha256
+            and existing.text_max_tokens == PRODUCT_MAX_TOKENS
+            and existing.index_type == choose_index_type(existing.count, exact_max_products)
+        ):
+            log.info("index at %s is up to date (same catalog and encoder)", index_dir)
+            return BuildResult(existing, index_dir, reused=True)
+
+    products = read_catalog(catalog_path)
+    log.info("catalog %s: %d products", catalog_path, len(products))
+    texts = [product_text(p) for p in products]
+    embeddings = EmbeddingCache(cache_dir).get_or_compute(encoder, texts, PRODUCT_MAX_TOKENS)
+
+    index_type = choose_index_type(len(products), exact_max_products)
+    faiss_index, params = make_faiss_index(embeddings, index_type)
+    recall = None
+    if index_type != "flat":
+        recall = recall_against_exact(faiss_index, embeddings)
+        log.info(
+            "%s recall@%d against exact search on %d sampled queries: %.4f",
+            index_type, RECALL_K, RECALL_SAMPLE_QUERIES, recall,
+        )
+    manifest = IndexManifest(
+        encoder_fingerprint=encoder.fingerprint,
+        dimension=encoder.dimension,
+        count=len(products),
+        index_type=index_type,
+        index_params=params,
+        catalog_sha256=catalog_sha256,
+        text_max_tokens=PRODUCT_MAX_TOKENS,
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(time.perf_counter() - started, 3),
+        recall_at_100=recall,
+    )
+    _write_index_dir(index_dir, faiss_index, products, manifest)
+    log.info(
+        "index: %d products, %s, dimension %d, built in %.1f s -> %s",
+        manifest.count, index_type, manifest.dimension, manifest.build_seconds, index_dir,
+    )
+    return BuildResult(IndexManifest.read(index_dir), index_dir, reused=False)

@@ -1,0 +1,114 @@
+"""Loading a built index: FAISS index, row-aligned ids and metadata, verified against the manifest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ecomsearch.fingerprint import file_sha256
+from ecomsearch.index.manifest import (
+    DATA_FILES,
+    FAISS_FILE,
+    IDS_FILE,
+    METADATA_FILE,
+    IndexLoadError,
+    IndexManifest,
+)
+
+
+@dataclass
+class CatalogIndex:
+    manifest: IndexManifest
+    faiss_index: Any
+    ids: np.ndarray  # object array of UTF-8 bytes, row-aligned with the FAISS index
+    titles: np.ndarray  # object array of UTF-8 bytes
+    metadata: list[dict[str, Any]]
+    gpu_resources: Any = None  # faiss.StandardGpuResources when the index lives on a GPU
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by inner product: (scores [n, k'] float32, rows [n, k'] int64), k' <= count."""
+        k = min(k, self.count)
+        scores, rows = self.faiss_index.search(np.ascontiguousarray(embeddings, np.float32), k)
+        return scores, rows
+
+    @classmethod
+    def load(
+        cls,
+        index_dir: Path | str,
+        encoder_fingerprint: str | None = None,
+        dimension: int | None = None,
+        verify_checksums: bool = True,
+    ) -> CatalogIndex:
+        """Loads and checks an index; raises IndexLoadError with a message naming the problem."""
+        import faiss
+
+        index_dir = Path(index_dir)
+        manifest = IndexManifest.read(index_dir)
+        if encoder_fingerprint is not None and manifest.encoder_fingerprint != encoder_fingerprint:
+            raise IndexLoadError(
+                f"index at {index_dir} was built with encoder {manifest.encoder_fingerprint[:12]} "
+                f"but the served encoder is {encoder_fingerprint[:12]}; "
+                "rebuild it with `ecomsearch build-index`"
+            )
+        if dimension is not None and manifest.dimension != dimension:
+            raise IndexLoadError(
+                f"index at {index_dir} has dimension {manifest.dimension}, "
+                f"the encoder produces {dimension}"
+            )
+        for name in DATA_FILES:
+            path = index_dir / name
+            if not path.is_file():
+                raise IndexLoadError(f"index at {index_dir} is incomplete: {name} missing")
+            expected = manifest.file_sha256.get(name)
+            if verify_checksums and expected and file_sha256(path) != expected:
+                raise IndexLoadError(f"{path} is corrupt: its checksum differs from the manifest")
+
+        try:
+            faiss_index = faiss.read_index(str(index_dir / FAISS_FILE))
+        except RuntimeError as e:
+            raise IndexLoadError(f"{index_dir / FAISS_FILE} is corrupt: {e}") from e
+        try:
+            ids = json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8"))
+            with open(index_dir / METADATA_FILE, encoding="utf-8") as stream:
+                metadata = [json.loads(line) for line in stream]
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IndexLoadError(f"index at {index_dir} is corrupt: {e}") from e
+
+        counts = {
+            "manifest": manifest.count,
+            FAISS_FILE: int(faiss_index.ntotal),
+            IDS_FILE: len(ids),
+            METADATA_FILE: len(metadata),
+        }
+        if len(set(counts.values())) != 1:
+            raise IndexLoadError(f"index at {index_dir} is inconsistent: product counts {counts}")
+        if int(faiss_index.d) != manifest.dimension:
+            raise IndexLoadError(
+                f"{FAISS_FILE} has dimension {faiss_index.d}, manifest says {manifest.dimension}"
+            )
+        if "ef_search" in manifest.index_params and hasattr(faiss_index, "hnsw"):
+            faiss_index.hnsw.efSearch = int(manifest.index_params["ef_search"])
+
+        return cls(
+            manifest=manifest,
+            faiss_index=faiss_index,
+            ids=_bytes_array(ids),
+            titles=_bytes_array(record["title"] for record in metadata),
+            metadata=metadata,
+        )
+
+
+def _bytes_array(strings) -> np.ndarray:
+    """Object array of UTF-8 bytes: the layout Triton BYTES tensors are built from cheaply."""
+    encoded = [s.encode("utf-8") for s in strings]
+    array = np.empty(len(encoded), dtype=object)
+    array[:] = encoded
+    return array

@@ -1,0 +1,1 @@
+"""Running the real tritonserver locally (from the nvidia-pytriton wheel)."""

