@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CATALOG ?= data/pc_parts/products_priced.jsonl.gz
+MODEL_REPOSITORY ?= model_repository
+ENCODER_ONNX := $(MODEL_REPOSITORY)/query_encoder/1/model.onnx
+PYTEST_ARGS ?=
+
+.PHONY: help install models index serve test lint clean
+
+help:
+	@echo "make serve   set up (venv, encoder export, demo index) and run tritonserver"
+	@echo "make test    set up, then run the whole test suite"
+	@echo "make lint    ruff and hadolint"
+
+$(BIN)/ecomsearch: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+install: $(BIN)/ecomsearch
+
+$(ENCODER_ONNX): | $(BIN)/ecomsearch
+	$(BIN)/ecomsearch export-encoder --model-repository $(MODEL_REPOSITORY)
+
+models: $(ENCODER_ONNX)
+
+# build-index itself skips the work when the index matches the catalog and the encoder.
+index: models
+	$(BIN)/ecomsearch build-index --catalog $(CATALOG) --model-repository $(MODEL_REPOSITORY)
+
+serve: index
+	$(BIN)/ecomsearch serve --model-repository $(MODEL_REPOSITORY)
+
+test: models
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+
+clean:
+	rm -rf $(ENCODER_ONNX) $(MODEL_REPOSITORY)/query_encoder/1/encoder.json \
+		$(MODEL_REPOSITORY)/preprocess/1/tokenizer $(MODEL_REPOSITORY)/retrieve/1/index .cache

@@ -1,0 +1,83 @@
+"""A real tritonserver over a small catalog cut from the demo catalog, shared by the session."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ecomsearch.paths import DEMO_CATALOG, ModelRepositoryLayout, PROJECT_ROOT
+from ecomsearch.server.launcher import ServerPorts, TritonServer
+
+SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
+# Enough of each category that a query must pick the right one out of look-alikes.
+PRODUCTS_PER_CATEGORY = 40
+
+pytestmark = pytest.mark.integration
+
+
+def cut_fixture_catalog(target: Path) -> Path:
+    """The first products (by source popularity) of every category of the demo catalog."""
+    kept: dict[str, list[str]] = defaultdict(list)
+    with gzip.open(DEMO_CATALOG, "rt", encoding="utf-8") as stream:
+        for line in stream:
+            category = json.loads(line)["category_path"][-1]
+            if len(kept[category]) < PRODUCTS_PER_CATEGORY:
+                kept[category].append(line)
+    target.write_text("".join(line for lines in kept.values() for line in lines))
+    return target
+
+
+def copy_model_repository(target: Path) -> Path:
+    """The checked-in repository (configs, model.py) plus links to the exported encoder."""
+    source_layout = ModelRepositoryLayout(SOURCE_REPOSITORY)
+    if not source_layout.encoder_onnx.is_file():
+        pytest.fail(f"{source_layout.encoder_onnx} missing: run `make test` (it exports the encoder)")
+    shutil.copytree(
+        SOURCE_REPOSITORY,
+        target,
+        ignore=shutil.ignore_patterns("model.onnx", "encoder.json", "tokenizer", "index", "__pycache__"),
+    )
+    layout = ModelRepositoryLayout(target)
+    layout.encoder_onnx.symlink_to(source_layout.encoder_onnx)
+    layout.tokenizer_dir.symlink_to(source_layout.tokenizer_dir, target_is_directory=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def fixture_catalog(tmp_path_factory) -> Path:
+    return cut_fixture_catalog(tmp_path_factory.mktemp("catalog") / "catalog.jsonl")
+
+
+@pytest.fixture(scope="session")
+def embedding_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory, fixture_catalog, embedding_cache) -> Path:
+    from ecomsearch.index.builder import build_index
+
+    repository = copy_model_repository(tmp_path_factory.mktemp("models") / "repository")
+    build_index(fixture_catalog, ModelRepositoryLayout(repository), cache_dir=embedding_cache)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton_server(model_repository, tmp_path_factory) -> Iterator[TritonServer]:
+    log_path = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    server = TritonServer(
+        model_repository, ServerPorts.free(), bind_address="127.0.0.1", log_path=log_path
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def grpc_url(triton_server) -> str:
+    return triton_server.grpc_url

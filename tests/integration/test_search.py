@@ -1,0 +1,117 @@
+"""Real queries through the served `search` ensemble, via the thin client."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ecomsearch import contract
+from ecomsearch.client import (
+    AsyncSearchClient,
+    BadRequestError,
+    SearchClient,
+    SearchTimeoutError,
+    ServiceUnavailableError,
+)
+from ecomsearch.server.launcher import ServerPorts
+
+pytestmark = pytest.mark.integration
+
+
+def categories(hits) -> list[str]:
+    # Demo catalog ids are "<category>-<number>", e.g. "mouse-00326".
+    return [hit.product_id.rsplit("-", 1)[0] for hit in hits]
+
+
+@pytest.fixture
+def client(grpc_url):
+    with SearchClient(grpc_url, timeout_s=10) as client:
+        yield client
+
+
+def test_wireless_gaming_mouse_finds_mice(client):
+    hits = client.search("wireless gaming mouse", k=10)
+    assert len(hits) == 10
+    assert categories(hits[:5]) == ["mouse"] * 5, hits
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_nvme_ssd_finds_storage_not_cases(client):
+    found = categories(client.search("1tb nvme ssd", k=10))
+    assert found[:5] == ["internal-hard-drive"] * 5, found
+    assert "case" not in found
+
+
+def test_default_top_k_when_absent(grpc_url):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    query = grpcclient.InferInput(contract.QUERY, [1, 1], "BYTES")
+    query.set_data_from_numpy(np.array([[b"mechanical keyboard"]], dtype=object))
+    with grpcclient.InferenceServerClient(grpc_url) as raw:
+        result = raw.infer(contract.SEARCH_MODEL, [query])
+    assert result.as_numpy(contract.PRODUCT_IDS).shape == (1, contract.DEFAULT_TOP_K)
+    assert result.as_numpy(contract.SCORES).dtype == np.float32
+
+
+def test_batch_matches_single_queries(client):
+    queries = ["wireless gaming mouse", "1tb nvme ssd", "27 inch 4k monitor"]
+    batched = client.search_batch(queries, k=5)
+    assert [[h.product_id for h in hits] for hits in batched] == [
+        [h.product_id for h in client.search(q, k=5)] for q in queries
+    ]
+
+
+def test_batch_longer_than_one_request_is_chunked(client):
+    queries = [f"gaming mouse {n}" for n in range(contract.MAX_QUERIES_PER_REQUEST + 6)]
+    results = client.search_batch(queries, k=3)
+    assert len(results) == len(queries)
+    assert all(len(hits) == 3 for hits in results)
+
+
+def test_async_client_concurrent_queries(grpc_url, client):
+    async def run():
+        async with AsyncSearchClient(grpc_url, timeout_s=10) as aclient:
+            return await asyncio.gather(
+                aclient.search("wireless gaming mouse", k=5),
+                aclient.search_batch(["1tb nvme ssd", "ddr5 32gb memory kit"], k=5),
+            )
+
+    mouse, (ssd, memory) = asyncio.run(run())
+    assert [h.product_id for h in mouse] == [h.product_id for h in client.search("wireless gaming mouse", k=5)]
+    assert categories(ssd)[0] == "internal-hard-drive"
+    assert categories(memory)[0] == "memory"
+
+
+def test_client_rejects_bad_input_before_sending(client):
+    for query, k in [("", 5), ("   ", 5), ("mouse", 0), ("mouse", contract.MAX_TOP_K + 1)]:
+        with pytest.raises(BadRequestError):
+            client.search(query, k=k)
+
+
+def test_client_timeout_is_typed(grpc_url):
+    with SearchClient(grpc_url, timeout_s=1e-6) as fast:
+        with pytest.raises(SearchTimeoutError):
+            fast.search("wireless gaming mouse")
+
+
+def test_client_unreachable_server_is_typed():
+    with SearchClient(f"127.0.0.1:{ServerPorts.free().grpc}", timeout_s=2) as nowhere:
+        with pytest.raises(ServiceUnavailableError):
+            nowhere.search("wireless gaming mouse")
+
+
+def test_cli_search_prints_mice(grpc_url):
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "ecomsearch"), "search", "wireless gaming mouse",
+         "-k", "3", "--url", grpc_url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.strip().splitlines()
+    assert len(lines) == 3
+    assert all("mouse-" in line for line in lines), completed.stdout
