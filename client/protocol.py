@@ -46,9 +46,7 @@ def chunks(queries: Sequence[str]) -> list[Sequence[str]]:
 def build_inputs(grpc_module, queries: Sequence[str], k: int) -> list:
     """InferInputs for one request (`grpc_module` is tritonclient.grpc or its aio variant)."""
     query = grpc_module.InferInput(contract.QUERY, [len(queries), 1], "BYTES")
-    query.set_data_from_numpy(
-        np.array([[q.encode("utf-8")] for q in queries], dtype=np.object_)
-    )
+    query.set_data_from_numpy(np.array([[q.encode("utf-8")] for q in queries], dtype=np.object_))
     top_k = grpc_module.InferInput(contract.TOP_K, [len(queries), 1], "INT32")
     top_k.set_data_from_numpy(np.full((len(queries), 1), k, dtype=np.int32))
     return [query, top_k]

@@ -38,7 +38,9 @@ class SearchClient:
         """The top-k products for one query, best first."""
         return self.search_batch([query], k)[0]
 
-    def search_batch(self, queries: Sequence[str], k: int = contract.DEFAULT_TOP_K) -> list[list[Hit]]:
+    def search_batch(
+        self, queries: Sequence[str], k: int = contract.DEFAULT_TOP_K
+    ) -> list[list[Hit]]:
         """Top-k for many queries; sent in requests of at most MAX_QUERIES_PER_REQUEST."""
         protocol.validate(queries, k)
         hits: list[list[Hit]] = []

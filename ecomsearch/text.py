@@ -26,7 +26,9 @@ class TextTokenizer:
 
         path = Path(tokenizer_dir) / TOKENIZER_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} not found; run `ecomsearch export-encoder`")
+            raise FileNotFoundError(
+                f"tokenizer file {path} not found; run `ecomsearch export-encoder`"
+            )
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         self._tokenizer = Tokenizer.from_file(str(path))

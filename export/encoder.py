@@ -99,7 +99,9 @@ def export_encoder(checkpoint: Path, layout: ModelRepositoryLayout) -> EncoderEx
 
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
-    missing = [name for name in ("config.json", "tokenizer.json") if not (checkpoint / name).is_file()]
+    missing = [
+        name for name in ("config.json", "tokenizer.json") if not (checkpoint / name).is_file()
+    ]
     if missing:
         raise FileNotFoundError(f"checkpoint {checkpoint} lacks {', '.join(missing)}")
     module = build_sentence_encoder(checkpoint)

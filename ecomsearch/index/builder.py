@@ -188,7 +188,10 @@ def build_index(
         recall = recall_against_exact(faiss_index, embeddings)
         log.info(
             "%s recall@%d against exact search on %d sampled queries: %.4f",
-            index_type, RECALL_K, RECALL_SAMPLE_QUERIES, recall,
+            index_type,
+            RECALL_K,
+            RECALL_SAMPLE_QUERIES,
+            recall,
         )
     manifest = IndexManifest(
         encoder_fingerprint=encoder.fingerprint,
@@ -205,6 +208,10 @@ def build_index(
     _write_index_dir(index_dir, faiss_index, products, manifest)
     log.info(
         "index: %d products, %s, dimension %d, built in %.1f s -> %s",
-        manifest.count, index_type, manifest.dimension, manifest.build_seconds, index_dir,
+        manifest.count,
+        index_type,
+        manifest.dimension,
+        manifest.build_seconds,
+        index_dir,
     )
     return BuildResult(IndexManifest.read(index_dir), index_dir, reused=False)

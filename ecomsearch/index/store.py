@@ -1,4 +1,4 @@
-"""Loading a built index: FAISS index, row-aligned ids and metadata, verified against the manifest."""
+"""Loading a built index: FAISS index, row-aligned ids and metadata, checked by its manifest."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class CatalogIndex:
         return self.manifest.count
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows by inner product: (scores [n, k'] float32, rows [n, k'] int64), k' <= count."""
+        """Top-k by inner product: scores [n, k'] float32 and rows [n, k'] int64, k' <= count."""
         k = min(k, self.count)
         scores, rows = self.faiss_index.search(np.ascontiguousarray(embeddings, np.float32), k)
         return scores, rows

@@ -6,6 +6,7 @@ outlive a server stopped with SIGTERM; stopping the whole group leaves nothing b
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -74,16 +75,23 @@ class TritonInstallation:
         )
         for path in (installation.binary, installation.python_backend_dir, installation.stub):
             if not path.exists():
-                raise ServerError(f"{path} not found in the nvidia-pytriton wheel (Python {version})")
+                raise ServerError(
+                    f"{path} not found in the nvidia-pytriton wheel (Python {version})"
+                )
         return installation
 
     def populate_backend_directory(self, target: Path) -> None:
         """The Python backend with the stub for this Python, plus the drop-in `onnxruntime`."""
         python_dir = target / "python"
-        shutil.copytree(self.python_backend_dir, python_dir, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            self.python_backend_dir, python_dir, ignore=shutil.ignore_patterns("__pycache__")
+        )
         shutil.copy2(self.stub, python_dir / "triton_python_backend_stub")
         shutil.copytree(
-            DROP_IN_BACKENDS, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+            DROP_IN_BACKENDS,
+            target,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__"),
         )
 
 
@@ -158,7 +166,7 @@ class TritonServer:
         backend_dir = Path(self._backend_dir.name)
         installation.populate_backend_directory(backend_dir)
         if self.log_path is not None:
-            self._log_stream = open(self.log_path, "ab")
+            self._log_stream = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             self.command(backend_dir, installation.binary),
             env=self.environment(installation),
@@ -174,7 +182,10 @@ class TritonServer:
             raise
         log.info(
             "tritonserver ready: HTTP %s, gRPC %s, metrics %s (model repository %s)",
-            self.http_url, self.grpc_url, self.metrics_url, self.model_repository,
+            self.http_url,
+            self.grpc_url,
+            self.metrics_url,
+            self.model_repository,
         )
         return self
 
@@ -190,7 +201,9 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
-                raise ServerError(f"tritonserver exited with code {code} before ready{self._log_tail()}")
+                raise ServerError(
+                    f"tritonserver exited with code {code} before ready{self._log_tail()}"
+                )
             if self.is_ready():
                 return
             time.sleep(READY_POLL_INTERVAL_S)
@@ -229,7 +242,5 @@ class TritonServer:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

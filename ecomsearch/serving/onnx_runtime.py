@@ -66,7 +66,9 @@ class OnnxRuntimeModel(BatchedModel[dict[str, np.ndarray]]):
         session = ort.InferenceSession(
             str(path),
             _session_options(config),
-            providers=_providers(args["model_instance_kind"], int(args["model_instance_device_id"])),
+            providers=_providers(
+                args["model_instance_kind"], int(args["model_instance_device_id"])
+            ),
         )
         pb_utils.Logger.log_info(
             f"onnxruntime (python drop-in): {path} on {session.get_providers()[0]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ class PreprocessModel(BatchedModel[list[str]]):
         return cls(pb_utils, tokenizer, max_bytes)
 
     def parse(self, request) -> list[str]:
-        return decode_queries(input_array(self.pb_utils, request, contract.QUERY), self.max_query_bytes)
+        return decode_queries(
+            input_array(self.pb_utils, request, contract.QUERY), self.max_query_bytes
+        )
 
     def run(self, parsed: list[list[str]]) -> list[dict[str, np.ndarray]]:
         # One tokenizer call for every query of every request (the fast tokenizer parallelises).
@@ -72,7 +75,7 @@ class PreprocessModel(BatchedModel[list[str]]):
         counts = [len(queries) for queries in parsed]
         offsets = np.cumsum([0, *counts])
         outputs = []
-        for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        for start, end in itertools.pairwise(offsets):
             # Padded per request: requests of similar length then share a shape, which is what
             # the encoder's dynamic batcher needs to merge them.
             input_ids, attention_mask = self.tokenizer.pad(all_ids[start:end])

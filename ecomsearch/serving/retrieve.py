@@ -33,7 +33,9 @@ def parse_top_k(raw: np.ndarray | None, batch: int, max_top_k: int) -> int:
     if raw is None:
         return min(contract.DEFAULT_TOP_K, max_top_k)
     if raw.shape != (batch, 1):
-        raise RequestError(f"input {contract.TOP_K!r} must have shape [{batch}, 1], got {raw.shape}")
+        raise RequestError(
+            f"input {contract.TOP_K!r} must have shape [{batch}, 1], got {raw.shape}"
+        )
     values = np.unique(raw)
     if len(values) != 1:
         raise RequestError(f"{contract.TOP_K!r} must be the same for every query of a request")
@@ -53,7 +55,8 @@ def place_on_device(faiss_index: Any, instance_kind: str, device_id: int, faiss_
         return faiss_index, None
     if not hasattr(faiss_module, "StandardGpuResources"):
         raise RuntimeError(
-            "this instance is KIND_GPU but the installed faiss has no GPU support (install faiss-gpu)"
+            "this instance is KIND_GPU but the installed faiss has no GPU support; "
+            "install faiss-gpu"
         )
     if isinstance(faiss_index, faiss_module.IndexHNSWFlat):
         return faiss_index, None
@@ -127,6 +130,10 @@ class RetrieveModel(BatchedModel[RetrieveRequest]):
             if missing.any():
                 ids[missing], titles[missing], request_scores[missing] = b"", b"", -np.inf
             outputs.append(
-                {contract.PRODUCT_IDS: ids, contract.SCORES: request_scores, contract.TITLES: titles}
+                {
+                    contract.PRODUCT_IDS: ids,
+                    contract.SCORES: request_scores,
+                    contract.TITLES: titles,
+                }
             )
         return outputs

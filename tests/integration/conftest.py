@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ecomsearch.paths import DEMO_CATALOG, ModelRepositoryLayout, PROJECT_ROOT
+from ecomsearch.paths import DEMO_CATALOG, PROJECT_ROOT, ModelRepositoryLayout
 from ecomsearch.server.launcher import ServerPorts, TritonServer
 
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -37,11 +37,15 @@ def copy_model_repository(target: Path) -> Path:
     """The checked-in repository (configs, model.py) plus links to the exported encoder."""
     source_layout = ModelRepositoryLayout(SOURCE_REPOSITORY)
     if not source_layout.encoder_onnx.is_file():
-        pytest.fail(f"{source_layout.encoder_onnx} missing: run `make test` (it exports the encoder)")
+        pytest.fail(
+            f"{source_layout.encoder_onnx} missing: run `make test` (it exports the encoder)"
+        )
     shutil.copytree(
         SOURCE_REPOSITORY,
         target,
-        ignore=shutil.ignore_patterns("model.onnx", "encoder.json", "tokenizer", "index", "__pycache__"),
+        ignore=shutil.ignore_patterns(
+            "model.onnx", "encoder.json", "tokenizer", "index", "__pycache__"
+        ),
     )
     layout = ModelRepositoryLayout(target)
     layout.encoder_onnx.symlink_to(source_layout.encoder_onnx)

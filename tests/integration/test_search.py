@@ -82,7 +82,9 @@ def test_async_client_concurrent_queries(grpc_url, client):
             )
 
     mouse, (ssd, memory) = asyncio.run(run())
-    assert [h.product_id for h in mouse] == [h.product_id for h in client.search("wireless gaming mouse", k=5)]
+    assert [h.product_id for h in mouse] == [
+        h.product_id for h in client.search("wireless gaming mouse", k=5)
+    ]
     assert categories(ssd)[0] == "internal-hard-drive"
     assert categories(memory)[0] == "memory"
 
@@ -94,22 +96,31 @@ def test_client_rejects_bad_input_before_sending(client):
 
 
 def test_client_timeout_is_typed(grpc_url):
-    with SearchClient(grpc_url, timeout_s=1e-6) as fast:
-        with pytest.raises(SearchTimeoutError):
-            fast.search("wireless gaming mouse")
+    with SearchClient(grpc_url, timeout_s=1e-6) as fast, pytest.raises(SearchTimeoutError):
+        fast.search("wireless gaming mouse")
 
 
 def test_client_unreachable_server_is_typed():
-    with SearchClient(f"127.0.0.1:{ServerPorts.free().grpc}", timeout_s=2) as nowhere:
-        with pytest.raises(ServiceUnavailableError):
-            nowhere.search("wireless gaming mouse")
+    address = f"127.0.0.1:{ServerPorts.free().grpc}"
+    with SearchClient(address, timeout_s=2) as nowhere, pytest.raises(ServiceUnavailableError):
+        nowhere.search("wireless gaming mouse")
 
 
 def test_cli_search_prints_mice(grpc_url):
     completed = subprocess.run(
-        [str(Path(sys.executable).parent / "ecomsearch"), "search", "wireless gaming mouse",
-         "-k", "3", "--url", grpc_url],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            str(Path(sys.executable).parent / "ecomsearch"),
+            "search",
+            "wireless gaming mouse",
+            "-k",
+            "3",
+            "--url",
+            grpc_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.strip().splitlines()

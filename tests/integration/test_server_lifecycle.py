@@ -39,10 +39,18 @@ def wait_ready(http_port: int, process: subprocess.Popen, timeout_s: float = 120
 def test_serve_stops_cleanly_leaving_no_process(model_repository, stop_signal):
     ports = ServerPorts.free()
     command = [
-        str(Path(sys.executable).parent / "ecomsearch"), "serve",
-        "--model-repository", str(model_repository), "--address", "127.0.0.1",
-        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-        "--metrics-port", str(ports.metrics),
+        str(Path(sys.executable).parent / "ecomsearch"),
+        "serve",
+        "--model-repository",
+        str(model_repository),
+        "--address",
+        "127.0.0.1",
+        "--http-port",
+        str(ports.http),
+        "--grpc-port",
+        str(ports.grpc),
+        "--metrics-port",
+        str(ports.metrics),
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
