@@ -176,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return args.handler(args)
+    from ecomsearch.errors import USER_FACING_ERRORS
+
+    try:
+        return args.handler(args)
+    except USER_FACING_ERRORS as e:
+        # Expected failures (bad input files, failed export checks, a broken index) get one
+        # clear line and a non-zero exit, not a traceback.
+        log.error("%s: %s", type(e).__name__, e)
+        return 1
 
 
 if __name__ == "__main__":

@@ -84,6 +84,18 @@ def sample_inputs(batch: int, sequence: int, vocab_size: int, seed: int) -> dict
     return {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask}
 
 
+def declare_output_width(onnx_path: Path, dimension: int) -> None:
+    """The tracer leaves the embedding width symbolic; declare it, as the config does."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    width = model.graph.output[0].type.tensor_type.shape.dim[1]
+    width.Clear()
+    width.dim_value = dimension
+    onnx.checker.check_model(model)
+    onnx.save(model, str(onnx_path))
+
+
 @dataclass(frozen=True)
 class EncoderExport:
     onnx_path: Path
@@ -115,6 +127,9 @@ def export_encoder(checkpoint: Path, layout: ModelRepositoryLayout) -> EncoderEx
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*aten::index.*")
+            # The TorchScript exporter is deprecated in favour of torch.export; it is kept while
+            # it is the one that names dynamic axes the way Triton configs and optimum do.
+            warnings.simplefilter("ignore", category=DeprecationWarning)
             torch.onnx.export(
                 module,
                 tuple(torch.from_numpy(v) for v in traced.values()),
@@ -129,11 +144,12 @@ def export_encoder(checkpoint: Path, layout: ModelRepositoryLayout) -> EncoderEx
                 opset_version=OPSET,
                 dynamo=False,
             )
+        dimension = int(module.transformer.config.hidden_size)
+        declare_output_width(scratch_onnx, dimension)
         checked = sample_inputs(CHECK_BATCH, CHECK_SEQUENCE, vocab_size, seed=1)
         differences = validate_onnx_export(
             module, scratch_onnx, checked, [contract.EMBEDDING], atol=ATOL
         )
-        dimension = int(module.transformer.config.hidden_size)
 
         layout.encoder_version_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(scratch_onnx), layout.encoder_onnx)

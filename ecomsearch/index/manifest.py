@@ -52,9 +52,10 @@ class IndexManifest:
             raise IndexLoadError(f"{path} is corrupt: {e}") from e
         if not isinstance(raw, dict):
             raise IndexLoadError(f"{path} is corrupt: expected a JSON object")
-        if raw.get("format_version") != FORMAT_VERSION:
+        version = raw.get("format_version")
+        if isinstance(version, bool) or version != FORMAT_VERSION:
             raise IndexLoadError(
-                f"{path}: format_version {raw.get('format_version')!r} is not the supported "
+                f"{path}: format_version {version!r} is not the supported "
                 f"{FORMAT_VERSION}; rebuild the index"
             )
         try:

@@ -81,6 +81,13 @@ class CatalogIndex:
                 metadata = [json.loads(line) for line in stream]
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise IndexLoadError(f"index at {index_dir} is corrupt: {e}") from e
+        if not all(isinstance(i, str) for i in ids) or not all(
+            isinstance(record, dict) and isinstance(record.get("title"), str) for record in metadata
+        ):
+            raise IndexLoadError(
+                f"index at {index_dir} is corrupt: ids must be strings and every metadata record "
+                "needs a title"
+            )
 
         counts = {
             "manifest": manifest.count,

@@ -66,8 +66,9 @@ class BatchedModel(abc.ABC, Generic[Parsed]):
         """Reads and validates one request's inputs; raises RequestError if they are bad."""
 
     @abc.abstractmethod
-    def run(self, parsed: list[Parsed]) -> list[dict[str, np.ndarray]]:
-        """Computes all parsed requests together; returns output tensors per request."""
+    def run(self, parsed: list[Parsed]) -> list[dict[str, np.ndarray] | RequestError]:
+        """Computes all parsed requests together; returns output tensors per request, or a
+        RequestError for a request found bad only while computing."""
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         pb_utils = self.pb_utils
@@ -79,10 +80,7 @@ class BatchedModel(abc.ABC, Generic[Parsed]):
                 parsed.append(self.parse(request))
                 positions.append(position)
             except RequestError as e:
-                responses[position] = pb_utils.InferenceResponse(
-                    output_tensors=[],
-                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG),
-                )
+                responses[position] = self._invalid(e)
         if parsed:
             outputs = self.run(parsed)
             if len(outputs) != len(parsed):
@@ -90,7 +88,17 @@ class BatchedModel(abc.ABC, Generic[Parsed]):
                     f"internal error: {len(outputs)} results for {len(parsed)} requests"
                 )
             for position, tensors in zip(positions, outputs, strict=True):
+                if isinstance(tensors, RequestError):
+                    responses[position] = self._invalid(tensors)
+                    continue
                 responses[position] = pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(name, value) for name, value in tensors.items()]
                 )
         return responses
+
+    def _invalid(self, error: RequestError):
+        pb_utils = self.pb_utils
+        return pb_utils.InferenceResponse(
+            output_tensors=[],
+            error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG),
+        )

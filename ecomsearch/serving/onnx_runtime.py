@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from ecomsearch.serving.base import BatchedModel, RequestError, input_array, model_config, parameter
+from ecomsearch.serving.base import (
+    BatchedModel,
+    RequestError,
+    input_array,
+    int_parameter,
+    model_config,
+)
 
 
 def _session_options(config: dict[str, Any]):
@@ -22,8 +28,8 @@ def _session_options(config: dict[str, Any]):
 
     options = ort.SessionOptions()
     # Same parameter names as the native backend, so one config.pbtxt tunes both.
-    options.intra_op_num_threads = int(parameter(config, "intra_op_thread_count", "0"))
-    options.inter_op_num_threads = int(parameter(config, "inter_op_thread_count", "0"))
+    options.intra_op_num_threads = int_parameter(config, "intra_op_thread_count", 0)
+    options.inter_op_num_threads = int_parameter(config, "inter_op_thread_count", 0)
     return options
 
 
@@ -43,14 +49,34 @@ class OnnxRuntimeModel(BatchedModel[dict[str, np.ndarray]]):
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
         }
+        self.output_names = list(self.output_dtypes)
         graph_inputs = {i.name for i in session.get_inputs()}
-        graph_outputs = {o.name for o in session.get_outputs()}
-        if set(self.input_names) != graph_inputs or not set(self.output_dtypes) <= graph_outputs:
+        graph_outputs = {o.name: o.shape for o in session.get_outputs()}
+        if set(self.input_names) != graph_inputs or not set(self.output_names) <= set(
+            graph_outputs
+        ):
             raise pb_utils.TritonModelException(
                 f"config tensors (inputs {sorted(self.input_names)}, outputs "
-                f"{sorted(self.output_dtypes)}) do not match the ONNX graph (inputs "
+                f"{sorted(self.output_names)}) do not match the ONNX graph (inputs "
                 f"{sorted(graph_inputs)}, outputs {sorted(graph_outputs)})"
             )
+        # Like the native backend: a fixed graph dimension must equal the configured one.
+        for output in config["output"]:
+            graph_dims = graph_outputs[output["name"]][1:]
+            config_dims = [int(d) for d in output["dims"]]
+            for graph_dim, config_dim in zip(graph_dims, config_dims, strict=False):
+                if isinstance(graph_dim, int) and config_dim != -1 and graph_dim != config_dim:
+                    raise pb_utils.TritonModelException(
+                        f"output {output['name']!r}: config dims {config_dims} do not match the "
+                        f"ONNX graph's {graph_dims}"
+                    )
+        from onnxruntime.capi.onnxruntime_pybind11_state import (
+            Fail,
+            InvalidArgument,
+            RuntimeException,
+        )
+
+        self._runtime_errors = (Fail, InvalidArgument, RuntimeException)
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> OnnxRuntimeModel:
@@ -84,23 +110,39 @@ class OnnxRuntimeModel(BatchedModel[dict[str, np.ndarray]]):
             inputs[name] = value
         return inputs
 
-    def run(self, parsed: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    def run(
+        self, parsed: list[dict[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray] | RequestError]:
         # Requests can only be concatenated when all their non-batch dimensions agree.
         groups: dict[tuple, list[int]] = defaultdict(list)
         for position, inputs in enumerate(parsed):
             groups[tuple(v.shape[1:] for v in inputs.values())].append(position)
-        outputs: list[dict[str, np.ndarray]] = [{} for _ in parsed]
-        output_names = list(self.output_dtypes)
+        outputs: list[dict[str, np.ndarray] | RequestError] = [{} for _ in parsed]
         for positions in groups.values():
-            feed = {
-                name: np.concatenate([parsed[p][name] for p in positions])
-                for name in self.input_names
-            }
-            results = self.session.run(output_names, feed)
-            counts = [len(next(iter(parsed[p].values()))) for p in positions]
-            offsets = np.cumsum([0, *counts])
-            for name, result in zip(output_names, results, strict=True):
-                result = result.astype(self.output_dtypes[name], copy=False)
-                for position, start, end in zip(positions, offsets[:-1], offsets[1:], strict=True):
-                    outputs[position][name] = result[start:end]
+            try:
+                self._run_group(parsed, positions, outputs)
+            except self._runtime_errors:
+                # One request's inputs broke the run (say, input_ids and attention_mask of
+                # different lengths): run the group's requests alone so only it fails.
+                for position in positions:
+                    try:
+                        self._run_group(parsed, [position], outputs)
+                    except self._runtime_errors as e:
+                        outputs[position] = RequestError(f"ONNX Runtime rejected the inputs: {e}")
         return outputs
+
+    def _run_group(self, parsed, positions: list[int], outputs: list) -> None:
+        feed = {
+            name: np.concatenate([parsed[p][name] for p in positions]) for name in self.input_names
+        }
+        results = self.session.run(self.output_names, feed)
+        counts = [len(parsed[p][self.input_names[0]]) for p in positions]
+        offsets = np.cumsum([0, *counts])
+        for name, result in zip(self.output_names, results, strict=True):
+            if len(result) != offsets[-1]:
+                raise self.pb_utils.TritonModelException(
+                    f"output {name!r} has {len(result)} rows for a batch of {offsets[-1]}"
+                )
+            result = result.astype(self.output_dtypes[name], copy=False)
+            for position, start, end in zip(positions, offsets[:-1], offsets[1:], strict=True):
+                outputs[position][name] = result[start:end]

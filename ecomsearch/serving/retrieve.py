@@ -83,7 +83,12 @@ class RetrieveModel(BatchedModel[RetrieveRequest]):
         )
         if not encoder_path.is_file():
             raise RuntimeError(f"retrieve: encoder model {encoder_path} not found")
-        index = CatalogIndex.load(index_dir, encoder_fingerprint=file_sha256(encoder_path))
+        (embedding_config,) = [i for i in config["input"] if i["name"] == contract.EMBEDDING]
+        index = CatalogIndex.load(
+            index_dir,
+            encoder_fingerprint=file_sha256(encoder_path),
+            dimension=int(embedding_config["dims"][-1]),
+        )
         index.faiss_index, index.gpu_resources = place_on_device(
             index.faiss_index,
             args["model_instance_kind"],

@@ -18,8 +18,6 @@ SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
 # Enough of each category that a query must pick the right one out of look-alikes.
 PRODUCTS_PER_CATEGORY = 40
 
-pytestmark = pytest.mark.integration
-
 
 def cut_fixture_catalog(target: Path) -> Path:
     """The first products (by source popularity) of every category of the demo catalog."""

@@ -1,0 +1,1 @@
+"""Relevance evaluation against graded judgments (`ecomsearch eval`)."""

@@ -1,0 +1,1 @@
+"""Hand-written stand-ins for modules that only exist inside tritonserver."""

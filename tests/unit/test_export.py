@@ -1,0 +1,119 @@
+"""The encoder export and its verification, on a tiny randomly initialised BERT checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from ecomsearch import cli, contract
+from ecomsearch.export import encoder as encoder_export
+from ecomsearch.export.checks import ExportValidationError, compare_outputs, validate_onnx_export
+from ecomsearch.paths import ModelRepositoryLayout
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"tok{i}" for i in range(1100)]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece tokenizer, saved like a hub checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "vocab.txt").write_text("\n".join(VOCAB))
+    return directory
+
+
+def test_compare_outputs_accepts_within_tolerance():
+    reference = {"embedding": np.ones((2, 3), np.float32)}
+    differences = compare_outputs(
+        reference, {"embedding": reference["embedding"] + 1e-6}, atol=1e-4
+    )
+    assert 0 < differences["embedding"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("candidate", "message"),
+    [
+        ({"other": np.ones((2, 3), np.float32)}, "output names differ"),
+        ({"embedding": np.ones((3, 2), np.float32)}, "shape"),
+        ({"embedding": np.full((2, 3), np.nan, np.float32)}, "NaN"),
+        ({"embedding": np.ones((2, 3), np.float32) * 1.01}, "exceeds atol"),
+    ],
+)
+def test_compare_outputs_fails_loudly(candidate, message):
+    with pytest.raises(ExportValidationError, match=message):
+        compare_outputs({"embedding": np.ones((2, 3), np.float32)}, candidate, atol=1e-4)
+
+
+def test_export_writes_a_verified_tokenizer_free_graph(tiny_checkpoint, tmp_path):
+    layout = ModelRepositoryLayout(tmp_path)
+    result = encoder_export.export_encoder(tiny_checkpoint, layout)
+
+    assert result.dimension == 32
+    assert result.max_abs_difference <= encoder_export.ATOL
+    graph = onnx.load(str(layout.encoder_onnx)).graph
+    assert [i.name for i in graph.input] == [contract.INPUT_IDS, contract.ATTENTION_MASK]
+    assert [o.name for o in graph.output] == [contract.EMBEDDING]
+    input_axes = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert input_axes == ["batch", "sequence"]
+    output_dims = graph.output[0].type.tensor_type.shape.dim
+    assert (output_dims[0].dim_param, output_dims[1].dim_value) == ("batch", 32)
+    assert not any(node.op_type.startswith("Tokenizer") for node in graph.node)
+    info = json.loads(layout.encoder_info.read_text())
+    assert info["fingerprint"] == result.fingerprint
+    assert info["validated_at"] != {"batch": encoder_export.TRACE_BATCH}
+    assert (layout.tokenizer_dir / "tokenizer.json").is_file()
+
+
+def test_exported_graph_is_unit_norm_and_ignores_padding(tiny_checkpoint, tmp_path):
+    import onnxruntime as ort
+
+    layout = ModelRepositoryLayout(tmp_path)
+    encoder_export.export_encoder(tiny_checkpoint, layout)
+    session = ort.InferenceSession(str(layout.encoder_onnx))
+    ids = np.array([[2, 10, 11, 3]], dtype=np.int64)
+    padded_ids = np.array([[2, 10, 11, 3, 0, 0, 0]], dtype=np.int64)
+    (plain,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    mask = (padded_ids != 0).astype(np.int64)
+    (padded,) = session.run(None, {"input_ids": padded_ids, "attention_mask": mask})
+    np.testing.assert_allclose(np.linalg.norm(plain, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(plain, padded, atol=1e-5)
+
+
+def test_validation_rejects_a_graph_that_differs_from_pytorch(tiny_checkpoint, tmp_path):
+    import torch
+
+    layout = ModelRepositoryLayout(tmp_path)
+    encoder_export.export_encoder(tiny_checkpoint, layout)
+    module = encoder_export.build_sentence_encoder(tiny_checkpoint)
+    with torch.no_grad():
+        module.transformer.embeddings.word_embeddings.weight.mul_(1.5)
+    inputs = encoder_export.sample_inputs(3, 21, len(VOCAB), seed=1)
+    with pytest.raises(ExportValidationError, match="exceeds atol"):
+        validate_onnx_export(module, layout.encoder_onnx, inputs, [contract.EMBEDDING], 1e-4)
+
+
+def test_cli_exits_non_zero_when_verification_fails(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(encoder_export, "ATOL", -1.0)  # no difference can be within this
+    argv = ["export-encoder", "--checkpoint", str(tiny_checkpoint)]
+    assert cli.main([*argv, "--model-repository", str(tmp_path)]) == 1
+    assert not ModelRepositoryLayout(tmp_path).encoder_onnx.exists()

@@ -1,0 +1,157 @@
+"""Every config.pbtxt parsed with Triton's model_config protobuf and checked against the ONNX
+graphs, the ensemble's maps, and the names and limits the Python models and the client use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ecomsearch import contract
+from ecomsearch.paths import PROJECT_ROOT
+
+REPOSITORY = PROJECT_ROOT / "model_repository"
+CONFIG_FILES = sorted([*REPOSITORY.glob("*/config.pbtxt"), *REPOSITORY.glob("*/configs/*.pbtxt")])
+ONNX_TO_TRITON = {
+    onnx.TensorProto.INT64: mc.TYPE_INT64,
+    onnx.TensorProto.INT32: mc.TYPE_INT32,
+    onnx.TensorProto.FLOAT: mc.TYPE_FP32,
+    onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
+}
+
+
+def parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def default_configs() -> dict[str, mc.ModelConfig]:
+    return {path.parent.name: parse(path) for path in REPOSITORY.glob("*/config.pbtxt")}
+
+
+def is_ensemble(config: mc.ModelConfig) -> bool:
+    return config.platform == "ensemble"
+
+
+def tensors(entries) -> dict[str, tuple[int, list[int]]]:
+    return {t.name: (t.data_type, list(t.dims)) for t in entries}
+
+
+def test_repository_has_the_pipeline_models():
+    assert set(default_configs()) == {
+        contract.PREPROCESS_MODEL,
+        contract.ENCODER_MODEL,
+        contract.RETRIEVE_MODEL,
+        contract.SEARCH_MODEL,
+    }
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
+def test_config_parses_and_names_its_model(path):
+    config = parse(path)
+    model_dir = path.parent if path.name == "config.pbtxt" else path.parent.parent
+    assert config.name == model_dir.name
+    assert config.max_batch_size > 0
+    if not is_ensemble(config):
+        assert config.HasField("dynamic_batching"), "a batching model without dynamic_batching"
+        assert (model_dir / "1").is_dir()
+
+
+def test_every_model_has_a_gpu_profile_with_the_same_tensors():
+    for name, config in default_configs().items():
+        if is_ensemble(config):
+            continue
+        gpu = parse(REPOSITORY / name / "configs" / "gpu.pbtxt")
+        assert tensors(gpu.input) == tensors(config.input), name
+        assert tensors(gpu.output) == tensors(config.output), name
+        assert gpu.backend == config.backend and gpu.max_batch_size == config.max_batch_size
+        assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in config.instance_group), name
+
+
+@pytest.mark.parametrize("name", [contract.ENCODER_MODEL, contract.RETRIEVE_MODEL])
+def test_gpu_profile_places_an_instance_on_every_visible_gpu(name):
+    (group,) = parse(REPOSITORY / name / "configs" / "gpu.pbtxt").instance_group
+    assert group.kind == mc.ModelInstanceGroup.KIND_GPU
+    assert not group.gpus, "an explicit gpus list pins instances instead of using every GPU"
+
+
+def test_encoder_config_matches_the_onnx_graph():
+    config = default_configs()[contract.ENCODER_MODEL]
+    assert config.backend == "onnxruntime"
+    path = REPOSITORY / contract.ENCODER_MODEL / "1" / "model.onnx"
+    if not path.is_file():
+        pytest.fail(f"{path} missing: run `make test`, which exports the encoder first")
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def graph_tensors(values):
+        result = {}
+        for value in values:
+            tensor_type = value.type.tensor_type
+            dims = tensor_type.shape.dim
+            assert dims[0].dim_param == "batch", f"{value.name}: first axis must be named batch"
+            result[value.name] = (
+                ONNX_TO_TRITON[tensor_type.elem_type],
+                [d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:]],
+            )
+        return result
+
+    assert graph_tensors(graph.input) == tensors(config.input)
+    assert graph_tensors(graph.output) == tensors(config.output)
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+
+
+def test_ensemble_maps_refer_to_real_tensors_with_matching_types():
+    configs = default_configs()
+    ensemble = configs[contract.SEARCH_MODEL]
+    assert is_ensemble(ensemble)
+    available = {t.name: t.data_type for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        assert model.max_batch_size >= ensemble.max_batch_size, step.model_name
+        model_inputs = {t.name: t for t in model.input}
+        model_outputs = {t.name: t.data_type for t in model.output}
+        for model_input, ensemble_tensor in step.input_map.items():
+            assert model_input in model_inputs, (step.model_name, model_input)
+            assert ensemble_tensor in available, f"{ensemble_tensor} is used before it is made"
+            assert available[ensemble_tensor] == model_inputs[model_input].data_type
+        required = {n for n, t in model_inputs.items() if not t.optional}
+        assert required <= set(step.input_map), (step.model_name, required)
+        for model_output, ensemble_tensor in step.output_map.items():
+            assert model_output in model_outputs, (step.model_name, model_output)
+            available[ensemble_tensor] = model_outputs[model_output]
+    for output in ensemble.output:
+        assert available.get(output.name) == output.data_type, output.name
+
+
+def test_ensemble_contract_is_the_clients():
+    ensemble = default_configs()[contract.SEARCH_MODEL]
+    assert tensors(ensemble.input) == {
+        contract.QUERY: (mc.TYPE_STRING, [1]),
+        contract.TOP_K: (mc.TYPE_INT32, [1]),
+    }
+    assert [t.name for t in ensemble.input if t.optional] == [contract.TOP_K]
+    assert tensors(ensemble.output) == {
+        contract.PRODUCT_IDS: (mc.TYPE_STRING, [-1]),
+        contract.SCORES: (mc.TYPE_FP32, [-1]),
+        contract.TITLES: (mc.TYPE_STRING, [-1]),
+    }
+    assert ensemble.max_batch_size == contract.MAX_QUERIES_PER_REQUEST
+
+
+@pytest.mark.parametrize("profile", ["config.pbtxt", "configs/gpu.pbtxt"])
+def test_python_models_use_the_contract_names_and_limits(profile):
+    preprocess = parse(REPOSITORY / contract.PREPROCESS_MODEL / profile)
+    assert [t.name for t in preprocess.input] == [contract.QUERY]
+    assert [t.name for t in preprocess.output] == [contract.INPUT_IDS, contract.ATTENTION_MASK]
+    assert preprocess.parameters["max_query_bytes"].string_value == str(contract.MAX_QUERY_BYTES)
+    assert preprocess.parameters["max_query_tokens"].string_value == str(contract.MAX_QUERY_TOKENS)
+    retrieve = parse(REPOSITORY / contract.RETRIEVE_MODEL / profile)
+    assert [t.name for t in retrieve.input] == [contract.EMBEDDING, contract.TOP_K]
+    assert [t.name for t in retrieve.output] == [
+        contract.PRODUCT_IDS,
+        contract.SCORES,
+        contract.TITLES,
+    ]
+    assert retrieve.parameters["max_top_k"].string_value == str(contract.MAX_TOP_K)

@@ -1,0 +1,178 @@
+"""BatchedModel's batching and error levels, its config helpers, and the test fake itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ecomsearch.paths import PROJECT_ROOT
+from ecomsearch.serving.base import (
+    BatchedModel,
+    RequestError,
+    input_array,
+    int_parameter,
+    model_config,
+    parameter,
+    split_rows,
+)
+
+PREPROCESS_CONFIG = PROJECT_ROOT / "model_repository" / "preprocess" / "config.pbtxt"
+
+
+class Doubler(BatchedModel[np.ndarray]):
+    """y = 2x per row; a request with a negative value is malformed."""
+
+    def __init__(self, pb_utils, results_per_run: int | None = None) -> None:
+        super().__init__(pb_utils)
+        self.runs: list[list[np.ndarray]] = []
+        self.results_per_run = results_per_run
+
+    def parse(self, request) -> np.ndarray:
+        x = input_array(self.pb_utils, request, "x")
+        if x is None:
+            raise RequestError("input 'x' is required")
+        if (x < 0).any():
+            raise RequestError("input 'x' must not be negative")
+        return x
+
+    def run(self, parsed: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        self.runs.append(parsed)
+        doubled = split_rows(np.concatenate(parsed) * 2, [len(x) for x in parsed])
+        results = [{"y": y} for y in doubled]
+        return results if self.results_per_run is None else results[: self.results_per_run]
+
+
+def rows(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(-1, 1)
+
+
+def test_one_response_per_request_in_order_with_bad_ones_answered_invalid_arg(triton) -> None:
+    model = Doubler(triton.pb_utils)
+    requests = [
+        triton.request(x=rows(1, 2)),
+        triton.request(x=rows(-1)),
+        triton.request(),
+        triton.request(x=rows(3)),
+        triton.request(x=rows(4, 5, 6)),
+    ]
+
+    responses = model.execute(requests)
+
+    assert len(responses) == 5
+    np.testing.assert_array_equal(triton.outputs(responses[0])["y"], rows(2, 4))
+    triton.assert_invalid_arg(responses[1], "negative")
+    triton.assert_invalid_arg(responses[2], "'x' is required")
+    np.testing.assert_array_equal(triton.outputs(responses[3])["y"], rows(6))
+    np.testing.assert_array_equal(triton.outputs(responses[4])["y"], rows(8, 10, 12))
+    # One run for all the good requests, in request order, without the bad ones.
+    assert len(model.runs) == 1
+    assert [x.ravel().tolist() for x in model.runs[0]] == [[1, 2], [3], [4, 5, 6]]
+
+
+def test_when_every_request_is_bad_nothing_runs(triton) -> None:
+    model = Doubler(triton.pb_utils)
+    responses = model.execute([triton.request(x=rows(-1)), triton.request()])
+    assert [r.error().code() for r in responses] == [triton.pb_utils.TritonError.INVALID_ARG] * 2
+    assert model.runs == []
+
+
+def test_no_requests_give_no_responses(triton) -> None:
+    assert Doubler(triton.pb_utils).execute([]) == []
+
+
+def test_a_run_that_loses_results_is_a_model_error(triton) -> None:
+    model = Doubler(triton.pb_utils, results_per_run=1)
+    with pytest.raises(triton.pb_utils.TritonModelException, match="1 results for 2 requests"):
+        model.execute([triton.request(x=rows(1)), triton.request(x=rows(2))])
+
+
+def test_an_unexpected_parse_failure_is_not_blamed_on_the_request(triton) -> None:
+    class Broken(Doubler):
+        def parse(self, request):
+            raise KeyError("a bug, not a bad request")
+
+    with pytest.raises(KeyError):
+        Broken(triton.pb_utils).execute([triton.request(x=rows(1))])
+
+
+def test_split_rows_gives_each_request_its_rows() -> None:
+    pieces = split_rows(np.arange(12).reshape(6, 2), [1, 3, 2])
+    assert [p.tolist() for p in pieces] == [[[0, 1]], [[2, 3], [4, 5], [6, 7]], [[8, 9], [10, 11]]]
+    assert split_rows(np.zeros((0, 2)), []) == []
+
+
+@pytest.mark.parametrize("counts", [[1, 2], [4, 3], []])
+def test_split_rows_refuses_counts_that_do_not_cover_the_batch(counts: list[int]) -> None:
+    with pytest.raises(AssertionError, match="cannot be split"):
+        split_rows(np.zeros((6, 2)), counts)
+
+
+def test_config_helpers_read_tritons_json(triton) -> None:
+    config = model_config(triton.args(PREPROCESS_CONFIG, PREPROCESS_CONFIG.parent))
+    assert parameter(config, "tokenizer_dir", "elsewhere") == "tokenizer"
+    assert parameter(config, "not_there", "fallback") == "fallback"
+    assert int_parameter(config, "max_query_bytes", 1) == 2048
+    assert int_parameter(config, "not_there", 7) == 7
+
+
+@pytest.mark.parametrize(
+    ("raw", "minimum", "fragment"),
+    [("ten", 0, "must be an integer, got 'ten'"), ("3", 5, "must be >= 5, got 3")],
+)
+def test_int_parameter_refuses_bad_values(raw: str, minimum: int, fragment: str) -> None:
+    config = {"parameters": {"max_top_k": {"string_value": raw}}}
+    with pytest.raises(ValueError, match="'max_top_k'") as raised:
+        int_parameter(config, "max_top_k", 10, minimum)
+    assert fragment in str(raised.value)
+
+
+def test_args_match_what_tritonserver_passes(triton, tmp_path) -> None:
+    args = triton.args(PREPROCESS_CONFIG, tmp_path, instance_kind="GPU", device_id=3)
+    assert {k: v for k, v in args.items() if k != "model_config"} == {
+        "model_instance_kind": "GPU",
+        "model_instance_name": "preprocess_0_0",
+        "model_instance_device_id": "3",
+        "model_repository": str(tmp_path),
+        "model_version": "1",
+        "model_name": "preprocess",
+    }
+    config = json.loads(args["model_config"])
+    (query,) = config["input"]
+    assert (query["name"], query["data_type"], query["dims"]) == ("query", "TYPE_STRING", [1])
+    assert config["max_batch_size"] == 64
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 200
+    assert config["parameters"]["max_query_tokens"] == {"string_value": "64"}
+    assert triton.pb_utils.triton_string_to_numpy(query["data_type"]) is np.object_
+
+
+def test_the_fake_backend_module_is_strict(pb_utils) -> None:
+    with pytest.raises(AttributeError):
+        pb_utils.InferenceResponce  # noqa: B018
+    with pytest.raises(pb_utils.TritonModelException, match="empty string"):
+        pb_utils.Tensor("", np.zeros(1, np.float32))
+    with pytest.raises(pb_utils.TritonModelException, match="dtype is not supported"):
+        pb_utils.Tensor("titles", np.array(["unicode, not bytes"]))
+    with pytest.raises(TypeError):
+        pb_utils.InferenceResponse(output_tensors=[np.zeros(1)])
+    with pytest.raises(TypeError):
+        pb_utils.Logger.log_info(42)
+    with pytest.raises(KeyError):
+        pb_utils.triton_string_to_numpy("FP32")
+    error = pb_utils.TritonError("bad top_k", pb_utils.TritonError.INVALID_ARG)
+    assert (error.message(), error.code()) == ("bad top_k", pb_utils.TritonError.INVALID_ARG)
+    assert pb_utils.TritonError("boom").code() == pb_utils.TritonError.INTERNAL
+
+
+def test_the_fake_tensor_is_contiguous_like_the_real_one(pb_utils) -> None:
+    sliced = np.arange(12, dtype=np.float32).reshape(3, 4)[:, :2]
+    tensor = pb_utils.Tensor("scores", sliced)
+    assert tensor.as_numpy().flags.c_contiguous
+    np.testing.assert_array_equal(tensor.as_numpy(), sliced)
+    request = pb_utils.InferenceRequest(inputs=[tensor])
+    assert pb_utils.get_input_tensor_by_name(request, "scores") is tensor
+    assert pb_utils.get_input_tensor_by_name(request, "titles") is None
+    response = pb_utils.InferenceResponse([tensor])
+    assert pb_utils.get_output_tensor_by_name(response, "scores") is tensor
+    assert not response.has_error() and response.error() is None
