@@ -122,6 +122,62 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_ranker(args: argparse.Namespace) -> int:
+    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.ranking.training import train_and_export
+
+    layout = ModelRepositoryLayout(args.model_repository)
+    result = train_and_export(
+        args.catalog,
+        args.judgments,
+        layout,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        validation_fraction=args.validation_fraction,
+    )
+    log.info(
+        "ranker: best epoch %d of %d (%.0f s); exported to %s (ONNX matches PyTorch within %.2g); "
+        "model card %s",
+        result.report.best_epoch,
+        result.report.epochs_run,
+        result.report.seconds,
+        layout.ranker_onnx,
+        result.max_abs_difference,
+        layout.ranker_card,
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ecomsearch.evaluation.harness import run_eval
+
+    run_eval(
+        args.catalog,
+        args.judgments,
+        args.out,
+        cache_dir=args.cache_dir,
+        url=args.url,
+        split=args.split,
+        seed=args.seed,
+        validation_fraction=args.validation_fraction,
+        limit=args.limit,
+    )
+    log.info("wrote %s and %s", args.out / "eval.json", args.out / "eval.md")
+    return 0
+
+
+def _add_split_options(parser: argparse.ArgumentParser) -> None:
+    from ecomsearch.evaluation.splits import DEFAULT_SEED, DEFAULT_VALIDATION_FRACTION
+
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="query split seed")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=DEFAULT_VALIDATION_FRACTION,
+        help="share of queries held out for validation (by a seeded hash of the query)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ecomsearch.paths import DEMO_CATALOG, default_cache_dir
 
@@ -159,6 +215,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-verbose", type=int, default=0)
     serve.add_argument("--startup-timeout-s", type=float, default=300.0)
     serve.set_defaults(handler=cmd_serve)
+
+    train = commands.add_parser("train-ranker", help="train the ranker on graded judgments")
+    train.add_argument("--catalog", type=Path, required=True)
+    train.add_argument(
+        "--judgments", type=Path, required=True, help="CSV query,product_id,relevance"
+    )
+    train.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    _add_split_options(train)
+    _add_model_repository(train)
+    train.set_defaults(handler=cmd_train_ranker)
+
+    evaluate = commands.add_parser("eval", help="relevance of the served pipeline")
+    evaluate.add_argument("--catalog", type=Path, required=True)
+    evaluate.add_argument(
+        "--judgments", type=Path, required=True, help="CSV query,product_id,relevance"
+    )
+    evaluate.add_argument("--url", help="gRPC host:port of a server already serving this catalog")
+    evaluate.add_argument("--out", type=Path, default=Path("results/eval"))
+    evaluate.add_argument(
+        "--split",
+        choices=["all", "train", "validation"],
+        default="all",
+        help="which queries to send (the split of train-ranker, by seed and fraction)",
+    )
+    evaluate.add_argument("--limit", type=int, help="only the first N queries (smoke runs)")
+    evaluate.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    _add_split_options(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
 
     search = commands.add_parser("search", help="query a running server")
     search.add_argument("query")

@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Final
 
 # Model names as they appear in model_repository/.
-SEARCH_MODEL: Final = "search"
+SEARCH_MODEL: Final = "search"  # the product: ranked results
+SEARCH_UNRANKED_MODEL: Final = "search_unranked"  # retrieval-stage order, for evaluation
 PREPROCESS_MODEL: Final = "preprocess"
 ENCODER_MODEL: Final = "query_encoder"
 RETRIEVE_MODEL: Final = "retrieve"
+RANKER_MODEL: Final = "ranker"
+SELECT_MODEL: Final = "select"
 
 # Inputs and outputs of the `search` ensemble.
 QUERY: Final = "query"  # BYTES [batch, 1], UTF-8
@@ -25,6 +28,11 @@ TITLES: Final = "titles"  # BYTES [batch, k]
 INPUT_IDS: Final = "input_ids"  # INT64 [batch, sequence]
 ATTENTION_MASK: Final = "attention_mask"  # INT64 [batch, sequence]
 EMBEDDING: Final = "embedding"  # FP32 [batch, dim], L2-normalised
+CANDIDATE_ROWS: Final = "candidate_rows"  # INT64 [batch, candidates], -1 pads
+CANDIDATE_FEATURES: Final = "candidate_features"  # FP32 [batch, candidates, features]
+RETRIEVAL_SCORES: Final = "retrieval_scores"  # FP32 [batch, candidates], fused vector + BM25
+RANKING_SCORES: Final = "ranking_scores"  # FP32 [batch, candidates], the ranker's
+CANDIDATE_SCORES: Final = "candidate_scores"  # FP32 [batch, candidates], what `select` sorts by
 
 # Limits, documented in the README and enforced by the models.
 DEFAULT_TOP_K: Final = 10

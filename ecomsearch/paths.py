@@ -47,3 +47,23 @@ class ModelRepositoryLayout:
     @property
     def index_dir(self) -> Path:
         return self.root / contract.RETRIEVE_MODEL / "1" / "index"
+
+    @property
+    def ranker_dir(self) -> Path:
+        return self.root / contract.RANKER_MODEL
+
+    @property
+    def ranker_onnx(self) -> Path:
+        return self.ranker_dir / "1" / "model.onnx"
+
+    @property
+    def ranker_info(self) -> Path:
+        return self.ranker_dir / "1" / "ranker.json"
+
+    @property
+    def ranker_card(self) -> Path:
+        return self.ranker_dir / "MODEL_CARD.md"
+
+    def generated(self) -> list[Path]:
+        """Artefacts made by export-encoder and build-index (not checked in)."""
+        return [self.encoder_onnx, self.encoder_info, self.tokenizer_dir, self.index_dir]

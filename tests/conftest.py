@@ -1,8 +1,8 @@
 """Shared test helpers: the fake Python-backend module, loading model.py files, the `args`
-tritonserver passes to initialize, and tiny index directories.
+tritonserver passes to initialize, tiny index directories and tiny model repositories.
 
-Test modules reach these through fixtures (`pb_utils`, `triton`, `tiny_index_factory`) rather
-than by importing conftest."""
+Test modules reach these through fixtures (`pb_utils`, `triton`, `tiny_index_factory`,
+`tiny_repository_factory`) rather than by importing conftest."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ecomsearch import contract
 from ecomsearch.catalog import Product
 from ecomsearch.index.manifest import IndexManifest
-from ecomsearch.paths import PROJECT_ROOT
+from ecomsearch.paths import PROJECT_ROOT, ModelRepositoryLayout
+from ecomsearch.ranking.features import FEATURE_NAMES
 
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
 FAKE_PB_UTILS = Path(__file__).resolve().parent / "fakes" / "triton_python_backend_utils.py"
@@ -108,6 +110,32 @@ def model_config_json(config_path: Path | str) -> str:
     return json.dumps(_fix_int64(json.loads(raw)))
 
 
+def set_parameters(config_path: Path | str, **values: str | int) -> None:
+    """Rewrites a config.pbtxt in place with these `parameters` set (through the protobuf, so
+    the result is a config tritonserver would parse)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(config_path)
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+    path.write_text(text_format.MessageToString(config))
+
+
+def config_parameter(config_path: Path | str, key: str, default: str) -> str:
+    """One `parameters` value of a config.pbtxt, or `default` when it has none."""
+    parameters = json.loads(model_config_json(config_path)).get("parameters", {})
+    return parameters[key]["string_value"] if key in parameters else default
+
+
+def config_input_dims(config_path: Path | str, name: str) -> list[int]:
+    """The declared dims (batch dimension excluded) of one input of a config.pbtxt."""
+    config = json.loads(model_config_json(config_path))
+    (tensor,) = [t for t in config["input"] if t["name"] == name]
+    return list(tensor["dims"])
+
+
 def triton_args(
     config_path: Path | str,
     model_dir: Path | str,
@@ -136,6 +164,8 @@ class TritonHarness:
     """Builds requests for, and reads responses from, models running against the fake module."""
 
     args = staticmethod(triton_args)
+    set_parameters = staticmethod(set_parameters)
+    config_parameter = staticmethod(config_parameter)
 
     def __init__(self, pb_utils: ModuleType) -> None:
         self.pb_utils = pb_utils
@@ -198,6 +228,35 @@ def unit_vectors(rows: int, dimension: int, seed: int) -> np.ndarray:
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
+# Made-up product titles: a few words recur in some titles only ("drill", "cordless",
+# "hammer"), so BM25 has something to find; one title is non-ASCII, so titles are checked as
+# UTF-8 bytes and not just ASCII.
+TINY_TITLES = (
+    "Cordless drill",
+    "Café mug",
+    "Hammer drill",
+    "Garden hose",
+    "Lawn mower battery",
+    "LED light bulb",
+    "Claw hammer",
+    "Wood screw pack",
+    "Paint roller",
+    "Extension cord",
+    "Cordless leaf blower",
+    "Drill bit set",
+)
+
+
+def tiny_catalog(rows: int) -> list[Product]:
+    """`rows` products sku-000, sku-001, ... titled from TINY_TITLES, then "Spare part N"."""
+    return [
+        Product(
+            id=f"sku-{i:03d}", title=TINY_TITLES[i] if i < len(TINY_TITLES) else f"Spare part {i}"
+        )
+        for i in range(rows)
+    ]
+
+
 @dataclass(frozen=True)
 class TinyIndex:
     index_dir: Path
@@ -219,21 +278,27 @@ def write_tiny_index(
     rows: int = 12,
     dimension: int = 384,
     seed: int = 0,
+    products: list[Product] | None = None,
+    embeddings: np.ndarray | None = None,
 ) -> TinyIndex:
-    """An exact (flat) index of `rows` random unit vectors, written by the real index writer."""
+    """An exact (flat) index, vectors and BM25 fields, written by the real index writer.
+
+    By default `rows` random unit vectors for `tiny_catalog(rows)`; pass `products` and/or
+    `embeddings` (row-aligned, unit length) to choose them."""
     from ecomsearch.index.builder import _write_index_dir, make_faiss_index
 
-    embeddings = unit_vectors(rows, dimension, seed)
-    # One non-ASCII title, so titles are checked as UTF-8 bytes and not just ASCII.
-    products = [
-        Product(id=f"sku-{i:03d}", title="Café mug" if i == 1 else f"Product {i}")
-        for i in range(rows)
-    ]
+    if products is None:
+        products = tiny_catalog(rows if embeddings is None else len(embeddings))
+    if embeddings is None:
+        embeddings = unit_vectors(len(products), dimension, seed)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if len(embeddings) != len(products):
+        raise ValueError(f"{len(embeddings)} embeddings for {len(products)} products")
     faiss_index, params = make_faiss_index(embeddings, "flat")
     manifest = IndexManifest(
         encoder_fingerprint=encoder_fingerprint,
-        dimension=dimension,
-        count=rows,
+        dimension=embeddings.shape[1],
+        count=len(products),
         index_type="flat",
         index_params=params,
         catalog_sha256=hashlib.sha256(b"tiny catalog").hexdigest(),
@@ -249,3 +314,79 @@ def write_tiny_index(
 def tiny_index_factory() -> Callable[..., TinyIndex]:
     """`write_tiny_index` as a fixture, so test modules need not import conftest."""
     return write_tiny_index
+
+
+ENCODER_STAND_IN = b"stand-in for the exported encoder graph"
+
+
+@dataclass(frozen=True)
+class TinyRepository:
+    """A model repository in a temporary directory with what retrieve and select load: their
+    model directories (checked-in config.pbtxt, configs/, 1/model.py), a stand-in encoder file,
+    ranker/1/ranker.json and a tiny index in retrieve/1/index."""
+
+    root: Path
+    index: TinyIndex
+
+    @property
+    def layout(self) -> ModelRepositoryLayout:
+        return ModelRepositoryLayout(self.root)
+
+    @property
+    def retrieve_dir(self) -> Path:
+        return self.root / contract.RETRIEVE_MODEL
+
+    @property
+    def select_dir(self) -> Path:
+        return self.root / contract.SELECT_MODEL
+
+    @property
+    def encoder_fingerprint(self) -> str:
+        return hashlib.sha256(ENCODER_STAND_IN).hexdigest()
+
+
+def write_ranker_info(path: Path, feature_names: list[str] | tuple[str, ...]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"feature_names": list(feature_names)}))
+
+
+def write_tiny_repository(
+    root: Path,
+    *,
+    rows: int = 12,
+    dimension: int | None = None,
+    seed: int = 0,
+    products: list[Product] | None = None,
+    embeddings: np.ndarray | None = None,
+) -> TinyRepository:
+    """Lays out a TinyRepository at `root`. The index dimension defaults to the retrieve
+    config's embedding width, and its manifest records the stand-in encoder's checksum."""
+    layout = ModelRepositoryLayout(root)
+    layout.encoder_onnx.parent.mkdir(parents=True)
+    layout.encoder_onnx.write_bytes(ENCODER_STAND_IN)
+    write_ranker_info(layout.ranker_info, FEATURE_NAMES)
+    for name in (contract.RETRIEVE_MODEL, contract.SELECT_MODEL):
+        TritonHarness.copy_model_dir(name, root)
+    if dimension is None:
+        retrieve_config = root / contract.RETRIEVE_MODEL / "config.pbtxt"
+        dimension = config_input_dims(retrieve_config, contract.EMBEDDING)[-1]
+    index = write_tiny_index(
+        layout.index_dir,
+        hashlib.sha256(ENCODER_STAND_IN).hexdigest(),
+        rows=rows,
+        dimension=dimension,
+        seed=seed,
+        products=products,
+        embeddings=embeddings,
+    )
+    return TinyRepository(root, index)
+
+
+@pytest.fixture
+def tiny_repository_factory(tmp_path: Path) -> Callable[..., TinyRepository]:
+    """`write_tiny_repository` rooted in this test's tmp_path (call it once per test)."""
+
+    def factory(**kwargs: Any) -> TinyRepository:
+        return write_tiny_repository(tmp_path / "model_repository", **kwargs)
+
+    return factory

@@ -18,14 +18,15 @@ from ecomsearch.catalog import Product, product_text, read_catalog
 from ecomsearch.encoder import OnnxEncoder
 from ecomsearch.fingerprint import file_sha256, texts_sha256
 from ecomsearch.index.manifest import (
-    DATA_FILES,
     FAISS_FILE,
     IDS_FILE,
+    LEXICAL_DIR,
     MANIFEST_FILE,
     METADATA_FILE,
     IndexLoadError,
     IndexManifest,
 )
+from ecomsearch.lexical import LexicalIndex
 from ecomsearch.paths import ModelRepositoryLayout
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,16 @@ def _write_index_dir(
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     faiss.write_index(faiss_index, str(scratch / FAISS_FILE))
+    LexicalIndex.build(products).save(scratch / LEXICAL_DIR)
     (scratch / IDS_FILE).write_text(json.dumps([p.id for p in products]), encoding="utf-8")
     with open(scratch / METADATA_FILE, "w", encoding="utf-8") as stream:
         for product in products:
             stream.write(json.dumps(product.metadata(), ensure_ascii=False) + "\n")
-    checksums = {name: file_sha256(scratch / name) for name in DATA_FILES}
+    checksums = {
+        str(path.relative_to(scratch)): file_sha256(path)
+        for path in sorted(scratch.rglob("*"))
+        if path.is_file()
+    }
     manifest = IndexManifest(**{**manifest.__dict__, "file_sha256": checksums})
     (scratch / MANIFEST_FILE).write_text(manifest.to_json())
 

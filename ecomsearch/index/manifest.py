@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: BM25 fields in lexical/
 
 MANIFEST_FILE = "manifest.json"
 FAISS_FILE = "index.faiss"
 IDS_FILE = "ids.json"
 METADATA_FILE = "metadata.jsonl"
+LEXICAL_DIR = "lexical"
 DATA_FILES = (FAISS_FILE, IDS_FILE, METADATA_FILE)
 
 

@@ -14,6 +14,7 @@ from ecomsearch.index.manifest import (
     DATA_FILES,
     FAISS_FILE,
     IDS_FILE,
+    LEXICAL_DIR,
     METADATA_FILE,
     IndexLoadError,
     IndexManifest,
@@ -23,15 +24,25 @@ from ecomsearch.index.manifest import (
 @dataclass
 class CatalogIndex:
     manifest: IndexManifest
-    faiss_index: Any
+    faiss_index: Any  # None when loaded without vectors
     ids: np.ndarray  # object array of UTF-8 bytes, row-aligned with the FAISS index
     titles: np.ndarray  # object array of UTF-8 bytes
     metadata: list[dict[str, Any]]
+    index_dir: Path
     gpu_resources: Any = None  # faiss.StandardGpuResources when the index lives on a GPU
 
     @property
     def count(self) -> int:
         return self.manifest.count
+
+    def load_lexical(self):
+        """The BM25 fields built beside the vectors (`lexical/`)."""
+        from ecomsearch.lexical import LexicalIndex
+
+        try:
+            return LexicalIndex.load(self.index_dir / LEXICAL_DIR)
+        except (OSError, ValueError, KeyError) as e:
+            raise IndexLoadError(f"{self.index_dir / LEXICAL_DIR} is corrupt: {e}") from e
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: scores [n, k'] float32 and rows [n, k'] int64, k' <= count."""
@@ -46,8 +57,13 @@ class CatalogIndex:
         encoder_fingerprint: str | None = None,
         dimension: int | None = None,
         verify_checksums: bool = True,
+        load_vectors: bool = True,
     ) -> CatalogIndex:
-        """Loads and checks an index; raises IndexLoadError with a message naming the problem."""
+        """Loads and checks an index; raises IndexLoadError with a message naming the problem.
+
+        With load_vectors=False only ids and metadata are read (faiss_index is None), for
+        models that present results but do not search.
+        """
         import faiss
 
         index_dir = Path(index_dir)
@@ -63,18 +79,22 @@ class CatalogIndex:
                 f"index at {index_dir} has dimension {manifest.dimension}, "
                 f"the encoder produces {dimension}"
             )
-        for name in DATA_FILES:
+        for name in sorted(set(DATA_FILES) | set(manifest.file_sha256)):
             path = index_dir / name
             if not path.is_file():
                 raise IndexLoadError(f"index at {index_dir} is incomplete: {name} missing")
+            if name == FAISS_FILE and not load_vectors:
+                continue
             expected = manifest.file_sha256.get(name)
             if verify_checksums and expected and file_sha256(path) != expected:
                 raise IndexLoadError(f"{path} is corrupt: its checksum differs from the manifest")
 
-        try:
-            faiss_index = faiss.read_index(str(index_dir / FAISS_FILE))
-        except RuntimeError as e:
-            raise IndexLoadError(f"{index_dir / FAISS_FILE} is corrupt: {e}") from e
+        faiss_index = None
+        if load_vectors:
+            try:
+                faiss_index = faiss.read_index(str(index_dir / FAISS_FILE))
+            except RuntimeError as e:
+                raise IndexLoadError(f"{index_dir / FAISS_FILE} is corrupt: {e}") from e
         try:
             ids = json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8"))
             with open(index_dir / METADATA_FILE, encoding="utf-8") as stream:
@@ -89,20 +109,19 @@ class CatalogIndex:
                 "needs a title"
             )
 
-        counts = {
-            "manifest": manifest.count,
-            FAISS_FILE: int(faiss_index.ntotal),
-            IDS_FILE: len(ids),
-            METADATA_FILE: len(metadata),
-        }
+        counts = {"manifest": manifest.count, IDS_FILE: len(ids), METADATA_FILE: len(metadata)}
+        if faiss_index is not None:
+            counts[FAISS_FILE] = int(faiss_index.ntotal)
         if len(set(counts.values())) != 1:
             raise IndexLoadError(f"index at {index_dir} is inconsistent: product counts {counts}")
-        if int(faiss_index.d) != manifest.dimension:
-            raise IndexLoadError(
-                f"{FAISS_FILE} has dimension {faiss_index.d}, manifest says {manifest.dimension}"
-            )
-        if "ef_search" in manifest.index_params and hasattr(faiss_index, "hnsw"):
-            faiss_index.hnsw.efSearch = int(manifest.index_params["ef_search"])
+        if faiss_index is not None:
+            if int(faiss_index.d) != manifest.dimension:
+                raise IndexLoadError(
+                    f"{FAISS_FILE} has dimension {faiss_index.d}, manifest says "
+                    f"{manifest.dimension}"
+                )
+            if "ef_search" in manifest.index_params and hasattr(faiss_index, "hnsw"):
+                faiss_index.hnsw.efSearch = int(manifest.index_params["ef_search"])
 
         return cls(
             manifest=manifest,
@@ -110,6 +129,7 @@ class CatalogIndex:
             ids=_bytes_array(ids),
             titles=_bytes_array(record["title"] for record in metadata),
             metadata=metadata,
+            index_dir=index_dir,
         )
 
 

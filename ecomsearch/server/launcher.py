@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -209,11 +210,18 @@ class TritonServer:
             time.sleep(READY_POLL_INTERVAL_S)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_tail()}")
 
-    def _log_tail(self, lines: int = 40) -> str:
+    def _log_tail(self, lines: int = 20) -> str:
+        """Triton's error lines (a model's load failure names its cause), then the last lines."""
         if self.log_path is None or not self.log_path.exists():
             return ""
-        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        return "\n--- tritonserver log (tail) ---\n" + "\n".join(tail)
+        log_lines = self.log_path.read_text(errors="replace").splitlines()
+        errors = [line for line in log_lines if re.match(r"E\d{4} ", line)]
+        return (
+            "\n--- tritonserver errors ---\n"
+            + "\n".join(errors[-lines:])
+            + "\n--- tritonserver log (tail) ---\n"
+            + "\n".join(log_lines[-lines:])
+        )
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM to the whole process group, then SIGKILL to whatever is left of it."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from ecomsearch.paths import DEMO_CATALOG, PROJECT_ROOT, ModelRepositoryLayout
 from ecomsearch.server.launcher import ServerPorts, TritonServer
+from ecomsearch.workspace import link_model_repository
 
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
 # Enough of each category that a query must pick the right one out of look-alikes.
@@ -32,23 +32,11 @@ def cut_fixture_catalog(target: Path) -> Path:
 
 
 def copy_model_repository(target: Path) -> Path:
-    """The checked-in repository (configs, model.py) plus links to the exported encoder."""
-    source_layout = ModelRepositoryLayout(SOURCE_REPOSITORY)
-    if not source_layout.encoder_onnx.is_file():
-        pytest.fail(
-            f"{source_layout.encoder_onnx} missing: run `make test` (it exports the encoder)"
-        )
-    shutil.copytree(
-        SOURCE_REPOSITORY,
-        target,
-        ignore=shutil.ignore_patterns(
-            "model.onnx", "encoder.json", "tokenizer", "index", "__pycache__"
-        ),
-    )
-    layout = ModelRepositoryLayout(target)
-    layout.encoder_onnx.symlink_to(source_layout.encoder_onnx)
-    layout.tokenizer_dir.symlink_to(source_layout.tokenizer_dir, target_is_directory=True)
-    return target
+    """The checked-in repository (configs, model.py, ranker) plus links to the exported encoder."""
+    try:
+        return link_model_repository(SOURCE_REPOSITORY, target)
+    except FileNotFoundError as e:
+        pytest.fail(f"{e} (`make test` exports the encoder before running the tests)")
 
 
 @pytest.fixture(scope="session")

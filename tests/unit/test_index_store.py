@@ -15,12 +15,15 @@ import pytest
 from ecomsearch.index.manifest import (
     DATA_FILES,
     FAISS_FILE,
+    FORMAT_VERSION,
     IDS_FILE,
+    LEXICAL_DIR,
     MANIFEST_FILE,
     METADATA_FILE,
     IndexLoadError,
 )
 from ecomsearch.index.store import CatalogIndex
+from ecomsearch.lexical import FIELDS
 
 ENCODER = hashlib.sha256(b"encoder").hexdigest()
 DIMENSION = 16
@@ -87,9 +90,9 @@ def test_missing_manifest(index_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ('{"format_version": 1,', "is corrupt"),
+        (f'{{"format_version": {FORMAT_VERSION},', "is corrupt"),
         ("[1, 2]", "expected a JSON object"),
-        (json.dumps({"format_version": 1, "dimension": 16}), "is corrupt"),
+        (json.dumps({"format_version": FORMAT_VERSION, "dimension": 16}), "is corrupt"),
     ],
     ids=["truncated-json", "not-an-object", "fields-missing"],
 )
@@ -104,7 +107,9 @@ def test_manifest_with_an_unknown_field(index_dir: Path) -> None:
     assert "shards" in load_error(index_dir)
 
 
-@pytest.mark.parametrize("version", [2, None])
+@pytest.mark.parametrize(
+    "version", [FORMAT_VERSION - 1, FORMAT_VERSION + 1, str(FORMAT_VERSION), None, True]
+)
 def test_wrong_format_version(index_dir: Path, version: int | None) -> None:
     edit_manifest(index_dir, lambda m: m.__setitem__("format_version", version))
     message = load_error(index_dir)
@@ -140,6 +145,70 @@ def test_a_truncated_data_file_fails_its_checksum(index_dir: Path, name: str) ->
     path.write_bytes(path.read_bytes()[:-7])
     message = load_error(index_dir)
     assert str(path) in message and "checksum differs" in message
+
+
+def lexical_files(index_dir: Path) -> list[str]:
+    """The BM25 files of an index, relative to it, as the manifest names them."""
+    return sorted(
+        str(path.relative_to(index_dir))
+        for path in (index_dir / LEXICAL_DIR).rglob("*")
+        if path.is_file()
+    )
+
+
+def test_the_manifest_checksums_every_file_including_the_lexical_fields(
+    index_dir: Path, tiny
+) -> None:
+    names = lexical_files(index_dir)
+    # One directory of files per BM25 field.
+    assert {Path(name).parts[1] for name in names} == set(FIELDS)
+    every_file = {
+        str(path.relative_to(index_dir)) for path in index_dir.rglob("*") if path.is_file()
+    }
+    assert set(tiny.manifest.file_sha256) == every_file - {MANIFEST_FILE}
+    assert {*DATA_FILES, *names} <= every_file
+    for name, digest in tiny.manifest.file_sha256.items():
+        assert hashlib.sha256((index_dir / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_a_lexical_file_missing(index_dir: Path) -> None:
+    for name in lexical_files(index_dir):
+        (index_dir / name).rename(index_dir / "spare")
+        assert f"incomplete: {name} missing" in load_error(index_dir), name
+        (index_dir / "spare").rename(index_dir / name)
+    CatalogIndex.load(index_dir)  # all back: loads again
+
+
+def test_a_lexical_file_missing_is_found_even_without_vectors(index_dir: Path) -> None:
+    (name, *_) = lexical_files(index_dir)
+    (index_dir / name).unlink()
+    assert f"incomplete: {name} missing" in load_error(index_dir, load_vectors=False)
+
+
+def test_a_truncated_lexical_file_fails_its_checksum(index_dir: Path) -> None:
+    path = index_dir / next(n for n in lexical_files(index_dir) if n.endswith(".npy"))
+    path.write_bytes(path.read_bytes()[:-7])
+    message = load_error(index_dir)
+    assert str(path) in message and "checksum differs" in message
+
+
+def test_lexical_fields_load_row_aligned_with_the_vectors(tiny) -> None:
+    index = CatalogIndex.load(tiny.index_dir)
+    lexical = index.load_lexical()
+
+    assert lexical.count == index.count == PRODUCTS
+    # "drill" is in these titles only (rows are FAISS rows).
+    drill = lexical.scores(lexical.terms("drill"), "title")
+    expected = [i for i, p in enumerate(tiny.products) if "drill" in p.title.lower().split()]
+    assert expected and np.flatnonzero(drill).tolist() == expected
+
+
+def test_corrupt_lexical_fields_without_checksums_raise_index_load_error(index_dir: Path) -> None:
+    name = next(n for n in lexical_files(index_dir) if n.endswith(".json"))
+    (index_dir / name).write_text("{")
+    index = CatalogIndex.load(index_dir, verify_checksums=False)
+    with pytest.raises(IndexLoadError, match=LEXICAL_DIR):
+        index.load_lexical()
 
 
 def test_a_flipped_byte_in_the_faiss_file_fails_its_checksum(index_dir: Path) -> None:

@@ -3,6 +3,7 @@ graphs, the ensemble's maps, and the names and limits the Python models and the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -12,6 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ecomsearch import contract
 from ecomsearch.paths import PROJECT_ROOT
+from ecomsearch.ranking.features import FEATURE_NAMES
 
 REPOSITORY = PROJECT_ROOT / "model_repository"
 CONFIG_FILES = sorted([*REPOSITORY.glob("*/config.pbtxt"), *REPOSITORY.glob("*/configs/*.pbtxt")])
@@ -44,7 +46,10 @@ def test_repository_has_the_pipeline_models():
         contract.PREPROCESS_MODEL,
         contract.ENCODER_MODEL,
         contract.RETRIEVE_MODEL,
+        contract.RANKER_MODEL,
+        contract.SELECT_MODEL,
         contract.SEARCH_MODEL,
+        contract.SEARCH_UNRANKED_MODEL,
     }
 
 
@@ -77,34 +82,50 @@ def test_gpu_profile_places_an_instance_on_every_visible_gpu(name):
     assert not group.gpus, "an explicit gpus list pins instances instead of using every GPU"
 
 
-def test_encoder_config_matches_the_onnx_graph():
-    config = default_configs()[contract.ENCODER_MODEL]
+def graph_tensors(values) -> dict[str, tuple[int, list[int]]]:
+    result = {}
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dims = tensor_type.shape.dim
+        assert dims[0].dim_param == "batch", f"{value.name}: first axis must be named batch"
+        result[value.name] = (
+            ONNX_TO_TRITON[tensor_type.elem_type],
+            [d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:]],
+        )
+    return result
+
+
+@pytest.mark.parametrize(
+    ("name", "second_axis"),
+    [(contract.ENCODER_MODEL, "sequence"), (contract.RANKER_MODEL, "candidates")],
+)
+def test_onnx_model_configs_match_their_graphs(name, second_axis):
+    config = default_configs()[name]
     assert config.backend == "onnxruntime"
-    path = REPOSITORY / contract.ENCODER_MODEL / "1" / "model.onnx"
+    path = REPOSITORY / name / "1" / "model.onnx"
     if not path.is_file():
         pytest.fail(f"{path} missing: run `make test`, which exports the encoder first")
     graph = onnx.load(str(path), load_external_data=False).graph
-
-    def graph_tensors(values):
-        result = {}
-        for value in values:
-            tensor_type = value.type.tensor_type
-            dims = tensor_type.shape.dim
-            assert dims[0].dim_param == "batch", f"{value.name}: first axis must be named batch"
-            result[value.name] = (
-                ONNX_TO_TRITON[tensor_type.elem_type],
-                [d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:]],
-            )
-        return result
-
     assert graph_tensors(graph.input) == tensors(config.input)
     assert graph_tensors(graph.output) == tensors(config.output)
-    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim][:2] == [
+        "batch",
+        second_axis,
+    ]
 
 
-def test_ensemble_maps_refer_to_real_tensors_with_matching_types():
+def test_ranker_was_trained_on_the_features_retrieve_computes():
+    info = json.loads((REPOSITORY / contract.RANKER_MODEL / "1" / "ranker.json").read_text())
+    assert info["feature_names"] == list(FEATURE_NAMES)
+    (features,) = default_configs()[contract.RETRIEVE_MODEL].output[1:2]
+    assert features.name == contract.CANDIDATE_FEATURES
+    assert list(features.dims) == [-1, len(FEATURE_NAMES)]
+
+
+@pytest.mark.parametrize("name", [contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL])
+def test_ensemble_maps_refer_to_real_tensors_with_matching_types(name):
     configs = default_configs()
-    ensemble = configs[contract.SEARCH_MODEL]
+    ensemble = configs[name]
     assert is_ensemble(ensemble)
     available = {t.name: t.data_type for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
@@ -125,8 +146,9 @@ def test_ensemble_maps_refer_to_real_tensors_with_matching_types():
         assert available.get(output.name) == output.data_type, output.name
 
 
-def test_ensemble_contract_is_the_clients():
-    ensemble = default_configs()[contract.SEARCH_MODEL]
+@pytest.mark.parametrize("name", [contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL])
+def test_ensemble_contract_is_the_clients(name):
+    ensemble = default_configs()[name]
     assert tensors(ensemble.input) == {
         contract.QUERY: (mc.TYPE_STRING, [1]),
         contract.TOP_K: (mc.TYPE_INT32, [1]),
@@ -148,10 +170,24 @@ def test_python_models_use_the_contract_names_and_limits(profile):
     assert preprocess.parameters["max_query_bytes"].string_value == str(contract.MAX_QUERY_BYTES)
     assert preprocess.parameters["max_query_tokens"].string_value == str(contract.MAX_QUERY_TOKENS)
     retrieve = parse(REPOSITORY / contract.RETRIEVE_MODEL / profile)
-    assert [t.name for t in retrieve.input] == [contract.EMBEDDING, contract.TOP_K]
+    assert [t.name for t in retrieve.input] == [contract.QUERY, contract.EMBEDDING]
     assert [t.name for t in retrieve.output] == [
+        contract.CANDIDATE_ROWS,
+        contract.CANDIDATE_FEATURES,
+        contract.RETRIEVAL_SCORES,
+    ]
+    select = parse(REPOSITORY / contract.SELECT_MODEL / profile)
+    assert [t.name for t in select.input] == [
+        contract.CANDIDATE_ROWS,
+        contract.CANDIDATE_SCORES,
+        contract.TOP_K,
+    ]
+    assert [t.name for t in select.output] == [
         contract.PRODUCT_IDS,
         contract.SCORES,
         contract.TITLES,
     ]
-    assert retrieve.parameters["max_top_k"].string_value == str(contract.MAX_TOP_K)
+    assert select.parameters["max_top_k"].string_value == str(contract.MAX_TOP_K)
+    ranker = parse(REPOSITORY / contract.RANKER_MODEL / profile)
+    assert [t.name for t in ranker.input] == [contract.CANDIDATE_FEATURES]
+    assert [t.name for t in ranker.output] == [contract.RANKING_SCORES]

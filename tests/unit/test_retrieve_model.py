@@ -1,10 +1,12 @@
 """model_repository/retrieve/1/model.py driven through the fake backend module, over a tiny
-exact index whose neighbours are computed here with numpy."""
+exact index whose vector neighbours are computed here with numpy and whose BM25 matches are the
+titles holding a query word."""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -12,155 +14,183 @@ import numpy as np
 import pytest
 
 from ecomsearch import contract
-from ecomsearch.index.manifest import IndexLoadError
+from ecomsearch.index.manifest import LEXICAL_DIR, IndexLoadError
 from ecomsearch.index.store import CatalogIndex
+from ecomsearch.ranking.candidates import LEXICAL_POOL, VECTOR_POOL, HybridRetriever
+from ecomsearch.ranking.features import FEATURE_COUNT, FEATURE_NAMES
 from ecomsearch.serving.retrieve import RetrieveModel, place_on_device
 
-DIMENSION = 384  # the config's embedding dims
-PRODUCTS = 12
-ENCODER_BYTES = b"stand-in for the exported encoder graph"
+# Small pools, written into a copy of the config, so the vector list does not already hold the
+# whole tiny catalog and lexical-only candidates and padding both occur.
+SMALL_VECTOR_POOL = 3
+SMALL_LEXICAL_POOL = 4
+COSINE = FEATURE_NAMES.index("cosine")
+FUSED = FEATURE_NAMES.index("fused_score")
+CANDIDATE_OUTPUTS = {
+    contract.CANDIDATE_ROWS,
+    contract.CANDIDATE_FEATURES,
+    contract.RETRIEVAL_SCORES,
+}
 
 
 @pytest.fixture
-def repository(tmp_path: Path, triton, tiny_index_factory):
-    """tmp_path laid out as a model repository: retrieve/ with a tiny index in 1/index, and
-    query_encoder/1/model.onnx, whose checksum the index's manifest records."""
-    encoder = tmp_path / contract.ENCODER_MODEL / "1" / "model.onnx"
-    encoder.parent.mkdir(parents=True)
-    encoder.write_bytes(ENCODER_BYTES)
-    model_dir = triton.copy_model_dir(contract.RETRIEVE_MODEL, tmp_path)
-    tiny = tiny_index_factory(
-        model_dir / "1" / "index",
-        hashlib.sha256(ENCODER_BYTES).hexdigest(),
-        rows=PRODUCTS,
-        dimension=DIMENSION,
-    )
-    return model_dir, tiny
+def repo(tiny_repository_factory):
+    return tiny_repository_factory()
 
 
 @pytest.fixture
-def model_dir(repository) -> Path:
-    return repository[0]
+def tiny(repo):
+    return repo.index
 
 
 @pytest.fixture
-def tiny(repository):
-    return repository[1]
+def model_dir(repo) -> Path:
+    return repo.retrieve_dir
+
+
+def initialize(triton, model_dir: Path):
+    """TritonPythonModel.initialize with the model directory's config.pbtxt."""
+    args = triton.args(model_dir / "config.pbtxt", model_dir)
+    return triton.initialize(model_dir / "1" / "model.py", args)
 
 
 @pytest.fixture
 def retrieve(triton, model_dir: Path):
-    return triton.initialize(
-        model_dir / "1" / "model.py", triton.args(model_dir / "config.pbtxt", model_dir)
+    """The model with the checked-in config."""
+    return initialize(triton, model_dir)
+
+
+@pytest.fixture
+def small_retrieve(triton, model_dir: Path):
+    """The model with SMALL_VECTOR_POOL and SMALL_LEXICAL_POOL."""
+    triton.set_parameters(
+        model_dir / "config.pbtxt",
+        vector_pool=SMALL_VECTOR_POOL,
+        lexical_pool=SMALL_LEXICAL_POOL,
     )
+    return initialize(triton, model_dir)
 
 
 def near(tiny, rows: list[int], seed: int) -> np.ndarray:
     """Unit queries close to the given products' vectors, so neighbours are well separated."""
-    noise = np.random.default_rng(seed).normal(0, 0.3, (len(rows), DIMENSION))
-    queries = tiny.embeddings[rows] + noise / np.sqrt(DIMENSION)
+    dimension = tiny.embeddings.shape[1]
+    noise = np.random.default_rng(seed).normal(0, 0.3, (len(rows), dimension))
+    queries = tiny.embeddings[rows] + noise / np.sqrt(dimension)
     return (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
 
 
-def top_k_input(k: int | list[int], batch: int) -> np.ndarray:
-    values = [k] * batch if isinstance(k, int) else k
-    return np.array(values, dtype=np.int32).reshape(-1, 1)
+def texts(values: Sequence[bytes | str]) -> np.ndarray:
+    """A [batch, 1] BYTES input as the backend hands it over: an object array of bytes."""
+    array = np.empty((len(values), 1), dtype=object)
+    array[:, 0] = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+    return array
 
 
-def assert_neighbours(triton, response, tiny, queries: np.ndarray, k: int) -> None:
-    out = triton.outputs(response)
-    assert set(out) == {contract.PRODUCT_IDS, contract.SCORES, contract.TITLES}
-    rows, scores = tiny.exact_top_k(queries, k)
-    expected_ids = np.array([[tiny.products[r].id.encode() for r in row] for row in rows])
-    expected_titles = np.array([[tiny.products[r].title.encode() for r in row] for row in rows])
-    for name in (contract.PRODUCT_IDS, contract.TITLES):
-        # TYPE_STRING outputs: object arrays of bytes.
-        assert out[name].dtype == np.object_, name
-        assert out[name].shape == (len(queries), k), name
-        assert all(isinstance(v, bytes) for v in out[name].flat), name
-    assert out[contract.SCORES].dtype == np.float32
-    assert out[contract.SCORES].shape == (len(queries), k)
-    np.testing.assert_array_equal(out[contract.PRODUCT_IDS].astype(bytes), expected_ids)
-    np.testing.assert_array_equal(out[contract.TITLES].astype(bytes), expected_titles)
-    np.testing.assert_allclose(out[contract.SCORES], scores, rtol=0, atol=1e-5)
+def title_matches(tiny, query: str) -> set[int]:
+    """Rows whose title has one of the query's words, by plain string splitting."""
+    words = set(query.lower().split())
+    return {i for i, p in enumerate(tiny.products) if words & set(p.title.lower().split())}
 
 
-def test_requests_in_one_execute_get_their_own_exact_neighbours(triton, retrieve, tiny) -> None:
-    q1, q2, q3 = near(tiny, [3, 7], seed=1), near(tiny, [1], seed=2), near(tiny, [0, 5, 11], seed=3)
-    requests = [
-        triton.request(embedding=q1, top_k=top_k_input(3, 2)),
-        triton.request(embedding=q2),  # no top_k: the default
-        triton.request(embedding=q3, top_k=top_k_input(5, 3)),
-    ]
-
-    responses = retrieve.execute(requests)
-
-    assert len(responses) == 3
-    assert_neighbours(triton, responses[0], tiny, q1, 3)
-    assert_neighbours(triton, responses[1], tiny, q2, contract.DEFAULT_TOP_K)
-    assert_neighbours(triton, responses[2], tiny, q3, 5)
-    # The noise is small: each query's best match is the product it was made from.
-    first = [triton.outputs(r)[contract.PRODUCT_IDS][:, 0].tolist() for r in responses]
-    assert first == [[b"sku-003", b"sku-007"], [b"sku-001"], [b"sku-000", b"sku-005", b"sku-011"]]
-    assert triton.outputs(responses[1])[contract.TITLES][0, 0] == "Café mug".encode()
-
-
-def test_top_k_above_the_catalog_size_returns_every_product(triton, retrieve, tiny) -> None:
-    queries = near(tiny, [4], seed=4)
-    (response,) = retrieve.execute(
-        [triton.request(embedding=queries, top_k=top_k_input(contract.MAX_TOP_K, 1))]
-    )
-    assert_neighbours(triton, response, tiny, queries, PRODUCTS)
-
-
-@pytest.mark.parametrize(
-    ("bad_inputs", "fragments"),
-    [
-        pytest.param({"top_k": top_k_input(0, 1)}, ["between 1 and 100", "got 0"], id="top-k-0"),
-        pytest.param({"top_k": top_k_input(-3, 1)}, ["between 1 and 100", "got -3"], id="negative"),
-        pytest.param(
-            {"top_k": top_k_input(contract.MAX_TOP_K + 1, 1)}, ["got 101"], id="above-max"
-        ),
-        pytest.param(
-            {"embedding": np.zeros((2, DIMENSION), np.float32), "top_k": top_k_input([2, 3], 2)},
-            ["same for every query"],
-            id="top-k-differs-within-request",
-        ),
-        pytest.param(
-            {"top_k": top_k_input(2, 2)}, ["'top_k'", "shape [1, 1]"], id="top-k-wrong-rows"
-        ),
-        pytest.param(
-            {"embedding": np.zeros((1, DIMENSION - 1), np.float32)},
-            ["'embedding'", f"[batch, {DIMENSION}]", "383"],
-            id="wrong-embedding-width",
-        ),
-        pytest.param(
-            {"embedding": np.zeros(DIMENSION, np.float32)}, ["'embedding'"], id="embedding-1d"
-        ),
-        pytest.param({"embedding": None}, ["'embedding'", "required"], id="missing-embedding"),
-    ],
-)
-def test_a_bad_request_gets_invalid_arg_and_its_neighbours_succeed(
-    triton, retrieve, tiny, bad_inputs: dict[str, np.ndarray | None], fragments: list[str]
+def assert_candidates(
+    triton, response, tiny, queries: list[str], embeddings: np.ndarray, pools: tuple[int, int]
 ) -> None:
-    inputs = {"embedding": near(tiny, [2], seed=5), **bad_inputs}
-    good_before, good_after = near(tiny, [6, 8], seed=6), near(tiny, [9], seed=7)
-    requests = [
-        triton.request(embedding=good_before, top_k=top_k_input(4, 2)),
-        triton.request(**{name: value for name, value in inputs.items() if value is not None}),
-        triton.request(embedding=good_after, top_k=top_k_input(2, 1)),
+    """Per query: the exact vector top-N first, best first; then every BM25 title match not
+    already there; then padding (-1, zero features, -inf). Cosines are the true dot products and
+    the retrieval score is the fused_score feature."""
+    vector_pool, lexical_pool = pools
+    width = vector_pool + lexical_pool
+    out = triton.outputs(response)
+    assert set(out) == CANDIDATE_OUTPUTS
+    rows = out[contract.CANDIDATE_ROWS]
+    features = out[contract.CANDIDATE_FEATURES]
+    scores = out[contract.RETRIEVAL_SCORES]
+    batch = len(queries)
+    assert rows.dtype == np.int64 and rows.shape == (batch, width)
+    assert features.dtype == np.float32 and features.shape == (batch, width, FEATURE_COUNT)
+    assert scores.dtype == np.float32 and scores.shape == (batch, width)
+
+    found = min(vector_pool, len(tiny.products))
+    vector_rows, _ = tiny.exact_top_k(embeddings, found)
+    for i, query in enumerate(queries):
+        matches = title_matches(tiny, query)
+        assert len(matches) <= lexical_pool, "test setup: every match must fit the pool"
+        lexical_only = matches - set(vector_rows[i].tolist())
+        real = found + len(lexical_only)
+        assert rows[i, :found].tolist() == vector_rows[i].tolist(), query
+        assert set(rows[i, found:real].tolist()) == lexical_only, query
+        assert (rows[i, real:] == -1).all(), query
+        assert not features[i, real:].any(), query
+        assert np.isneginf(scores[i, real:]).all(), query
+
+        expected_cosine = tiny.embeddings[rows[i, :real]] @ embeddings[i]
+        np.testing.assert_allclose(features[i, :real, COSINE], expected_cosine, atol=1e-5)
+        np.testing.assert_array_equal(scores[i, :real], features[i, :real, FUSED])
+        assert np.isfinite(features[i, :real]).all(), query
+
+
+def test_requests_in_one_execute_get_their_own_candidates(triton, small_retrieve, tiny) -> None:
+    batches = [
+        (["cordless drill", "café mug"], near(tiny, [5, 1], seed=1)),
+        (["hammer"], near(tiny, [7], seed=2)),
+        (["garden hose", "zzzz unknown words", "drill"], near(tiny, [3, 9, 2], seed=3)),
     ]
+    requests = [triton.request(query=texts(q), embedding=e) for q, e in batches]
 
-    responses = retrieve.execute(requests)
+    responses = small_retrieve.execute(requests)
 
-    assert len(responses) == 3
-    assert_neighbours(triton, responses[0], tiny, good_before, 4)
-    triton.assert_invalid_arg(responses[1], *fragments)
-    assert_neighbours(triton, responses[2], tiny, good_after, 2)
+    assert len(responses) == len(batches)
+    for response, (queries, embeddings) in zip(responses, batches, strict=True):
+        assert_candidates(
+            triton, response, tiny, queries, embeddings, (SMALL_VECTOR_POOL, SMALL_LEXICAL_POOL)
+        )
+    # The noise is small: each query's best vector match is the product it was made from.
+    first = [triton.outputs(r)[contract.CANDIDATE_ROWS][:, 0].tolist() for r in responses]
+    assert first == [[5, 1], [7], [3, 9, 2]]
 
 
-def test_missing_neighbours_are_empty_slots_not_other_products(pb_utils, triton, tiny) -> None:
-    """An approximate index can return fewer than k rows (FAISS pads with -1)."""
+def test_a_word_in_some_titles_brings_exactly_those_products(triton, small_retrieve, tiny) -> None:
+    # Vector neighbours of an unrelated product; "cordless drill" is in four titles, all of
+    # which must come from BM25 unless the vector list already has them.
+    embedding = near(tiny, [8], seed=4)
+    assert title_matches(tiny, "cordless drill") == {0, 2, 10, 11}
+
+    (response,) = small_retrieve.execute(
+        [triton.request(query=texts(["Cordless DRILL"]), embedding=embedding)]
+    )
+
+    rows = triton.outputs(response)[contract.CANDIDATE_ROWS][0]
+    assert {0, 2, 10, 11} <= set(rows.tolist())
+    # Products without either word are candidates only as vector neighbours.
+    assert set(rows[SMALL_VECTOR_POOL:].tolist()) <= {0, 2, 10, 11, -1}
+    assert_candidates(
+        triton,
+        response,
+        tiny,
+        ["cordless drill"],
+        embedding,
+        (SMALL_VECTOR_POOL, SMALL_LEXICAL_POOL),
+    )
+
+
+def test_candidate_width_comes_from_the_config_pools(triton, retrieve, model_dir, tiny) -> None:
+    config = model_dir / "config.pbtxt"
+    pools = (
+        int(triton.config_parameter(config, "vector_pool", str(VECTOR_POOL))),
+        int(triton.config_parameter(config, "lexical_pool", str(LEXICAL_POOL))),
+    )
+    embeddings = near(tiny, [4, 6], seed=5)
+
+    (response,) = retrieve.execute(
+        [triton.request(query=texts(["lawn mower", "claw hammer"]), embedding=embeddings)]
+    )
+
+    assert_candidates(triton, response, tiny, ["lawn mower", "claw hammer"], embeddings, pools)
+
+
+def test_faiss_padding_never_becomes_a_candidate(pb_utils, triton, tiny) -> None:
+    """An approximate index can return fewer than k rows; FAISS pads with -1, which must not be
+    read as the last product."""
     loaded = CatalogIndex.load(tiny.index_dir)
     exact = loaded.faiss_index
 
@@ -170,63 +200,150 @@ def test_missing_neighbours_are_empty_slots_not_other_products(pb_utils, triton,
             scores[:, 2:], rows[:, 2:] = -3.4e38, -1
             return scores, rows
 
-    loaded.faiss_index = ShortIndex()
-    queries = near(tiny, [3], seed=8)
+        def reconstruct_batch(self, rows: np.ndarray) -> np.ndarray:
+            return exact.reconstruct_batch(rows)
 
-    (response,) = RetrieveModel(pb_utils, loaded).execute(
-        [triton.request(embedding=queries, top_k=top_k_input(4, 1))]
+    loaded.faiss_index = ShortIndex()
+    retriever = HybridRetriever(loaded, loaded.load_lexical(), vector_pool=5, lexical_pool=2)
+    embedding = near(tiny, [3], seed=6)
+
+    (response,) = RetrieveModel(pb_utils, retriever).execute(
+        [triton.request(query=texts(["no such word"]), embedding=embedding)]
     )
 
     out = triton.outputs(response)
-    rows, scores = tiny.exact_top_k(queries, 2)
-    assert out[contract.PRODUCT_IDS].tolist() == [
-        [tiny.products[rows[0, 0]].id.encode(), tiny.products[rows[0, 1]].id.encode(), b"", b""]
+    best_two, _ = tiny.exact_top_k(embedding, 2)
+    assert out[contract.CANDIDATE_ROWS].tolist() == [[*best_two[0].tolist(), -1, -1, -1, -1, -1]]
+    assert np.isneginf(out[contract.RETRIEVAL_SCORES][0, 2:]).all()
+
+
+# Bad requests. Each is sent between two good ones, which must still get their candidates.
+
+
+# case -> (embedding width -> (inputs replacing the good ones, fragments of the message)).
+BAD_REQUESTS = {
+    "wrong-embedding-width": lambda d: (
+        {"embedding": np.zeros((1, d - 1), np.float32)},
+        ["'embedding'", f"[batch, {d}]", str(d - 1)],
+    ),
+    "embedding-1d": lambda d: ({"embedding": np.zeros(d, np.float32)}, ["'embedding'"]),
+    "missing-embedding": lambda d: ({"embedding": None}, ["'embedding'", "required"]),
+    "missing-query": lambda d: ({"query": None}, ["'query'", "required"]),
+    "invalid-utf8": lambda d: ({"query": texts([b"caf\xe9 mug"])}, ["query 0", "not valid UTF-8"]),
+    "blank-query": lambda d: ({"query": texts(["  \t "])}, ["query 0", "empty"]),
+    "query-1d": lambda d: (
+        {"query": np.array([b"garden hose"], dtype=object)},
+        ["'query'", "shape [batch, 1]"],
+    ),
+    "more-queries-than-embeddings": lambda d: (
+        {"query": texts(["garden hose", "hammer"])},
+        ["2 queries but 1 embeddings"],
+    ),
+    "more-embeddings-than-queries": lambda d: (
+        {"embedding": np.zeros((2, d), np.float32)},
+        ["1 queries but 2 embeddings"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_bad_request_gets_invalid_arg_and_its_neighbours_succeed(
+    triton, small_retrieve, tiny, case: str
+) -> None:
+    bad_inputs, fragments = BAD_REQUESTS[case](tiny.manifest.dimension)
+    inputs = {"query": texts(["garden hose"]), "embedding": near(tiny, [2], seed=7), **bad_inputs}
+    before = (["wood screw", "paint roller"], near(tiny, [6, 8], seed=8))
+    after = (["extension cord"], near(tiny, [9], seed=9))
+    requests = [
+        triton.request(query=texts(before[0]), embedding=before[1]),
+        triton.request(**{name: value for name, value in inputs.items() if value is not None}),
+        triton.request(query=texts(after[0]), embedding=after[1]),
     ]
-    assert out[contract.TITLES][0, 2:].tolist() == [b"", b""]
-    np.testing.assert_allclose(out[contract.SCORES][0, :2], scores[0], atol=1e-5)
-    assert np.isneginf(out[contract.SCORES][0, 2:]).all()
+
+    responses = small_retrieve.execute(requests)
+
+    assert len(responses) == 3
+    pools = (SMALL_VECTOR_POOL, SMALL_LEXICAL_POOL)
+    assert_candidates(triton, responses[0], tiny, *before, pools)
+    triton.assert_invalid_arg(responses[1], *fragments)
+    assert_candidates(triton, responses[2], tiny, *after, pools)
 
 
-def test_initialize_refuses_an_index_built_for_another_encoder(triton, model_dir: Path) -> None:
-    (model_dir.parent / contract.ENCODER_MODEL / "1" / "model.onnx").write_bytes(b"re-exported")
+# initialize refuses broken or mismatched artefacts, with a message naming the problem.
+
+
+def test_initialize_refuses_an_index_built_for_another_encoder(triton, repo) -> None:
+    repo.layout.encoder_onnx.write_bytes(b"re-exported")
     with pytest.raises(IndexLoadError, match="build-index"):
-        triton.initialize(
-            model_dir / "1" / "model.py", triton.args(model_dir / "config.pbtxt", model_dir)
-        )
+        initialize(triton, repo.retrieve_dir)
 
 
-def test_initialize_refuses_a_missing_encoder(triton, model_dir: Path) -> None:
-    (model_dir.parent / contract.ENCODER_MODEL / "1" / "model.onnx").unlink()
+def test_initialize_refuses_a_missing_encoder(triton, repo) -> None:
+    repo.layout.encoder_onnx.unlink()
     with pytest.raises(RuntimeError, match=r"encoder model .*model\.onnx not found"):
-        triton.initialize(
-            model_dir / "1" / "model.py", triton.args(model_dir / "config.pbtxt", model_dir)
-        )
+        initialize(triton, repo.retrieve_dir)
 
 
-def test_initialize_refuses_a_missing_index(triton, model_dir: Path) -> None:
-    (model_dir / "1" / "index" / "manifest.json").unlink()
+def test_initialize_refuses_a_missing_index(triton, repo) -> None:
+    (repo.layout.index_dir / "manifest.json").unlink()
     with pytest.raises(IndexLoadError, match="no index"):
-        triton.initialize(
-            model_dir / "1" / "model.py", triton.args(model_dir / "config.pbtxt", model_dir)
-        )
+        initialize(triton, repo.retrieve_dir)
 
 
-def test_max_top_k_parameter_is_honoured(triton, model_dir: Path, tiny) -> None:
-    config = model_dir / "config.pbtxt"
-    config.write_text(config.read_text().replace('string_value: "100"', 'string_value: "5"'))
-    model = triton.initialize(model_dir / "1" / "model.py", triton.args(config, model_dir))
-    queries = near(tiny, [1], seed=9)
-
-    responses = model.execute(
-        [
-            triton.request(embedding=queries),
-            triton.request(embedding=queries, top_k=top_k_input(6, 1)),
-        ]
+def test_initialize_refuses_an_index_without_its_lexical_fields(triton, repo) -> None:
+    lexical_file = next(
+        p for p in sorted((repo.layout.index_dir / LEXICAL_DIR).rglob("*")) if p.is_file()
     )
+    lexical_file.unlink()
+    name = str(lexical_file.relative_to(repo.layout.index_dir))
+    with pytest.raises(IndexLoadError, match=f"{name} missing"):
+        initialize(triton, repo.retrieve_dir)
 
-    # The default top_k (10) is capped at max_top_k.
-    assert_neighbours(triton, responses[0], tiny, queries, 5)
-    triton.assert_invalid_arg(responses[1], "between 1 and 5")
+
+def test_an_index_of_another_dimension_than_the_config_fails_initialize(
+    triton, tiny_repository_factory
+) -> None:
+    repo = tiny_repository_factory(dimension=8)
+    with pytest.raises(IndexLoadError, match="dimension 8"):
+        initialize(triton, repo.retrieve_dir)
+
+
+def test_initialize_refuses_a_missing_ranker_info(triton, repo) -> None:
+    repo.layout.ranker_info.unlink()
+    with pytest.raises(RuntimeError, match=r"ranker\.json not found"):
+        initialize(triton, repo.retrieve_dir)
+
+
+@pytest.mark.parametrize(
+    "feature_names",
+    [
+        list(FEATURE_NAMES[:-1]),
+        [*FEATURE_NAMES, "price"],
+        list(reversed(FEATURE_NAMES)),
+    ],
+    ids=["one-fewer", "one-more", "reordered"],
+)
+def test_initialize_refuses_a_ranker_trained_on_other_features(
+    triton, repo, feature_names: list[str]
+) -> None:
+    repo.layout.ranker_info.write_text(json.dumps({"feature_names": feature_names}))
+    with pytest.raises(RuntimeError, match="retrain") as raised:
+        initialize(triton, repo.retrieve_dir)
+    assert str(repo.layout.ranker_info.name) in str(raised.value)
+
+
+def test_initialize_refuses_a_corrupt_ranker_info_naming_it(triton, repo) -> None:
+    repo.layout.ranker_info.write_text('{"feature_names": [')
+    with pytest.raises(RuntimeError, match=r"ranker\.json"):
+        initialize(triton, repo.retrieve_dir)
+
+
+@pytest.mark.parametrize("key", ["vector_pool", "lexical_pool"])
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_a_bad_pool_parameter_fails_initialize(triton, repo, key: str, value: str) -> None:
+    triton.set_parameters(repo.retrieve_dir / "config.pbtxt", **{key: value})
+    with pytest.raises(ValueError, match=key):
+        initialize(triton, repo.retrieve_dir)
 
 
 # place_on_device, with hand-written stand-ins for the faiss module.
@@ -252,6 +369,8 @@ def fake_gpu_faiss(calls: list[tuple], real_faiss: ModuleType | None = None) -> 
         return index if real_faiss else ("gpu index", device)
 
     module.index_cpu_to_gpu = index_cpu_to_gpu
+    module.omp_threads = []
+    module.omp_set_num_threads = module.omp_threads.append
     if real_faiss:
         module.read_index = real_faiss.read_index
     return module
@@ -295,20 +414,43 @@ def test_gpu_profile_instance_moves_the_index_to_its_own_device(
 
     calls: list[tuple] = []
     monkeypatch.setitem(sys.modules, "faiss", fake_gpu_faiss(calls, real_faiss=faiss))
-    args = triton.args(
-        model_dir / "configs" / "gpu.pbtxt", model_dir, instance_kind="GPU", device_id=1
+    config = model_dir / "configs" / "gpu.pbtxt"
+    pools = (
+        int(triton.config_parameter(config, "vector_pool", str(VECTOR_POOL))),
+        int(triton.config_parameter(config, "lexical_pool", str(LEXICAL_POOL))),
     )
+    args = triton.args(config, model_dir, instance_kind="GPU", device_id=1)
 
     model = triton.initialize(model_dir / "1" / "model.py", args)
 
     ((resources, device, _),) = calls
     assert device == 1
     # The resources must live as long as the index: the model keeps them.
-    assert model.model.index.gpu_resources is resources
-    queries = near(tiny, [10], seed=10)
-    (response,) = model.execute([triton.request(embedding=queries, top_k=top_k_input(3, 1))])
-    assert_neighbours(triton, response, tiny, queries, 3)
+    assert model.model.retriever.index.gpu_resources is resources
+    embeddings = near(tiny, [10], seed=10)
+    (response,) = model.execute(
+        [triton.request(query=texts(["leaf blower"]), embedding=embeddings)]
+    )
+    assert_candidates(triton, response, tiny, ["leaf blower"], embeddings, pools)
     assert any("GPU 1" in message for message in triton.logged("INFO"))
+
+
+@pytest.mark.parametrize("value", [None, "3"], ids=["checked-in", "three"])
+def test_faiss_threads_come_from_the_config(
+    triton, monkeypatch: pytest.MonkeyPatch, model_dir: Path, value: str | None
+) -> None:
+    import faiss
+
+    fake = fake_gpu_faiss([], real_faiss=faiss)
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    config = model_dir / "config.pbtxt"
+    if value is not None:
+        triton.set_parameters(config, faiss_omp_threads=value)
+    threads = int(triton.config_parameter(config, "faiss_omp_threads", "1"))
+
+    initialize(triton, model_dir)
+
+    assert fake.omp_threads == [threads]
 
 
 def test_gpu_profile_without_faiss_gpu_fails_initialize(
@@ -318,25 +460,10 @@ def test_gpu_profile_without_faiss_gpu_fails_initialize(
 
     cpu_only_faiss = ModuleType("faiss")
     cpu_only_faiss.read_index = faiss.read_index
+    cpu_only_faiss.omp_set_num_threads = faiss.omp_set_num_threads
     monkeypatch.setitem(sys.modules, "faiss", cpu_only_faiss)
     args = triton.args(
         model_dir / "configs" / "gpu.pbtxt", model_dir, instance_kind="GPU", device_id=1
     )
     with pytest.raises(RuntimeError, match=r"KIND_GPU.*faiss-gpu"):
         triton.initialize(model_dir / "1" / "model.py", args)
-
-
-def test_an_index_of_another_dimension_than_the_config_fails_initialize(
-    triton, tmp_path: Path, tiny_index_factory
-) -> None:
-    encoder = tmp_path / contract.ENCODER_MODEL / "1" / "model.onnx"
-    encoder.parent.mkdir(parents=True)
-    encoder.write_bytes(ENCODER_BYTES)
-    model_dir = triton.copy_model_dir(contract.RETRIEVE_MODEL, tmp_path)
-    tiny_index_factory(
-        model_dir / "1" / "index", hashlib.sha256(ENCODER_BYTES).hexdigest(), dimension=8
-    )
-    with pytest.raises(IndexLoadError, match="dimension 8"):
-        triton.initialize(
-            model_dir / "1" / "model.py", triton.args(model_dir / "config.pbtxt", model_dir)
-        )

@@ -1,4 +1,4 @@
-"""FAISS top-k retrieval over the catalog index; logic in ecomsearch.serving.retrieve."""
+"""Hybrid candidates and ranking features; logic in ecomsearch.serving.retrieve."""
 
 import triton_python_backend_utils as pb_utils
 

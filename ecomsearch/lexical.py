@@ -1,0 +1,138 @@
+"""Lexical matching: a tokenizer tuned for product text and BM25 indexes (bm25s) per field.
+
+E-commerce queries are full of model numbers, sizes and units ("1tb nvme", "3/4 in. mdf",
+"2x4") that embeddings blur; this keeps them as tokens, normalises common unit spellings and
+plurals, and scores with BM25 over the title alone and over all text fields.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ecomsearch.catalog import Product
+
+# Numbers (with decimals or fractions: 2.5, 3/4) and runs of letters; "1tb" -> "1", "tb".
+_TOKEN = re.compile(r"\d+(?:[./]\d+)*|[^\W\d_]+")
+_UNITS = {
+    "inch": "in", "inches": "in", "in": "in", '"': "in",
+    "foot": "ft", "feet": "ft", "ft": "ft",
+    "gallon": "gal", "gallons": "gal", "gal": "gal",
+    "pound": "lb", "pounds": "lb", "lbs": "lb", "lb": "lb",
+    "volt": "v", "volts": "v", "watt": "w", "watts": "w",
+    "terabyte": "tb", "terabytes": "tb", "gigabyte": "gb", "gigabytes": "gb",
+}  # fmt: skip
+_STOPWORDS = frozenset(["a", "an", "and", "the", "for", "with", "of", "to", "on", "by", "or"])
+
+FIELDS = ("title", "text")
+
+
+def _normalise(token: str) -> str:
+    if token in _UNITS:
+        return _UNITS[token]
+    if token[0].isdigit():
+        return token
+    # Light plural folding: "mowers" -> "mower", "batteries" -> "battery"; not "glass".
+    if len(token) > 4 and token.endswith("ies"):
+        return token[:-3] + "y"
+    if len(token) > 3 and token.endswith("s") and not token.endswith(("ss", "us", "is")):
+        return token[:-1]
+    return token
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word and number tokens, units and plurals normalised, stopwords dropped."""
+    text = text.lower().replace('"', " in ")
+    return [_normalise(token) for token in _TOKEN.findall(text) if token not in _STOPWORDS]
+
+
+def is_number(token: str) -> bool:
+    return token[0].isdigit()
+
+
+def field_texts(product: Product) -> dict[str, str]:
+    """What each BM25 field indexes: the title alone, and every text field together."""
+    text = " ".join(
+        p for p in (product.title, product.brand, product.category, product.description) if p
+    )
+    return {"title": product.title, "text": text}
+
+
+@dataclass(frozen=True)
+class QueryTerms:
+    """A query's distinct tokens, and for each field their ids in that field's vocabulary."""
+
+    tokens: tuple[str, ...]
+    numbers: tuple[str, ...]
+    ids: dict[str, list[int]]
+
+
+class LexicalIndex:
+    """One bm25s index per field, with row-aligned documents (row = FAISS row)."""
+
+    def __init__(self, retrievers: dict) -> None:
+        self.retrievers = retrievers
+        self.count = int(next(iter(retrievers.values())).scores["num_docs"])
+
+    @classmethod
+    def build(cls, products: Sequence[Product]) -> LexicalIndex:
+        import bm25s
+
+        retrievers = {}
+        texts = [field_texts(p) for p in products]
+        for field in FIELDS:
+            retriever = bm25s.BM25()
+            # create_empty_token keeps a document without tokens in its row.
+            retriever.index([tokenize(t[field]) for t in texts], show_progress=False)
+            retrievers[field] = retriever
+        return cls(retrievers)
+
+    def save(self, directory: Path) -> None:
+        for field, retriever in self.retrievers.items():
+            retriever.save(str(directory / field), show_progress=False)
+
+    @classmethod
+    def load(cls, directory: Path) -> LexicalIndex:
+        import bm25s
+
+        retrievers = {
+            field: bm25s.BM25.load(str(directory / field), show_progress=False, verbosity=0)
+            for field in FIELDS
+        }
+        counts = {int(r.scores["num_docs"]) for r in retrievers.values()}
+        if len(counts) != 1:
+            raise ValueError(f"lexical fields disagree on the document count: {counts}")
+        return cls(retrievers)
+
+    def terms(self, query: str) -> QueryTerms:
+        tokens = tuple(dict.fromkeys(tokenize(query)))
+        ids = {
+            field: [retriever.vocab_dict[t] for t in tokens if t in retriever.vocab_dict]
+            for field, retriever in self.retrievers.items()
+        }
+        return QueryTerms(tokens, tuple(t for t in tokens if is_number(t)), ids)
+
+    def scores(self, terms: QueryTerms, field: str) -> np.ndarray:
+        """BM25 score of every document for the query's terms ([count] float32)."""
+        ids = terms.ids[field]
+        if not ids:
+            return np.zeros(self.count, dtype=np.float32)
+        return self.retrievers[field].get_scores_from_ids(ids).astype(np.float32, copy=False)
+
+    def contains(self, field: str, tokens: Iterable[str], rows: np.ndarray) -> np.ndarray:
+        """[len(tokens), len(rows)] bool: whether each row's field has each token (postings)."""
+        retriever = self.retrievers[field]
+        matrix = retriever.scores
+        tokens = list(tokens)
+        present = np.zeros((len(tokens), len(rows)), dtype=bool)
+        for position, token in enumerate(tokens):
+            term = retriever.vocab_dict.get(token)
+            if term is None:
+                continue
+            postings = matrix["indices"][matrix["indptr"][term] : matrix["indptr"][term + 1]]
+            present[position] = np.isin(rows, postings, assume_unique=False)
+        return present

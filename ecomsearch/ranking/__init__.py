@@ -1,0 +1,1 @@
+"""Hybrid candidates (vector + BM25), ranking features, and the learned ranker."""

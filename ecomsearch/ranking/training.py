@@ -1,0 +1,285 @@
+"""`ecomsearch train-ranker`: candidates and features from the serving code, graded judgments as
+labels, a listwise loss, early stopping on queries held out of training."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ecomsearch import contract
+from ecomsearch.encoder import OnnxEncoder
+from ecomsearch.evaluation.metrics import Judgments, Metrics, dcg, evaluate
+from ecomsearch.ranking.candidates import HybridRetriever
+from ecomsearch.ranking.features import FEATURE_NAMES
+
+log = logging.getLogger(__name__)
+
+ENCODE_BATCH = 64
+
+
+@dataclass
+class ExampleSet:
+    """Candidates of many queries, stacked: the training and evaluation tensors."""
+
+    queries: list[str]
+    rows: np.ndarray  # [n, width] int64, -1 pads
+    features: np.ndarray  # [n, width, F] float32
+    retrieval_scores: np.ndarray  # [n, width] float32
+    gains: np.ndarray  # [n, width] float32, 0 for unjudged and padding
+    ideal_dcg: np.ndarray  # [n] from all judged products, not only the retrieved ones
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.rows >= 0
+
+    def subset(self, mask: np.ndarray) -> ExampleSet:
+        return ExampleSet(
+            [q for q, keep in zip(self.queries, mask, strict=True) if keep],
+            self.rows[mask],
+            self.features[mask],
+            self.retrieval_scores[mask],
+            self.gains[mask],
+            self.ideal_dcg[mask],
+        )
+
+
+def build_examples(
+    queries: Sequence[str],
+    judgments: Judgments,
+    encoder: OnnxEncoder,
+    retriever: HybridRetriever,
+    ids: np.ndarray,
+    progress: bool = True,
+) -> ExampleSet:
+    """Runs the serving pipeline's candidate stage in-process for each query."""
+    parts = []
+    batches = range(0, len(queries), ENCODE_BATCH)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="candidates", unit="batch")
+    for start in batches:
+        chunk = list(queries[start : start + ENCODE_BATCH])
+        embeddings = encoder.encode(chunk, batch_size=ENCODE_BATCH)
+        parts.append(retriever.retrieve(chunk, embeddings))
+    rows = np.concatenate([p.rows for p in parts])
+    gains = np.zeros(rows.shape, dtype=np.float32)
+    ideal = np.zeros(len(queries), dtype=np.float64)
+    for i, query in enumerate(queries):
+        query_gains = judgments.gains(query)
+        ideal[i] = dcg(sorted(query_gains.values(), reverse=True)[:10])
+        for j, row in enumerate(rows[i]):
+            if row >= 0:
+                gains[i, j] = query_gains.get(ids[row].decode("utf-8"), 0.0)
+    return ExampleSet(
+        list(queries),
+        rows,
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.retrieval_scores for p in parts]),
+        gains,
+        ideal,
+    )
+
+
+def ndcg_at_10(scores: np.ndarray, examples: ExampleSet) -> float:
+    """Mean NDCG@10 of ordering each query's candidates by `scores` (padding last)."""
+    scores = np.where(examples.valid, scores, -np.inf)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    top_gains = np.take_along_axis(examples.gains, top, axis=1)
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    dcgs = (top_gains * discounts[: top.shape[1]]).sum(axis=1)
+    return float(np.mean(np.where(examples.ideal_dcg > 0, dcgs / examples.ideal_dcg, 0.0)))
+
+
+def served_rankings(scores: np.ndarray, examples: ExampleSet, ids: np.ndarray, k: int) -> dict:
+    """query -> top-k product ids, as the `select` model would return them."""
+    scores = np.where(examples.valid, scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rankings = {}
+    for query, query_rows, query_order in zip(examples.queries, examples.rows, order, strict=True):
+        chosen = query_rows[query_order]
+        rankings[query] = [ids[row].decode("utf-8") for row in chosen if row >= 0]
+    return rankings
+
+
+@dataclass
+class TrainingReport:
+    epochs_run: int
+    best_epoch: int
+    best_early_stop_ndcg: float
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(
+    train_set: ExampleSet,
+    early_stop_set: ExampleSet,
+    seed: int,
+    max_epochs: int = 60,
+    patience: int = 8,
+    queries_per_step: int = 32,
+    learning_rate: float = 2e-3,
+):
+    """Returns (ranker in eval mode, TrainingReport). Deterministic for a given seed."""
+    import torch
+
+    from ecomsearch.ranking.model import Ranker, listnet_loss
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    valid_features = train_set.features[train_set.valid]
+    model = Ranker(valid_features.mean(axis=0), valid_features.std(axis=0))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    features = torch.from_numpy(train_set.features)
+    gains = torch.from_numpy(train_set.gains)
+    valid = torch.from_numpy(train_set.valid)
+    early_features = torch.from_numpy(early_stop_set.features)
+
+    def early_stop_ndcg() -> float:
+        model.eval()
+        with torch.inference_mode():
+            scores = model(early_features).numpy()
+        model.train()
+        return ndcg_at_10(scores, early_stop_set)
+
+    best = (early_stop_ndcg(), 0, {k: v.clone() for k, v in model.state_dict().items()})
+    report = TrainingReport(0, 0, best[0], 0.0)
+    log.info("epoch 0: early-stop NDCG@10 %.4f (untrained)", best[0])
+    model.train()
+    for epoch in range(1, max_epochs + 1):
+        order = rng.permutation(len(train_set.queries))
+        losses = []
+        for start in range(0, len(order), queries_per_step):
+            batch = torch.from_numpy(order[start : start + queries_per_step])
+            loss = listnet_loss(model(features[batch]), gains[batch], valid[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss))
+        ndcg = early_stop_ndcg()
+        report.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "ndcg_at_10": ndcg})
+        log.info("epoch %d: loss %.4f, early-stop NDCG@10 %.4f", epoch, np.mean(losses), ndcg)
+        report.epochs_run = epoch
+        if ndcg > best[0]:
+            best = (ndcg, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+        elif epoch - best[1] >= patience:
+            log.info("no improvement for %d epochs: stopping", patience)
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    report.best_early_stop_ndcg, report.best_epoch = best[0], best[1]
+    report.seconds = time.perf_counter() - started
+    return model, report
+
+
+def compare_on(examples: ExampleSet, model, judgments: Judgments, ids: np.ndarray) -> dict:
+    """Retrieval-order and ranked metrics on `examples` with the real metric code."""
+    import torch
+
+    with torch.inference_mode():
+        ranked_scores = model(torch.from_numpy(examples.features)).numpy()
+    subset = judgments.restricted_to(examples.queries)
+    result: dict[str, Metrics] = {}
+    for name, scores in (("retrieval", examples.retrieval_scores), ("ranked", ranked_scores)):
+        result[name] = evaluate(served_rankings(scores, examples, ids, contract.MAX_TOP_K), subset)
+    return result
+
+
+def feature_summary(examples: ExampleSet) -> dict[str, dict[str, float]]:
+    values = examples.features[examples.valid]
+    return {
+        name: {"mean": float(values[:, i].mean()), "std": float(values[:, i].std())}
+        for i, name in enumerate(FEATURE_NAMES)
+    }
+
+
+@dataclass(frozen=True)
+class TrainRankerResult:
+    report: TrainingReport
+    validation: dict[str, Metrics]
+    counts: dict[str, int]
+    max_abs_difference: float
+
+
+def train_and_export(
+    catalog,
+    judgments_path,
+    layout,
+    cache_dir,
+    seed: int,
+    validation_fraction: float,
+    early_stop_fraction: float = 0.1,
+) -> TrainRankerResult:
+    """The whole command: index, split, candidates, training, validation, export, model card."""
+    from datetime import datetime, timezone
+
+    from ecomsearch.evaluation.metrics import read_judgments
+    from ecomsearch.evaluation.splits import split_queries
+    from ecomsearch.export.ranker import export_ranker
+    from ecomsearch.index.store import CatalogIndex
+    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.ranking.card import write_model_card
+    from ecomsearch.text import TextTokenizer  # noqa: F401  (fail early without tokenizers)
+    from ecomsearch.workspace import catalog_repository
+
+    repository, _ = catalog_repository(catalog, cache_dir, source=layout.root)
+    workspace = ModelRepositoryLayout(repository)
+    index = CatalogIndex.load(workspace.index_dir)
+    retriever = HybridRetriever(index, index.load_lexical())
+    encoder = OnnxEncoder(
+        workspace.encoder_onnx, workspace.tokenizer_dir, max_length=contract.MAX_QUERY_TOKENS
+    )
+    judgments = read_judgments(judgments_path)
+    evaluable = judgments.evaluable_queries()
+    train_queries, validation_queries = split_queries(evaluable, seed, validation_fraction)
+    fit_queries, early_stop_queries = split_queries(train_queries, seed + 1, early_stop_fraction)
+    log.info(
+        "queries: %d train (%d fit, %d early stopping), %d validation (never trained on)",
+        len(train_queries),
+        len(fit_queries),
+        len(early_stop_queries),
+        len(validation_queries),
+    )
+    all_queries = fit_queries + early_stop_queries + validation_queries
+    examples = build_examples(all_queries, judgments, encoder, retriever, index.ids)
+    side = np.array(
+        [0] * len(fit_queries) + [1] * len(early_stop_queries) + [2] * len(validation_queries)
+    )
+    fit_set, early_set, validation_set = (examples.subset(side == s) for s in (0, 1, 2))
+
+    model, report = train(fit_set, early_set, seed)
+    validation = compare_on(validation_set, model, judgments, index.ids)
+    for name, metrics in validation.items():
+        log.info(
+            "validation (%d queries, in-process) %s: NDCG@10 %.4f, Recall@100 %.4f, MRR@10 %.4f",
+            metrics.queries,
+            name,
+            metrics.ndcg_at_10,
+            metrics.recall_at_100,
+            metrics.mrr_at_10,
+        )
+    counts = {
+        "fit_queries": len(fit_queries),
+        "early_stop_queries": len(early_stop_queries),
+        "validation_queries": len(validation_queries),
+        "catalog_products": index.count,
+    }
+    info = {
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "training_data": {"catalog": str(catalog), "judgments": str(judgments_path)},
+        "seed": seed,
+        "validation_fraction": validation_fraction,
+        "counts": counts,
+        "best_epoch": report.best_epoch,
+        "epochs_run": report.epochs_run,
+        "candidate_pools": {"vector": retriever.vector_pool, "lexical": retriever.lexical_pool},
+        "validation_in_process": {k: v.as_dict() for k, v in validation.items()},
+    }
+    difference = export_ranker(model, layout, info)
+    write_model_card(layout.ranker_card, info)
+    return TrainRankerResult(report, validation, counts, difference)

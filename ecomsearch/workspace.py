@@ -1,0 +1,54 @@
+"""Model repositories of their own, for catalogs other than the one being served (eval, training,
+tests): the project's configs and model.py files, links to its exported models, and an index of
+that catalog, rebuilt only when the catalog or the encoder changed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ecomsearch.fingerprint import file_sha256
+from ecomsearch.paths import ModelRepositoryLayout, default_model_repository
+
+
+def link_model_repository(source: Path, target: Path) -> Path:
+    """Copies the checked-in part of `source` into `target` (replacing it, index aside) and links
+    the generated encoder and tokenizer; `target`'s own index, if any, is kept."""
+    source_layout, target_layout = ModelRepositoryLayout(source), ModelRepositoryLayout(target)
+    for path in (source_layout.encoder_onnx, source_layout.tokenizer_dir):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing: run `ecomsearch export-encoder` first")
+    generated = {path.resolve() for path in source_layout.generated()}
+
+    def skip(directory: str, names: list[str]) -> set[str]:
+        return {
+            name
+            for name in names
+            if name == "__pycache__" or (Path(directory) / name).resolve() in generated
+        }
+
+    shutil.copytree(source, target, ignore=skip, dirs_exist_ok=True, symlinks=False)
+    for source_path, target_path in (
+        (source_layout.encoder_onnx, target_layout.encoder_onnx),
+        (source_layout.tokenizer_dir, target_layout.tokenizer_dir),
+    ):
+        if target_path.is_symlink() or target_path.is_file():
+            target_path.unlink()
+        elif target_path.is_dir():
+            shutil.rmtree(target_path)
+        target_path.symlink_to(source_path.resolve(), target_is_directory=source_path.is_dir())
+    return target
+
+
+def catalog_repository(
+    catalog: Path, cache_dir: Path, source: Path | None = None
+) -> tuple[Path, object]:
+    """A served-ready model repository for `catalog` under cache_dir; returns it and the
+    BuildResult of its index."""
+    from ecomsearch.index.builder import build_index
+
+    source = source or default_model_repository()
+    target = cache_dir / "repositories" / file_sha256(catalog)[:16]
+    link_model_repository(source, target)
+    result = build_index(catalog, ModelRepositoryLayout(target), cache_dir=cache_dir)
+    return target, result

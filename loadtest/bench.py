@@ -1,0 +1,214 @@
+"""`ecomsearch bench`: the served ensemble, the same models in-process, and a naive baseline,
+measured side by side in one run, on one catalog, with the same queries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ecomsearch import contract
+from ecomsearch.loadtest.load import LoadResult, closed_loop
+from ecomsearch.loadtest.triton_stats import breakdown, snapshot
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("triton", "triton_no_batching", "in_process", "naive")
+DEFAULT_CONCURRENCIES = (1, 4, 16, 64)
+BATCHING_COMPARISON_CONCURRENCY = 16
+
+
+@dataclass
+class BenchSettings:
+    concurrencies: Sequence[int] = DEFAULT_CONCURRENCIES
+    max_requests: int = 1500
+    max_seconds: float = 20.0
+    top_k: int = contract.DEFAULT_TOP_K
+    systems: Sequence[str] = SYSTEMS
+    # Batching off is compared at this concurrency only (the target's), unless told otherwise.
+    no_batching_concurrencies: Sequence[int] = (BATCHING_COMPARISON_CONCURRENCY,)
+
+
+@dataclass
+class BenchReport:
+    settings: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, result: LoadResult, stages: dict | None = None) -> None:
+        self.runs.append(result.summary())
+        if stages is not None:
+            self.stages[f"{result.system}@{result.concurrency}"] = stages
+        log.info(
+            "%-19s c=%-3d %7.1f req/s  p50 %7.2f ms  p99 %7.2f ms  (%d requests, %d errors)",
+            result.system,
+            result.concurrency,
+            result.throughput_rps,
+            result.percentile_ms(50),
+            result.percentile_ms(99),
+            result.requests,
+            result.errors,
+        )
+
+
+def triton_worker_factory(url: str, model_name: str, k: int, clients: list):
+    import tritonclient.grpc as grpcclient
+
+    from ecomsearch.client import protocol
+
+    outputs = protocol.build_outputs(grpcclient)
+
+    def factory():
+        client = grpcclient.InferenceServerClient(url)
+        clients.append(client)
+        prepared: dict[str, list] = {}
+
+        def call(query: str):
+            inputs = prepared.get(query)
+            if inputs is None:
+                inputs = prepared[query] = protocol.build_inputs(grpcclient, [query], k)
+            return client.infer(model_name, inputs, outputs=outputs, client_timeout=60)
+
+        return call
+
+    return factory
+
+
+def without_dynamic_batching(source: Path, target: Path) -> Path:
+    """A copy of a model repository with dynamic batching removed from every model
+    (configs rewritten through Triton's protobuf; large artefacts linked, not copied)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("index"))
+    (target / "retrieve" / "1" / "index").symlink_to(
+        (source / "retrieve" / "1" / "index").resolve(), target_is_directory=True
+    )
+    for path in [*target.glob("*/config.pbtxt"), *target.glob("*/configs/*.pbtxt")]:
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        config.ClearField("dynamic_batching")
+        path.write_text(text_format.MessageToString(config))
+    return target
+
+
+@contextmanager
+def served(repository: Path, log_path: Path):
+    from ecomsearch.server.launcher import ServerPorts, TritonServer
+
+    server = TritonServer(
+        repository, ServerPorts.free(), bind_address="127.0.0.1", log_path=log_path
+    )
+    with server:
+        yield server
+
+
+def bench_triton(report, url, system, queries, concurrencies, settings) -> None:
+    clients: list = []
+    factory = triton_worker_factory(url, contract.SEARCH_MODEL, settings.top_k, clients)
+    try:
+        for concurrency in concurrencies:
+            before = snapshot(url)
+            result = closed_loop(
+                system, factory, queries, concurrency, settings.max_requests, settings.max_seconds
+            )
+            report.add(result, breakdown(before, snapshot(url)))
+    finally:
+        for client in clients:
+            client.close()
+
+
+def bench_local(report, system, pipeline, queries, concurrencies, settings) -> None:
+    def factory():
+        return lambda query: pipeline.search([query], settings.top_k)
+
+    for concurrency in concurrencies:
+        report.add(
+            closed_loop(
+                system, factory, queries, concurrency, settings.max_requests, settings.max_seconds
+            )
+        )
+
+
+def run_bench(
+    repository: Path, queries: Sequence[str], out_dir: Path, settings: BenchSettings
+) -> BenchReport:
+    from ecomsearch.loadtest.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = BenchReport(
+        settings={
+            "repository": str(repository),
+            "queries": len(queries),
+            "concurrencies": list(settings.concurrencies),
+            "max_requests": settings.max_requests,
+            "max_seconds": settings.max_seconds,
+            "top_k": settings.top_k,
+        }
+    )
+    # One system at a time: they share two cores, and a measurement must not pay for another.
+    if "triton" in settings.systems:
+        with served(repository, out_dir / "tritonserver.log") as server:
+            bench_triton(
+                report, server.grpc_url, "triton", queries, settings.concurrencies, settings
+            )
+    if "triton_no_batching" in settings.systems:
+        unbatched = without_dynamic_batching(repository, out_dir / "repository-no-batching")
+        with served(unbatched, out_dir / "tritonserver-no-batching.log") as server:
+            bench_triton(
+                report,
+                server.grpc_url,
+                "triton_no_batching",
+                queries,
+                settings.no_batching_concurrencies,
+                settings,
+            )
+    if "in_process" in settings.systems:
+        from ecomsearch.pipeline import InProcessPipeline
+
+        bench_local(
+            report,
+            "in_process",
+            InProcessPipeline(repository),
+            queries,
+            settings.concurrencies,
+            settings,
+        )
+    if "naive" in settings.systems:
+        from ecomsearch.loadtest.baseline import NaivePipeline
+
+        bench_local(
+            report, "naive", NaivePipeline(repository), queries, settings.concurrencies, settings
+        )
+    write_report(report, out_dir)
+    return report
+
+
+def load_queries(path: Path, limit: int | None = None) -> list[str]:
+    """One query a line, or the distinct queries of a judgments CSV (query,product_id,...)."""
+    if path.suffix == ".csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as stream:
+            queries = list(dict.fromkeys(row["query"] for row in csv.DictReader(stream)))
+    else:
+        queries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        queries = [q for q in queries if q and not q.startswith("#")]
+    if not queries:
+        raise ValueError(f"{path}: no queries")
+    return queries[:limit] if limit else queries
+
+
+def save_json(report: BenchReport, path: Path) -> None:
+    path.write_text(
+        json.dumps(
+            {"settings": report.settings, "runs": report.runs, "stages": report.stages}, indent=2
+        )
+        + "\n"
+    )

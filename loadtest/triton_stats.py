@@ -1,0 +1,52 @@
+"""Per-model time from Triton's statistics API: queue and compute per request, batch sizes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def snapshot(url: str) -> dict[str, dict[str, int]]:
+    """Cumulative counters of every model, from GetModelStatistics."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(as_json=True)
+    counters = {}
+    for model in stats.get("model_stats", []):
+        inference = model.get("inference_stats", {})
+        counters[model["name"]] = {
+            "inference_count": int(model.get("inference_count", 0)),
+            "execution_count": int(model.get("execution_count", 0)),
+            "requests": int(inference.get("success", {}).get("count", 0)),
+            **{
+                f"{part}_ns": int(inference.get(part, {}).get("ns", 0))
+                for part in ("queue", "compute_input", "compute_infer", "compute_output")
+            },
+        }
+    return counters
+
+
+def breakdown(before: dict, after: dict) -> dict[str, dict[str, Any]]:
+    """Per model, over the interval: mean queue and compute time per request (microseconds)
+    and the mean dynamic batch (rows per execution)."""
+    result = {}
+    for name, end in after.items():
+        start = before.get(name, {})
+        delta = {key: value - start.get(key, 0) for key, value in end.items()}
+        requests = delta["requests"]
+        if requests <= 0:
+            continue
+        compute_ns = (
+            delta["compute_input_ns"] + delta["compute_infer_ns"] + delta["compute_output_ns"]
+        )
+        result[name] = {
+            "requests": requests,
+            "queue_us": round(delta["queue_ns"] / requests / 1000, 1),
+            "compute_us": round(compute_ns / requests / 1000, 1),
+            "rows_per_execution": (
+                round(delta["inference_count"] / delta["execution_count"], 2)
+                if delta["execution_count"]
+                else None
+            ),
+        }
+    return result
