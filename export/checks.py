@@ -77,3 +77,33 @@ def validate_onnx_export(
         name: value.numpy() for name, value in zip(output_names, torch_values, strict=True)
     }
     return compare_outputs(torch_outputs, onnx_outputs, atol)
+
+
+def validate_embedding_agreement(
+    torch_module,
+    onnx_path: Path,
+    inputs: Mapping[str, np.ndarray],
+    min_cosine: float,
+) -> float:
+    """For a quantized graph, where values legitimately move: every ONNX embedding must point
+    the same way as PyTorch's (cosine >= min_cosine). Returns the smallest cosine."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (onnx_embeddings,) = session.run(None, dict(inputs))
+    with torch.inference_mode():
+        torch_embeddings = torch_module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+    if onnx_embeddings.shape != torch_embeddings.shape:
+        raise ExportValidationError(
+            f"shape {onnx_embeddings.shape} from ONNX Runtime, "
+            f"{torch_embeddings.shape} from PyTorch"
+        )
+    norms = np.linalg.norm(onnx_embeddings, axis=1) * np.linalg.norm(torch_embeddings, axis=1)
+    cosine = float(np.min(np.sum(onnx_embeddings * torch_embeddings, axis=1) / norms))
+    log.info("quantized graph: min cosine to PyTorch = %.5f (required %.3f)", cosine, min_cosine)
+    if not cosine >= min_cosine:
+        raise ExportValidationError(
+            f"quantized embeddings drift: min cosine {cosine:.4f} is below {min_cosine}"
+        )
+    return cosine

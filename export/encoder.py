@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -19,7 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ecomsearch import contract
-from ecomsearch.export.checks import ExportValidationError, validate_onnx_export
+from ecomsearch.export.checks import (
+    ExportValidationError,
+    validate_embedding_agreement,
+    validate_onnx_export,
+)
 from ecomsearch.fingerprint import file_sha256
 from ecomsearch.paths import ModelRepositoryLayout
 
@@ -33,6 +38,9 @@ TRACE_BATCH, TRACE_SEQUENCE = 2, 8
 CHECK_BATCH, CHECK_SEQUENCE = 3, 21
 # float32 BERT through ORT's fused kernels differs from eager PyTorch by ~1e-6 on unit vectors.
 ATOL = 1e-4
+QUANTIZATIONS = ("none", "int8")
+# int8 moves values, not directions: each quantized embedding must stay this close to fp32's.
+INT8_MIN_COSINE = 0.97
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -105,8 +113,21 @@ class EncoderExport:
     seconds: float
 
 
-def export_encoder(checkpoint: Path, layout: ModelRepositoryLayout) -> EncoderExport:
-    """Exports, validates, then moves the model and tokenizer into the repository."""
+def quantize_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime dynamic quantization: int8 weights, activations quantized on the fly.
+    Per-channel weights keep the embedding direction closer to fp32 than per-tensor ones."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def export_encoder(
+    checkpoint: Path, layout: ModelRepositoryLayout, quantize: str = "none"
+) -> EncoderExport:
+    """Exports, validates, optionally quantizes (and validates again), then moves the model and
+    tokenizer into the repository."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     import torch
 
     started = time.perf_counter()
@@ -150,6 +171,12 @@ def export_encoder(checkpoint: Path, layout: ModelRepositoryLayout) -> EncoderEx
         differences = validate_onnx_export(
             module, scratch_onnx, checked, [contract.EMBEDDING], atol=ATOL
         )
+        min_cosine = None
+        if quantize == "int8":
+            quantized = Path(scratch) / "model.int8.onnx"
+            quantize_int8(scratch_onnx, quantized)
+            min_cosine = validate_embedding_agreement(module, quantized, checked, INT8_MIN_COSINE)
+            os.replace(quantized, scratch_onnx)
 
         layout.encoder_version_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(scratch_onnx), layout.encoder_onnx)
@@ -168,6 +195,8 @@ def export_encoder(checkpoint: Path, layout: ModelRepositoryLayout) -> EncoderEx
         "validated_at": {"batch": CHECK_BATCH, "sequence": CHECK_SEQUENCE},
         "max_abs_difference": differences[contract.EMBEDDING],
         "atol": ATOL,
+        "quantization": quantize,
+        "int8_min_cosine_to_pytorch": min_cosine,
     }
     layout.encoder_info.write_text(json.dumps(info, indent=2) + "\n")
     return EncoderExport(

@@ -18,7 +18,7 @@ from ecomsearch.ranking.features import FEATURE_COUNT, FEATURE_NAMES
 
 OPSET = 17
 AXES = {0: "batch", 1: "candidates"}
-TRACE_BATCH, TRACE_CANDIDATES = 2, 800
+TRACE_BATCH, TRACE_CANDIDATES = 2, 400
 CHECK_BATCH, CHECK_CANDIDATES = 3, 57
 ATOL = 1e-4
 

@@ -83,7 +83,9 @@ def run_eval(
     seed: int = 13,
     validation_fraction: float = 0.2,
     limit: int | None = None,
+    source_repository: Path | None = None,
 ) -> dict[str, Any]:
+    """`source_repository` provides the models (default: the project's model_repository/)."""
     from ecomsearch.server.launcher import ServerPorts, TritonServer
     from ecomsearch.workspace import catalog_repository
 
@@ -97,7 +99,7 @@ def run_eval(
 
     server = None
     if url is None:
-        repository, _ = catalog_repository(catalog, cache_dir)
+        repository, _ = catalog_repository(catalog, cache_dir, source_repository)
         server = TritonServer(
             repository,
             ServerPorts.free(),

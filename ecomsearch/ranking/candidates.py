@@ -18,8 +18,8 @@ from ecomsearch.ranking.features import (
 
 # Candidates per source. Recall@100 after ranking is bounded by the union's recall, and the
 # ranker's cost is tiny, so the pools are generous; the union has at most their sum.
-VECTOR_POOL = 400
-LEXICAL_POOL = 400
+VECTOR_POOL = 200
+LEXICAL_POOL = 200
 _FUSED = FEATURE_NAMES.index("fused_score")
 
 

@@ -160,7 +160,7 @@ def train(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         ndcg = early_stop_ndcg()
         report.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "ndcg_at_10": ndcg})
         log.info("epoch %d: loss %.4f, early-stop NDCG@10 %.4f", epoch, np.mean(losses), ndcg)

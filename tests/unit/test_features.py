@@ -135,4 +135,7 @@ def test_no_candidates_give_no_rows(lexical) -> None:
     bm25 = {field: lexical.scores(terms, field) for field in FIELDS}
     empty = np.array([], dtype=np.int64)
     candidates = QueryCandidates(empty, np.array([], np.float32), empty, empty)
-    assert compute_features(candidates, terms, bm25, lexical, POOL, POOL).shape == (0, FEATURE_COUNT)
+    assert compute_features(candidates, terms, bm25, lexical, POOL, POOL).shape == (
+        0,
+        FEATURE_COUNT,
+    )

@@ -1,0 +1,121 @@
+"""Benchmark output: JSON, a Markdown table with the target ratios, and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ecomsearch.loadtest.bench import BATCHING_COMPARISON_CONCURRENCY, save_json
+
+
+def _run(runs: list[dict[str, Any]], system: str, concurrency: int) -> dict[str, Any] | None:
+    return next(
+        (r for r in runs if r["system"] == system and r["concurrency"] == concurrency), None
+    )
+
+
+def target_ratios(runs: list[dict[str, Any]]) -> list[tuple[str, float | None, str]]:
+    """(what, measured ratio, target) for each of the performance targets that the runs cover."""
+    c = BATCHING_COMPARISON_CONCURRENCY
+
+    def ratio(a, b, key):
+        return a[key] / b[key] if a and b and b[key] else None
+
+    triton, naive = _run(runs, "triton", c), _run(runs, "naive", c)
+    unbatched = _run(runs, "triton_no_batching", c)
+    triton_1, local_1 = _run(runs, "triton", 1), _run(runs, "in_process", 1)
+    return [
+        (f"throughput, ensemble / naive at c={c}", ratio(triton, naive, "throughput_rps"), ">= 5"),
+        (f"p99, ensemble / naive at c={c}", ratio(triton, naive, "p99_ms"), "<= 0.33"),
+        (
+            f"throughput, batching on / off at c={c}",
+            ratio(triton, unbatched, "throughput_rps"),
+            ">= 2",
+        ),
+        ("p50, ensemble / in-process at c=1", ratio(triton_1, local_1, "p50_ms"), "<= 1.3"),
+    ]
+
+
+def markdown(report) -> str:
+    lines = [
+        "# ecomsearch benchmark",
+        "",
+        f"Settings: `{report.settings}`",
+        "",
+        "| system | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.runs:
+        lines.append(
+            f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['errors']} "
+            f"| {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} |"
+        )
+    lines += ["", "## Targets (ratios measured in this run)", "", "| ratio | measured | target |"]
+    lines.append("|---|---|---|")
+    for what, value, target in target_ratios(report.runs):
+        shown = "not measured" if value is None else f"{value:.2f}"
+        lines.append(f"| {what} | {shown} | {target} |")
+    if report.stages:
+        lines += [
+            "",
+            "## Per-model time (Triton statistics API, mean per request)",
+            "",
+            "| run | model | requests | queue us | compute us | rows per execution |",
+            "|---|---|---|---|---|---|",
+        ]
+        for run, models in report.stages.items():
+            for model, s in models.items():
+                lines.append(
+                    f"| {run} | {model} | {s['requests']} | {s['queue_us']} | {s['compute_us']} "
+                    f"| {s['rows_per_execution']} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(r["system"] for r in report.runs))
+    paths = []
+    for key, ylabel, name, log_scale in (
+        ("p50_ms", "latency (ms)", "latency_vs_concurrency.png", True),
+        ("throughput_rps", "throughput (requests/s)", "throughput_vs_concurrency.png", False),
+    ):
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for system in systems:
+            runs = sorted(
+                (r for r in report.runs if r["system"] == system), key=lambda r: r["concurrency"]
+            )
+            xs = [r["concurrency"] for r in runs]
+            axes.plot(xs, [r[key] for r in runs], marker="o", label=f"{system}")
+            if key == "p50_ms":
+                axes.plot(
+                    xs,
+                    [r["p99_ms"] for r in runs],
+                    marker="x",
+                    linestyle="--",
+                    label=f"{system} p99",
+                )
+        axes.set_xscale("log", base=2)
+        if log_scale:
+            axes.set_yscale("log")
+        axes.set_xlabel("concurrent clients (closed loop)")
+        axes.set_ylabel(ylabel + (" (solid p50, dashed p99)" if key == "p50_ms" else ""))
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        path = out_dir / name
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def write_report(report, out_dir: Path) -> None:
+    save_json(report, out_dir / "bench.json")
+    (out_dir / "bench.md").write_text(markdown(report))
+    plot(report, out_dir)
