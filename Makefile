@@ -6,8 +6,10 @@ CATALOG ?= data/pc_parts/products_priced.jsonl.gz
 MODEL_REPOSITORY ?= model_repository
 ENCODER_ONNX := $(MODEL_REPOSITORY)/query_encoder/1/model.onnx
 PYTEST_ARGS ?=
+# QUANTIZE=int8 exports an int8 encoder (about 2.3x faster on CPU, see docs/performance.md).
+QUANTIZE ?= none
 
-.PHONY: help install models index serve test lint clean
+.PHONY: help install models index serve test lint clean bench loadtest
 
 help:
 	@echo "make serve   set up (venv, encoder export, demo index) and run tritonserver"
@@ -23,7 +25,7 @@ $(BIN)/ecomsearch: pyproject.toml
 install: $(BIN)/ecomsearch
 
 $(ENCODER_ONNX): | $(BIN)/ecomsearch
-	$(BIN)/ecomsearch export-encoder --model-repository $(MODEL_REPOSITORY)
+	$(BIN)/ecomsearch export-encoder --model-repository $(MODEL_REPOSITORY) --quantize $(QUANTIZE)
 
 models: $(ENCODER_ONNX)
 
@@ -41,6 +43,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
+
+# Performance: see docs/performance.md. `make loadtest` needs a running `make serve`.
+bench: index
+	$(BIN)/ecomsearch bench --out results/bench
+
+loadtest: install
+	$(BIN)/ecomsearch loadtest --users 16 --spawn-rate 4 --duration 60s --out results/loadtest
 
 clean:
 	rm -rf $(ENCODER_ONNX) $(MODEL_REPOSITORY)/query_encoder/1/encoder.json \

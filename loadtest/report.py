@@ -91,13 +91,14 @@ def plot(report, out_dir: Path) -> list[Path]:
                 (r for r in report.runs if r["system"] == system), key=lambda r: r["concurrency"]
             )
             xs = [r["concurrency"] for r in runs]
-            axes.plot(xs, [r[key] for r in runs], marker="o", label=f"{system}")
+            (line,) = axes.plot(xs, [r[key] for r in runs], marker="o", label=f"{system}")
             if key == "p50_ms":
                 axes.plot(
                     xs,
                     [r["p99_ms"] for r in runs],
                     marker="x",
                     linestyle="--",
+                    color=line.get_color(),
                     label=f"{system} p99",
                 )
         axes.set_xscale("log", base=2)

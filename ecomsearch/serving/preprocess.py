@@ -16,7 +16,6 @@ from ecomsearch.serving.base import (
     int_parameter,
     model_config,
     parameter,
-    split_rows,
 )
 from ecomsearch.text import TextTokenizer
 
@@ -81,6 +80,3 @@ class PreprocessModel(BatchedModel[list[str]]):
             input_ids, attention_mask = self.tokenizer.pad(all_ids[start:end])
             outputs.append({contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask})
         return outputs
-
-
-__all__ = ["PreprocessModel", "decode_queries", "split_rows"]

@@ -148,3 +148,24 @@ def test_contains_agrees_with_a_brute_force_check(lexical) -> None:
 def test_contains_with_no_tokens_or_no_rows(lexical) -> None:
     assert lexical.contains("text", [], np.array([0, 1])).shape == (0, 2)
     assert lexical.contains("text", ["drill"], np.array([], dtype=np.int64)).shape == (1, 0)
+
+
+def test_contains_sorts_unsorted_postings_first() -> None:
+    """`contains` binary-searches postings; an index whose postings arrive unsorted is sorted
+    (ids with their weights) when loaded, so answers and scores stay the same."""
+    built = LexicalIndex.build(CATALOG)
+    rows = np.arange(len(CATALOG))
+    tokens = ["drill", "steel", "in", "wood"]
+    expected = {field: built.contains(field, tokens, rows) for field in FIELDS}
+    terms = built.terms("cordless drill steel")
+    scores = {field: built.scores(terms, field) for field in FIELDS}
+    for retriever in built.retrievers.values():
+        matrix = retriever.scores
+        for term in range(len(matrix["indptr"]) - 1):
+            start, end = matrix["indptr"][term], matrix["indptr"][term + 1]
+            matrix["indices"][start:end] = matrix["indices"][start:end][::-1].copy()
+            matrix["data"][start:end] = matrix["data"][start:end][::-1].copy()
+    reloaded = LexicalIndex(built.retrievers)
+    for field in FIELDS:
+        np.testing.assert_array_equal(reloaded.contains(field, tokens, rows), expected[field])
+        np.testing.assert_allclose(reloaded.scores(terms, field), scores[field], rtol=1e-6)
