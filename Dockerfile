@@ -81,12 +81,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The import check fails the build if a CPU-only faiss or numpy 2 ever sneaks in.
 COPY --from=artefacts /dist/ /tmp/dist/
 RUN python3 -m pip install --no-cache-dir /tmp/dist/ecomsearch-*.whl \
-        "numpy>=1.24,<2" "tokenizers>=0.19" "faiss-gpu-cu12==${FAISS_VERSION}" \
+        "numpy>=1.24,<2" "tokenizers>=0.19" "bm25s>=0.2" "faiss-gpu-cu12==${FAISS_VERSION}" \
     && rm -rf /tmp/dist \
     && python3 -c "import faiss, numpy; \
 assert hasattr(faiss, 'StandardGpuResources'), 'faiss is not the GPU build'; \
 assert numpy.__version__.startswith('1.'), numpy.__version__; \
-import ecomsearch.serving.preprocess, ecomsearch.serving.retrieve"
+import bm25s, ecomsearch.serving.preprocess, ecomsearch.serving.retrieve, \
+ecomsearch.serving.select"
 
 # Owned by root, so read-only for the server user: a compromised model cannot rewrite the others.
 COPY --from=artefacts /src/model_repository/ /models/

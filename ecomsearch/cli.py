@@ -181,6 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         systems=args.systems,
         no_batching_concurrencies=args.no_batching_concurrency or args.concurrency,
+        ensemble=args.ensemble,
     )
     run_bench(repository, queries, args.out, settings)
     print((args.out / "bench.md").read_text())
@@ -332,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["triton", "triton_no_batching", "in_process", "naive"],
         choices=["triton", "triton_no_batching", "in_process", "naive"],
+    )
+    bench.add_argument(
+        "--ensemble",
+        default=contract.SEARCH_MODEL,
+        choices=[contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL],
+        help="search_unranked: the same pipeline without the ranker (prices the ranking stage)",
     )
     bench.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     _add_model_repository(bench)

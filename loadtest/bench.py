@@ -32,6 +32,8 @@ class BenchSettings:
     systems: Sequence[str] = SYSTEMS
     # Batching off is compared at this concurrency only (the target's), unless told otherwise.
     no_batching_concurrencies: Sequence[int] = (BATCHING_COMPARISON_CONCURRENCY,)
+    # The served ensemble to load: `search`, or `search_unranked` to price the ranker.
+    ensemble: str = contract.SEARCH_MODEL
 
 
 @dataclass
@@ -111,7 +113,7 @@ def served(repository: Path, log_path: Path):
 
 def bench_triton(report, url, system, queries, concurrencies, settings) -> None:
     clients: list = []
-    factory = triton_worker_factory(url, contract.SEARCH_MODEL, settings.top_k, clients)
+    factory = triton_worker_factory(url, settings.ensemble, settings.top_k, clients)
     try:
         for concurrency in concurrencies:
             before = snapshot(url)
@@ -150,6 +152,7 @@ def run_bench(
             "max_requests": settings.max_requests,
             "max_seconds": settings.max_seconds,
             "top_k": settings.top_k,
+            "ensemble": settings.ensemble,
         }
     )
     # One system at a time: they share two cores, and a measurement must not pay for another.

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ecomsearch.index.builder import RECALL_K, choose_index_type, make_faiss_index
+from ecomsearch.index.builder import (
+    EXACT_SEARCH_MAX_PRODUCTS,
+    RECALL_K,
+    choose_index_type,
+    make_faiss_index,
+)
 from ecomsearch.ranking.candidates import VECTOR_POOL
 
 log = logging.getLogger(__name__)
@@ -38,16 +43,22 @@ def clustered_unit_vectors(count: int, seed: int, centres: np.ndarray) -> np.nda
 
 
 def measure_size(
-    count: int, queries: int, search_k: int, seed: int = 0
+    count: int,
+    queries: int,
+    search_k: int,
+    seed: int = 0,
+    exact_max_products: int = EXACT_SEARCH_MAX_PRODUCTS,
 ) -> dict[str, float | int | str]:
     import faiss
 
+    if search_k < RECALL_K:
+        raise ValueError(f"search_k must be at least {RECALL_K} to measure recall@{RECALL_K}")
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (CLUSTERS, DIMENSION)).astype(np.float32)
     vectors = clustered_unit_vectors(count, seed + 1, centres)
     probes = clustered_unit_vectors(queries, seed + 2, centres)
 
-    index_type = choose_index_type(count)
+    index_type = choose_index_type(count, exact_max_products)
     began = time.perf_counter()
     index, params = make_faiss_index(vectors, index_type)
     build_s = time.perf_counter() - began
@@ -85,10 +96,17 @@ def measure_size(
 
 
 def run_scaling(
-    sizes: Sequence[int], out_dir: Path, queries: int = 200, search_k: int = VECTOR_POOL
+    sizes: Sequence[int],
+    out_dir: Path,
+    queries: int = 200,
+    search_k: int = VECTOR_POOL,
+    exact_max_products: int = EXACT_SEARCH_MAX_PRODUCTS,
 ) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [measure_size(size, queries, search_k) for size in sizes]
+    results = [
+        measure_size(size, queries, search_k, exact_max_products=exact_max_products)
+        for size in sizes
+    ]
     (out_dir / "scaling.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "# Retrieval scaling (synthetic clustered unit vectors, 384-d)",

@@ -65,3 +65,14 @@ def test_locust_headless_run_exits_by_itself_with_reports(grpc_url, tmp_path):
     precise = json.loads((tmp_path / "precise_latency.json").read_text())
     assert precise["requests"] > 0 and precise["p50_ms"] > 0
     assert (tmp_path / "locust.html").stat().st_size > 0
+
+
+def test_scaling_reports_each_size_and_the_index_switch(tmp_path):
+    from ecomsearch.loadtest.scaling import run_scaling
+
+    results = run_scaling([300, 3000], tmp_path, queries=20, search_k=100, exact_max_products=1000)
+    assert [r["index_type"] for r in results] == ["flat", "hnsw"]
+    assert results[0]["recall_at_100"] == 1.0  # exact search is exact
+    assert 0.5 < results[1]["recall_at_100"] <= 1.0
+    assert "| 3,000 | hnsw" in (tmp_path / "scaling.md").read_text()
+    assert len(json.loads((tmp_path / "scaling.json").read_text())) == 2
