@@ -136,6 +136,7 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         seed=args.seed,
         validation_fraction=args.validation_fraction,
+        recall_weight=args.recall_weight,
     )
     log.info(
         "ranker: best epoch %d of %d (%.0f s); exported to %s (ONNX matches PyTorch within %.2g); "
@@ -285,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--judgments", type=Path, required=True, help="CSV query,product_id,relevance"
     )
     train.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    train.add_argument(
+        "--recall-weight",
+        type=float,
+        default=0.0,
+        help="weight of a second loss term over all relevant candidates (trades NDCG for recall)",
+    )
     _add_split_options(train)
     _add_model_repository(train)
     train.set_defaults(handler=cmd_train_ranker)

@@ -34,10 +34,31 @@ class Ranker(nn.Module):
         return self.network(standardised).squeeze(-1)
 
 
-def listnet_loss(scores: torch.Tensor, gains: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def listnet_loss(
+    scores: torch.Tensor,
+    gains: torch.Tensor,
+    valid: torch.Tensor,
+    relevant_gain: float | None = None,
+    recall_weight: float = 0.0,
+) -> torch.Tensor:
     """Cross-entropy between the softmax of the scores and the exponential-gain distribution
-    (ListNet's top-one form) over each query's real candidates; padding takes no part."""
-    target = torch.where(valid, torch.exp2(gains) - 1.0, torch.zeros_like(gains))
+    (ListNet's top-one form) over each query's real candidates; padding takes no part.
+
+    With recall_weight > 0, a second ListNet term spreads the target evenly over every relevant
+    candidate (gain >= relevant_gain), rewarding rankings that lift all of them, not only the
+    best, into the first hundred.
+    """
+    loss = _listnet(scores, torch.exp2(gains) - 1.0, valid)
+    if recall_weight > 0:
+        if relevant_gain is None:
+            raise ValueError("recall_weight needs relevant_gain")
+        relevant = (gains >= relevant_gain).to(scores.dtype)
+        loss = loss + recall_weight * _listnet(scores, relevant, valid)
+    return loss
+
+
+def _listnet(scores: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    target = torch.where(valid, weights, torch.zeros_like(weights))
     totals = target.sum(dim=1, keepdim=True)
     has_signal = totals.squeeze(1) > 0
     target = target / totals.clamp(min=1e-9)

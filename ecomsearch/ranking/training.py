@@ -123,6 +123,8 @@ def train(
     patience: int = 8,
     queries_per_step: int = 32,
     learning_rate: float = 2e-3,
+    relevant_gain: float | None = None,
+    recall_weight: float = 0.0,
 ):
     """Returns (ranker in eval mode, TrainingReport). Deterministic for a given seed."""
     import torch
@@ -156,7 +158,9 @@ def train(
         losses = []
         for start in range(0, len(order), queries_per_step):
             batch = torch.from_numpy(order[start : start + queries_per_step])
-            loss = listnet_loss(model(features[batch]), gains[batch], valid[batch])
+            loss = listnet_loss(
+                model(features[batch]), gains[batch], valid[batch], relevant_gain, recall_weight
+            )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -214,6 +218,7 @@ def train_and_export(
     seed: int,
     validation_fraction: float,
     early_stop_fraction: float = 0.1,
+    recall_weight: float = 0.0,
 ) -> TrainRankerResult:
     """The whole command: index, split, candidates, training, validation, export, model card."""
     from datetime import datetime, timezone
@@ -252,7 +257,9 @@ def train_and_export(
     )
     fit_set, early_set, validation_set = (examples.subset(side == s) for s in (0, 1, 2))
 
-    model, report = train(fit_set, early_set, seed)
+    model, report = train(
+        fit_set, early_set, seed, relevant_gain=judgments.relevant_gain, recall_weight=recall_weight
+    )
     validation = compare_on(validation_set, model, judgments, index.ids)
     for name, metrics in validation.items():
         log.info(
@@ -273,6 +280,7 @@ def train_and_export(
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training_data": {"catalog": str(catalog), "judgments": str(judgments_path)},
         "seed": seed,
+        "recall_weight": recall_weight,
         "validation_fraction": validation_fraction,
         "counts": counts,
         "best_epoch": report.best_epoch,

@@ -155,7 +155,15 @@ def test_a_request_missing_an_input_gets_invalid_arg(triton, encoder) -> None:
 
 def test_config_thread_parameter_reaches_the_session(encoder) -> None:
     session = encoder.model.session
-    assert session.get_session_options().intra_op_num_threads == 2  # from config.pbtxt
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from ecomsearch.paths import PROJECT_ROOT
+
+    config_path = PROJECT_ROOT / "model_repository" / contract.ENCODER_MODEL / "config.pbtxt"
+    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    threads = int(config.parameters["intra_op_thread_count"].string_value)
+    assert session.get_session_options().intra_op_num_threads == threads
     assert session.get_providers() == ["CPUExecutionProvider"]
 
 

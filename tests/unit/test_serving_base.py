@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,7 +143,13 @@ def test_args_match_what_tritonserver_passes(triton, tmp_path) -> None:
     (query,) = config["input"]
     assert (query["name"], query["data_type"], query["dims"]) == ("query", "TYPE_STRING", [1])
     assert config["max_batch_size"] == 64
-    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 200
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    parsed = text_format.Parse(Path(PREPROCESS_CONFIG).read_text(), model_config_pb2.ModelConfig())
+    delay_us = parsed.dynamic_batching.max_queue_delay_microseconds
+    assert delay_us > 0
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == delay_us
     assert config["parameters"]["max_query_tokens"] == {"string_value": "64"}
     assert triton.pb_utils.triton_string_to_numpy(query["data_type"]) is np.object_
 
