@@ -25,7 +25,9 @@ def test_closed_loop_counts_requests_and_errors():
 
         return call
 
-    result = closed_loop("fake", factory, ["ok", "fails"], 2, max_requests=10, max_seconds=5)
+    result = closed_loop(
+        "fake", factory, ["ok", "fails"], 2, max_requests=10, max_seconds=5, warmup_requests=0
+    )
     assert result.requests + result.errors == 10
     assert result.errors > 0 and result.requests > 0
     assert result.summary()["p50_ms"] >= 0
