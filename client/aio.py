@@ -12,7 +12,7 @@ from ecomsearch.client.protocol import Hit
 from ecomsearch.client.sync import DEFAULT_URL
 
 
-class AsyncSearchClient:
+class AsyncSearchClient(protocol.SearchClientBase):
     """The asyncio twin of SearchClient; use with `async with`."""
 
     def __init__(
@@ -21,15 +21,9 @@ class AsyncSearchClient:
         timeout_s: float = 2.0,
         model_name: str = contract.SEARCH_MODEL,
     ) -> None:
-        import tritonclient.grpc as grpcclient
         import tritonclient.grpc.aio as aioclient
 
-        self._grpc = grpcclient
-        self.url = url
-        self.timeout_s = timeout_s
-        self.model_name = model_name
-        self._client = aioclient.InferenceServerClient(url=url)
-        self._outputs = protocol.build_outputs(grpcclient)
+        super().__init__(url, timeout_s, model_name, aioclient.InferenceServerClient(url=url))
 
     async def search(self, query: str, k: int = contract.DEFAULT_TOP_K) -> list[Hit]:
         return (await self.search_batch([query], k))[0]

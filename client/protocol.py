@@ -67,3 +67,19 @@ def parse_hits(result) -> list[list[Hit]]:
         ]
         for row_ids, row_scores, row_titles in zip(ids, scores, titles, strict=True)
     ]
+
+
+class SearchClientBase:
+    """What the sync and asyncio clients share: address, deadline, model, requested outputs."""
+
+    def __init__(self, url: str, timeout_s: float, model_name: str, client) -> None:
+        import tritonclient.grpc as grpcclient
+
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self._grpc = grpcclient
+        self.url = url
+        self.timeout_s = timeout_s
+        self.model_name = model_name
+        self._client = client
+        self._outputs = build_outputs(grpcclient)

@@ -12,7 +12,7 @@ from ecomsearch.client.protocol import Hit
 DEFAULT_URL = "localhost:8001"
 
 
-class SearchClient:
+class SearchClient(protocol.SearchClientBase):
     """Product search over gRPC; use as a context manager.
 
     >>> with SearchClient("localhost:8001") as client:
@@ -27,12 +27,7 @@ class SearchClient:
     ) -> None:
         import tritonclient.grpc as grpcclient
 
-        self._grpc = grpcclient
-        self.url = url
-        self.timeout_s = timeout_s
-        self.model_name = model_name
-        self._client = grpcclient.InferenceServerClient(url=url)
-        self._outputs = protocol.build_outputs(grpcclient)
+        super().__init__(url, timeout_s, model_name, grpcclient.InferenceServerClient(url=url))
 
     def search(self, query: str, k: int = contract.DEFAULT_TOP_K) -> list[Hit]:
         """The top-k products for one query, best first."""
