@@ -125,6 +125,22 @@ class LexicalIndex:
             return np.zeros(self.count, dtype=np.float32)
         return self.retrievers[field].get_scores_from_ids(ids).astype(np.float32, copy=False)
 
+    def idf(self, field: str, tokens: Iterable[str]) -> np.ndarray:
+        """BM25's inverse document frequency of each token in a field; a token no document
+        has gets the rarest possible weight (it is informative, and nothing matches it)."""
+        retriever = self.retrievers[field]
+        indptr = retriever.scores["indptr"]
+        frequencies = np.array(
+            [
+                indptr[term + 1] - indptr[term]
+                if (term := retriever.vocab_dict.get(t)) is not None
+                else 0
+                for t in tokens
+            ],
+            dtype=np.float64,
+        )
+        return np.log1p((self.count - frequencies + 0.5) / (frequencies + 0.5))
+
     def contains(self, field: str, tokens: Iterable[str], rows: np.ndarray) -> np.ndarray:
         """[len(tokens), len(rows)] bool: whether each row's field has each token (postings)."""
         retriever = self.retrievers[field]

@@ -28,6 +28,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "in_both_lists",
     "title_coverage",  # share of the query's distinct tokens found in the title
     "text_coverage",  # ... found anywhere in the product's text
+    "title_idf_coverage",  # share of the query's IDF mass found in the title (rare words count)
+    "text_idf_coverage",  # ... anywhere in the text
     "number_coverage",  # share of the query's numbers (sizes, capacities, models) in the text
     "query_has_numbers",
     "query_tokens",  # log(1 + number of distinct query tokens)
@@ -84,10 +86,12 @@ def compute_features(
     features[:, _COLUMN["in_both_lists"]] = (candidates.vector_rank < vector_pool) & (
         candidates.lexical_rank < lexical_pool
     )
-    features[:, _COLUMN["title_coverage"]] = _coverage(
-        lexical.contains("title", terms.tokens, rows)
-    )
-    features[:, _COLUMN["text_coverage"]] = _coverage(lexical.contains("text", terms.tokens, rows))
+    for field in ("title", "text"):
+        present = lexical.contains(field, terms.tokens, rows)
+        features[:, _COLUMN[f"{field}_coverage"]] = _coverage(present)
+        weights = lexical.idf(field, terms.tokens)
+        if weights.sum() > 0:
+            features[:, _COLUMN[f"{field}_idf_coverage"]] = weights @ present / weights.sum()
     features[:, _COLUMN["number_coverage"]] = _coverage(
         lexical.contains("text", terms.numbers, rows)
     )

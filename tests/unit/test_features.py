@@ -139,3 +139,24 @@ def test_no_candidates_give_no_rows(lexical) -> None:
         0,
         FEATURE_COUNT,
     )
+
+
+def test_idf_coverage_weighs_rare_query_words_more(lexical) -> None:
+    # "drill" is in two titles (p0, p1), "hammer" in one (p2): a title with only the rarer word
+    # covers more of the query's IDF mass, though both cover half of its words.
+    features = features_for(lexical, "drill hammer")
+    by_row = dict(zip(ROWS.tolist(), range(len(ROWS)), strict=True))
+    coverage = column(features, "title_coverage")
+    idf_coverage = column(features, "title_idf_coverage")
+    assert coverage[by_row[1]] == coverage[by_row[2]] == 0.5
+    idf = lambda df: math.log1p((len(CATALOG) - df + 0.5) / (df + 0.5))  # noqa: E731
+    drill, hammer = idf(2), idf(1)
+    assert idf_coverage[by_row[2]] == pytest.approx(hammer / (drill + hammer), rel=1e-5)
+    assert idf_coverage[by_row[1]] == pytest.approx(drill / (drill + hammer), rel=1e-5)
+    assert idf_coverage[by_row[2]] > idf_coverage[by_row[1]]
+    assert idf_coverage[by_row[3]] == 0.0  # the hose has neither word
+
+
+def test_idf_of_a_word_no_document_has_is_the_rarest(lexical) -> None:
+    weights = lexical.idf("title", ["drill", "zzzz"])
+    assert weights[1] > weights[0] > 0
