@@ -224,6 +224,13 @@ def cmd_bench_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_judged_catalog(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--catalog", type=Path, required=True, help="JSON Lines (.gz ok)")
+    parser.add_argument(
+        "--judgments", type=Path, required=True, help="CSV query,product_id,relevance"
+    )
+
+
 def _add_split_options(parser: argparse.ArgumentParser) -> None:
     from ecomsearch.evaluation.splits import DEFAULT_SEED, DEFAULT_VALIDATION_FRACTION
 
@@ -281,10 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     train = commands.add_parser("train-ranker", help="train the ranker on graded judgments")
-    train.add_argument("--catalog", type=Path, required=True)
-    train.add_argument(
-        "--judgments", type=Path, required=True, help="CSV query,product_id,relevance"
-    )
+    _add_judged_catalog(train)
     train.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     train.add_argument(
         "--recall-weight",
@@ -297,10 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train_ranker)
 
     evaluate = commands.add_parser("eval", help="relevance of the served pipeline")
-    evaluate.add_argument("--catalog", type=Path, required=True)
-    evaluate.add_argument(
-        "--judgments", type=Path, required=True, help="CSV query,product_id,relevance"
-    )
+    _add_judged_catalog(evaluate)
     evaluate.add_argument("--url", help="gRPC host:port of a server already serving this catalog")
     evaluate.add_argument("--out", type=Path, default=Path("results/eval"))
     evaluate.add_argument(

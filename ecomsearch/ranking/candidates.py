@@ -97,8 +97,11 @@ class HybridRetriever:
 
         vector_rank = np.full(len(rows), self.vector_pool, dtype=np.int64)
         vector_rank[: len(vector_rows)] = np.arange(len(vector_rows))
-        lexical_rank_of = {row: rank for rank, row in enumerate(lexical_rows.tolist())}
-        lexical_rank = np.array(
-            [lexical_rank_of.get(row, self.lexical_pool) for row in rows.tolist()], dtype=np.int64
-        )
+        # Each candidate's position in the BM25 list (pool size when absent), by binary search.
+        lexical_rank = np.full(len(rows), self.lexical_pool, dtype=np.int64)
+        if len(lexical_rows):
+            by_row = np.argsort(lexical_rows)
+            slots = np.minimum(np.searchsorted(lexical_rows[by_row], rows), len(by_row) - 1)
+            found = lexical_rows[by_row[slots]] == rows
+            lexical_rank[found] = by_row[slots[found]]
         return QueryCandidates(rows, cosine, vector_rank, lexical_rank), terms, bm25

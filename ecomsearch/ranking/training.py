@@ -14,7 +14,6 @@ from ecomsearch import contract
 from ecomsearch.encoder import OnnxEncoder
 from ecomsearch.evaluation.metrics import Judgments, Metrics, dcg, evaluate
 from ecomsearch.ranking.candidates import HybridRetriever
-from ecomsearch.ranking.features import FEATURE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +193,6 @@ def compare_on(examples: ExampleSet, model, judgments: Judgments, ids: np.ndarra
     return result
 
 
-def feature_summary(examples: ExampleSet) -> dict[str, dict[str, float]]:
-    values = examples.features[examples.valid]
-    return {
-        name: {"mean": float(values[:, i].mean()), "std": float(values[:, i].std())}
-        for i, name in enumerate(FEATURE_NAMES)
-    }
-
-
 @dataclass(frozen=True)
 class TrainRankerResult:
     report: TrainingReport
@@ -229,7 +220,6 @@ def train_and_export(
     from ecomsearch.index.store import CatalogIndex
     from ecomsearch.paths import ModelRepositoryLayout
     from ecomsearch.ranking.card import write_model_card
-    from ecomsearch.text import TextTokenizer  # noqa: F401  (fail early without tokenizers)
     from ecomsearch.workspace import catalog_repository
 
     repository, _ = catalog_repository(catalog, cache_dir, source=layout.root)
