@@ -1,19 +1,8 @@
-"""Errors that the command line reports as one line and a non-zero exit, not a traceback.
-
-Each module below imports only numpy and the standard library at import time.
-"""
+"""Errors of the core that callers tell apart by type. Dependency-free."""
 
 from __future__ import annotations
 
-from ecomsearch.catalog import CatalogError
-from ecomsearch.evaluation.metrics import JudgmentsError
-from ecomsearch.export.checks import ExportValidationError
-from ecomsearch.index.manifest import IndexLoadError
 
-USER_FACING_ERRORS: tuple[type[BaseException], ...] = (
-    CatalogError,
-    ExportValidationError,
-    FileNotFoundError,
-    IndexLoadError,
-    JudgmentsError,
-)
+class RequestError(ValueError):
+    """One request is malformed. A served model answers it with INVALID_ARG while the requests
+    batched with it still run; the in-process pipeline raises it to its caller."""

@@ -1,69 +1,221 @@
-"""Where things live: the model repository layout and the project's default locations."""
+"""Where things live: the one description of a model repository's layout, the files the package
+ships (model repository template, demo catalogs, benchmark queries), and the default locations
+of generated state.
+
+Two ways to run: from a source checkout (`make serve`), where the checkout's `model_repository/`
+is served and caches go to its `.cache/`; and from an installed package (`pip install
+ecomsearch`), where the packaged template is copied to a per-user cache directory and everything
+generated (exported encoder, indexes, embedding caches) lives there, never in site-packages.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.resources
+import logging
 import os
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ecomsearch import contract
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CATALOG = PROJECT_ROOT / "data" / "pc_parts" / "products_priced.jsonl.gz"
-DEMO_CATALOG_FULL = PROJECT_ROOT / "data" / "pc_parts" / "products.jsonl.gz"
+log = logging.getLogger(__name__)
+
+# Environment overrides, for deployments and tests.
+MODEL_REPOSITORY_ENV = "ECOMSEARCH_MODEL_REPOSITORY"
+CACHE_DIR_ENV = "ECOMSEARCH_CACHE_DIR"
+
+# Artefact names inside a model's version directory.
+TOKENIZER_DIR = "tokenizer"
+ENCODER_FILE = "model.onnx"
+ENCODER_INFO_FILE = "encoder.json"
+INDEX_DIR = "index"
+RANKER_FILE = "model.onnx"
+RANKER_INFO_FILE = "ranker.json"
+RANKER_CARD_FILE = "MODEL_CARD.md"
+# Where a writer puts an artefact for a model that has no version directory yet.
+FIRST_VERSION = 1
 
 
-def default_model_repository() -> Path:
-    return Path(os.environ.get("ECOMSEARCH_MODEL_REPOSITORY", PROJECT_ROOT / "model_repository"))
-
-
-def default_cache_dir() -> Path:
-    """Embedding cache and other regenerable state (git-ignored)."""
-    return Path(os.environ.get("ECOMSEARCH_CACHE_DIR", PROJECT_ROOT / ".cache"))
+def version_numbers(model_dir: Path) -> list[int]:
+    """The model's version directories, as Triton sees them (positive integer names)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name)
+    )
 
 
 @dataclass(frozen=True)
 class ModelRepositoryLayout:
-    """Paths of the generated artefacts inside a model repository."""
+    """Paths of the artefacts inside a model repository; the only place that names them.
+
+    A model's artefacts are read from its latest version directory: the version an ensemble step
+    with `model_version: -1` runs under Triton's default version policy (latest, one version).
+    """
 
     root: Path
 
+    def model_dir(self, model: str) -> Path:
+        return self.root / model
+
+    def version_dir(self, model: str, version: int | None = None) -> Path:
+        """`version`'s directory, by default the latest one (or the first, if there is none)."""
+        if version is None:
+            version = max(version_numbers(self.model_dir(model)), default=FIRST_VERSION)
+        return self.model_dir(model) / str(version)
+
+    @classmethod
+    def of_triton_model(cls, args: Mapping[str, str]) -> tuple[ModelRepositoryLayout, Path]:
+        """From the `args` tritonserver passes to a Python model's initialize: the repository
+        (`model_repository` is the model's own directory) and the served version's directory."""
+        model_dir = Path(args["model_repository"])
+        return cls(model_dir.parent), model_dir / str(args["model_version"])
+
     @property
     def tokenizer_dir(self) -> Path:
-        return self.root / contract.PREPROCESS_MODEL / "1" / "tokenizer"
+        return self.version_dir(contract.PREPROCESS_MODEL) / TOKENIZER_DIR
 
     @property
     def encoder_version_dir(self) -> Path:
-        return self.root / contract.ENCODER_MODEL / "1"
+        return self.version_dir(contract.ENCODER_MODEL)
 
     @property
     def encoder_onnx(self) -> Path:
-        return self.encoder_version_dir / "model.onnx"
+        return self.encoder_version_dir / ENCODER_FILE
 
     @property
     def encoder_info(self) -> Path:
-        return self.encoder_version_dir / "encoder.json"
+        return self.encoder_version_dir / ENCODER_INFO_FILE
 
     @property
     def index_dir(self) -> Path:
-        return self.root / contract.RETRIEVE_MODEL / "1" / "index"
-
-    @property
-    def ranker_dir(self) -> Path:
-        return self.root / contract.RANKER_MODEL
+        return self.version_dir(contract.RETRIEVE_MODEL) / INDEX_DIR
 
     @property
     def ranker_onnx(self) -> Path:
-        return self.ranker_dir / "1" / "model.onnx"
+        return self.version_dir(contract.RANKER_MODEL) / RANKER_FILE
 
     @property
     def ranker_info(self) -> Path:
-        return self.ranker_dir / "1" / "ranker.json"
+        return self.version_dir(contract.RANKER_MODEL) / RANKER_INFO_FILE
 
     @property
     def ranker_card(self) -> Path:
-        return self.ranker_dir / "MODEL_CARD.md"
+        return self.model_dir(contract.RANKER_MODEL) / RANKER_CARD_FILE
 
     def generated(self) -> list[Path]:
-        """Artefacts made by export-encoder and build-index (not checked in)."""
+        """Artefacts made by export-encoder and build-index (never checked in or packaged)."""
         return [self.encoder_onnx, self.encoder_info, self.tokenizer_dir, self.index_dir]
+
+
+# --- What the package ships -------------------------------------------------------------------
+
+
+def source_checkout() -> Path | None:
+    """The project's root when this package runs from a source tree (an editable install)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "model_repository").is_dir():
+        return root
+    return None
+
+
+def _packaged(relative: str) -> Path:
+    """A file or directory the project ships: from the source tree, or from the installed
+    package (wheels install unzipped, so importlib.resources gives a real path)."""
+    checkout = source_checkout()
+    if checkout is not None:
+        return checkout / relative
+    resource = importlib.resources.files("ecomsearch").joinpath(relative)
+    if not isinstance(resource, Path):
+        raise RuntimeError(f"ecomsearch is installed in a way that hides its files ({resource})")
+    return resource
+
+
+def template_repository() -> Path:
+    """The checked-in model repository: configs, model.py adapters and the trained ranker."""
+    return _packaged("model_repository")
+
+
+def demo_catalog(full: bool = False) -> Path:
+    """The PC-parts demo catalog (MIT): 16,154 priced products, or all 63,827 with `full`."""
+    name = "products.jsonl.gz" if full else "products_priced.jsonl.gz"
+    return _packaged(f"data/pc_parts/{name}")
+
+
+def default_queries() -> Path:
+    """Real-looking product queries for benchmarks and load tests, one a line."""
+    resource = importlib.resources.files("ecomsearch.loadtest").joinpath("queries.txt")
+    if not isinstance(resource, Path):
+        raise RuntimeError(f"ecomsearch is installed in a way that hides its files ({resource})")
+    return resource
+
+
+# --- Generated state ----------------------------------------------------------------------------
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache directory (XDG), for an installed package's generated state."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ecomsearch"
+
+
+def default_cache_dir() -> Path:
+    """Embedding caches and generated workspaces: `$ECOMSEARCH_CACHE_DIR`, else the checkout's
+    `.cache/` (git-ignored), else the per-user cache directory."""
+    if CACHE_DIR_ENV in os.environ:
+        return Path(os.environ[CACHE_DIR_ENV])
+    checkout = source_checkout()
+    return checkout / ".cache" if checkout is not None else user_cache_dir()
+
+
+def default_model_repository() -> Path:
+    """`$ECOMSEARCH_MODEL_REPOSITORY`, else the checkout's `model_repository/`, else a copy of
+    the packaged template in the per-user cache directory."""
+    if MODEL_REPOSITORY_ENV in os.environ:
+        return Path(os.environ[MODEL_REPOSITORY_ENV])
+    checkout = source_checkout()
+    if checkout is not None:
+        return checkout / "model_repository"
+    return user_cache_dir() / "model_repository"
+
+
+def _template_files(template: Path) -> Iterator[Path]:
+    """The template's own files: in a source checkout, what is checked in, not what
+    export-encoder and build-index generated there (or their hidden scratch files)."""
+    generated = ModelRepositoryLayout(template).generated()
+    for path in sorted(template.rglob("*")):
+        relative = path.relative_to(template)
+        if (
+            path.is_file()
+            and "__pycache__" not in relative.parts
+            and not any(part.startswith(".") and part != ".gitkeep" for part in relative.parts)
+            and not any(path == g or g in path.parents for g in generated)
+        ):
+            yield path
+
+
+def prepare_model_repository(target: Path) -> Path:
+    """Makes `target` hold the template's files (copied when missing or when the template
+    changed, say after an upgrade), keeping whatever was generated there. The template itself
+    (a source checkout's model_repository/) is left as it is."""
+    template = template_repository()
+    target = Path(target)
+    if target.exists() and target.resolve() == template.resolve():
+        return target
+    files = list(_template_files(template))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(template)).encode() + b"\0" + path.read_bytes())
+    stamp = target / ".template-sha256"
+    if stamp.is_file() and stamp.read_text().strip() == digest.hexdigest():
+        return target
+    log.info("model repository %s: installing the packaged configs and ranker", target)
+    for path in files:
+        destination = target / path.relative_to(template)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
+    stamp.write_text(digest.hexdigest() + "\n")
+    return target

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from ecomsearch import contract
 from ecomsearch.encoder import OnnxEncoder
-from ecomsearch.index.store import CatalogIndex
 from ecomsearch.paths import ModelRepositoryLayout
-from ecomsearch.ranking.candidates import HybridRetriever
-from ecomsearch.serving.select import top_k_rows
+from ecomsearch.ranking.candidates import open_retriever
+from ecomsearch.ranking.features import check_ranker_features
+from ecomsearch.ranking.selection import top_k_rows
 
 
 class InProcessPipeline:
@@ -28,9 +28,9 @@ class InProcessPipeline:
             max_length=contract.MAX_QUERY_TOKENS,
             intra_op_threads=encoder_threads,
         )
-        index = CatalogIndex.load(layout.index_dir, encoder_fingerprint=self.encoder.fingerprint)
-        self.index = index
-        self.retriever = HybridRetriever(index, index.load_lexical())
+        check_ranker_features(layout.ranker_info)
+        self.retriever = open_retriever(layout.index_dir, layout.encoder_onnx)
+        self.index = self.retriever.index
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         self.ranker = ort.InferenceSession(
@@ -47,13 +47,14 @@ class InProcessPipeline:
             [contract.RANKING_SCORES], {contract.CANDIDATE_FEATURES: candidates.features}
         )
         rows, scores = top_k_rows(candidates.rows, scores, k)
+        ids, _ = self.index.labels(rows)
         return [
             [
-                (self.index.ids[row].decode("utf-8"), float(score))
-                for row, score in zip(query_rows, query_scores, strict=True)
-                if row >= 0
+                (product_id.decode("utf-8"), float(score))
+                for product_id, score in zip(query_ids, query_scores, strict=True)
+                if product_id
             ]
-            for query_rows, query_scores in zip(rows, scores, strict=True)
+            for query_ids, query_scores in zip(ids, scores, strict=True)
         ]
 
 

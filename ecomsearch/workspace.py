@@ -4,6 +4,7 @@ that catalog, rebuilt only when the catalog or the encoder changed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from ecomsearch.paths import ModelRepositoryLayout, default_model_repository
 
 
 def link_model_repository(source: Path, target: Path) -> Path:
-    """Copies the checked-in part of `source` into `target` (replacing it, index aside) and links
-    the generated encoder and tokenizer; `target`'s own index, if any, is kept."""
+    """Makes `target` a copy of the checked-in part of `source` (whatever else it held is
+    removed, its own index aside) with links to `source`'s generated encoder and tokenizer."""
     source_layout, target_layout = ModelRepositoryLayout(source), ModelRepositoryLayout(target)
     for path in (source_layout.encoder_onnx, source_layout.tokenizer_dir):
         if not path.exists():
@@ -27,15 +28,20 @@ def link_model_repository(source: Path, target: Path) -> Path:
             if name == "__pycache__" or (Path(directory) / name).resolve() in generated
         }
 
-    shutil.copytree(source, target, ignore=skip, dirs_exist_ok=True, symlinks=False)
+    index = target_layout.index_dir
+    kept = target.with_name(f".{target.name}.index-{os.getpid()}")
+    if index.is_dir() and not index.is_symlink():
+        os.replace(index, kept)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=skip, symlinks=False)
+    if kept.exists():
+        target_layout.index_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(kept, target_layout.index_dir)
     for source_path, target_path in (
         (source_layout.encoder_onnx, target_layout.encoder_onnx),
         (source_layout.tokenizer_dir, target_layout.tokenizer_dir),
     ):
-        if target_path.is_symlink() or target_path.is_file():
-            target_path.unlink()
-        elif target_path.is_dir():
-            shutil.rmtree(target_path)
+        target_path.parent.mkdir(parents=True, exist_ok=True)
         target_path.symlink_to(source_path.resolve(), target_is_directory=source_path.is_dir())
     return target
 

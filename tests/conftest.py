@@ -24,10 +24,10 @@ import pytest
 from ecomsearch import contract
 from ecomsearch.catalog import Product
 from ecomsearch.index.manifest import IndexManifest
-from ecomsearch.paths import PROJECT_ROOT, ModelRepositoryLayout
+from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.ranking.features import FEATURE_NAMES
+from tests.project import MODEL_REPOSITORY
 
-MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
 FAKE_PB_UTILS = Path(__file__).resolve().parent / "fakes" / "triton_python_backend_utils.py"
 
 PB_UTILS_MODULE = "triton_python_backend_utils"

@@ -29,7 +29,6 @@ class CatalogIndex:
     titles: np.ndarray  # object array of UTF-8 bytes
     metadata: list[dict[str, Any]]
     index_dir: Path
-    gpu_resources: Any = None  # faiss.StandardGpuResources when the index lives on a GPU
 
     @property
     def count(self) -> int:
@@ -43,6 +42,16 @@ class CatalogIndex:
             return LexicalIndex.load(self.index_dir / LEXICAL_DIR)
         except (OSError, ValueError, KeyError) as e:
             raise IndexLoadError(f"{self.index_dir / LEXICAL_DIR} is corrupt: {e}") from e
+
+    def labels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Product ids and titles (UTF-8 bytes, object arrays shaped like `rows`) of candidate
+        rows; empty where a row is -1, the padding of a query with fewer candidates than asked."""
+        padding = rows < 0
+        safe = np.where(padding, 0, rows)
+        ids, titles = self.ids[safe], self.titles[safe]
+        if padding.any():
+            ids[padding], titles[padding] = b"", b""
+        return ids, titles
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: scores [n, k'] float32 and rows [n, k'] int64, k' <= count."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from ecomsearch.fingerprint import file_sha256
 from ecomsearch.index.store import CatalogIndex
 from ecomsearch.lexical import FIELDS, LexicalIndex
 from ecomsearch.ranking.features import (
@@ -45,6 +47,9 @@ def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 class HybridRetriever:
+    """The retrieval stage: the vector top-N and the BM25 top-N of each query, merged, with the
+    ranking features of every candidate. `retrieve` takes a whole batch of queries."""
+
     def __init__(
         self,
         index: CatalogIndex,
@@ -105,3 +110,22 @@ class HybridRetriever:
             found = lexical_rows[by_row[slots]] == rows
             lexical_rank[found] = by_row[slots[found]]
         return QueryCandidates(rows, cosine, vector_rank, lexical_rank), terms, bm25
+
+
+def open_retriever(
+    index_dir: Path,
+    encoder_onnx: Path,
+    vector_pool: int = VECTOR_POOL,
+    lexical_pool: int = LEXICAL_POOL,
+    dimension: int | None = None,
+) -> HybridRetriever:
+    """The retrieval stage over a built index, which must have been embedded by `encoder_onnx`
+    (the served encoder) and, when given, have `dimension`; raises IndexLoadError otherwise."""
+    if not encoder_onnx.is_file():
+        raise FileNotFoundError(
+            f"encoder {encoder_onnx} not found; run `ecomsearch export-encoder`"
+        )
+    index = CatalogIndex.load(
+        index_dir, encoder_fingerprint=file_sha256(encoder_onnx), dimension=dimension
+    )
+    return HybridRetriever(index, index.load_lexical(), vector_pool, lexical_pool)

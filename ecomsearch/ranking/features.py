@@ -10,7 +10,10 @@ or popularity that the training catalog lacks would reach the ranker as values i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,3 +109,23 @@ def compute_features(
 def fused_score(cosine: np.ndarray, bm25_ratio: np.ndarray) -> np.ndarray:
     """The retrieval stage's own ordering: a score sum of the two normalised signals."""
     return (cosine + bm25_ratio).astype(np.float32)
+
+
+def check_ranker_features(ranker_info: Path) -> dict[str, Any]:
+    """Reads a ranker's `ranker.json`; refuses a ranker trained on other features, or in
+    another order, than the ones this code computes."""
+    if not ranker_info.is_file():
+        raise RuntimeError(f"{ranker_info} not found; train or restore the ranker")
+    try:
+        info = json.loads(ranker_info.read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{ranker_info} is corrupt: {e}") from e
+    if not isinstance(info, dict):
+        raise RuntimeError(f"{ranker_info} is corrupt: expected a JSON object")
+    expected = info.get("feature_names")
+    if expected != list(FEATURE_NAMES):
+        raise RuntimeError(
+            f"the ranker ({ranker_info}) was trained on features {expected}, but this version "
+            f"computes {list(FEATURE_NAMES)}; retrain it with `ecomsearch train-ranker`"
+        )
+    return info

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
-Parsed = TypeVar("Parsed")
+from ecomsearch.errors import RequestError
 
+# One request's (or one batch's) tensors by name; every array has a row per query on axis 0.
+Tensors = dict[str, np.ndarray]
 
-class RequestError(ValueError):
-    """One request is malformed: it is answered with INVALID_ARG, its neighbours still run."""
+__all__ = [
+    "BatchedModel",
+    "RequestError",
+    "Tensors",
+    "input_array",
+    "int_parameter",
+    "model_config",
+    "parameter",
+    "split_rows",
+]
 
 
 def model_config(args: dict[str, Any]) -> dict[str, Any]:
@@ -49,12 +59,15 @@ def input_array(pb_utils, request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
-class BatchedModel(abc.ABC, Generic[Parsed]):
+class BatchedModel(abc.ABC):
     """pytriton's @batch for Python-backend models.
 
     `execute` parses each request (a RequestError becomes that request's INVALID_ARG response),
-    hands every parsed request to `run` at once, and returns exactly one response per request,
-    in order. Anything else that goes wrong is the model's fault and raises.
+    groups the requests whose inputs can be stacked (`group_key`), concatenates each group's
+    inputs along the batch axis, runs the group once, splits every output back by the requests'
+    row counts, and returns exactly one response per request, in order. When `run` rejects a
+    group of several requests with a RequestError, each request is run alone so that only the
+    bad one fails. Anything else that goes wrong is the model's fault and raises.
     """
 
     def __init__(self, pb_utils) -> None:
@@ -62,39 +75,70 @@ class BatchedModel(abc.ABC, Generic[Parsed]):
         self.logger = pb_utils.Logger
 
     @abc.abstractmethod
-    def parse(self, request) -> Parsed:
+    def parse(self, request) -> Tensors:
         """Reads and validates one request's inputs; raises RequestError if they are bad."""
 
     @abc.abstractmethod
-    def run(self, parsed: list[Parsed]) -> list[dict[str, np.ndarray] | RequestError]:
-        """Computes all parsed requests together; returns output tensors per request, or a
-        RequestError for a request found bad only while computing."""
+    def run(self, inputs: Tensors) -> Tensors:
+        """Computes a batch: the concatenated inputs of one or more requests. Every output has a
+        row per input row; a RequestError means the inputs were found bad while computing."""
+
+    def group_key(self, inputs: Tensors) -> Hashable:
+        """Requests with equal keys are concatenated and run together. By default, those whose
+        inputs have the same names and the same shape beyond the batch axis."""
+        return tuple((name, value.shape[1:]) for name, value in inputs.items())
+
+    def finish(self, outputs: Tensors) -> Tensors:
+        """One request's outputs after the split, before they are sent (default: as they are)."""
+        return outputs
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
-        pb_utils = self.pb_utils
         responses: list[Any] = [None] * len(requests)
-        parsed: list[Parsed] = []
-        positions: list[int] = []
+        groups: dict[Hashable, list[tuple[int, Tensors]]] = {}
         for position, request in enumerate(requests):
             try:
-                parsed.append(self.parse(request))
-                positions.append(position)
+                inputs = self.parse(request)
+                _row_count(inputs)
             except RequestError as e:
                 responses[position] = self._invalid(e)
-        if parsed:
-            outputs = self.run(parsed)
-            if len(outputs) != len(parsed):
-                raise pb_utils.TritonModelException(
-                    f"internal error: {len(outputs)} results for {len(parsed)} requests"
-                )
-            for position, tensors in zip(positions, outputs, strict=True):
-                if isinstance(tensors, RequestError):
-                    responses[position] = self._invalid(tensors)
-                    continue
-                responses[position] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(name, value) for name, value in tensors.items()]
-                )
+                continue
+            groups.setdefault(self.group_key(inputs), []).append((position, inputs))
+        for members in groups.values():
+            self._run_group(members, responses)
         return responses
+
+    def _run_group(self, members: list[tuple[int, Tensors]], responses: list[Any]) -> None:
+        pb_utils = self.pb_utils
+        if len(members) == 1:
+            batch = members[0][1]
+        else:
+            batch = {
+                name: np.concatenate([inputs[name] for _, inputs in members])
+                for name in members[0][1]
+            }
+        try:
+            outputs = self.run(batch)
+        except RequestError as e:
+            if len(members) == 1:
+                responses[members[0][0]] = self._invalid(e)
+                return
+            for member in members:  # find the culprit; the others still get their answers
+                self._run_group([member], responses)
+            return
+        counts = [_row_count(inputs) for _, inputs in members]
+        pieces: dict[str, list[np.ndarray]] = {}
+        for name, value in outputs.items():
+            if len(value) != sum(counts):
+                raise pb_utils.TritonModelException(
+                    f"internal error: output {name!r} has {len(value)} rows for a batch of "
+                    f"{sum(counts)}"
+                )
+            pieces[name] = split_rows(value, counts)
+        for index, (position, _) in enumerate(members):
+            tensors = self.finish({name: split[index] for name, split in pieces.items()})
+            responses[position] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, value) for name, value in tensors.items()]
+            )
 
     def _invalid(self, error: RequestError):
         pb_utils = self.pb_utils
@@ -102,3 +146,10 @@ class BatchedModel(abc.ABC, Generic[Parsed]):
             output_tensors=[],
             error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG),
         )
+
+
+def _row_count(inputs: Tensors) -> int:
+    counts = {name: len(value) for name, value in inputs.items()}
+    if len(set(counts.values())) > 1:
+        raise RequestError(f"inputs disagree on the batch size: {counts}")
+    return next(iter(counts.values()), 0)

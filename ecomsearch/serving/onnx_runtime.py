@@ -8,15 +8,13 @@ The pytriton wheel's tritonserver has no onnxruntime backend. Installed as
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ecomsearch.serving.base import (
     BatchedModel,
     RequestError,
+    Tensors,
     input_array,
     int_parameter,
     model_config,
@@ -41,7 +39,7 @@ def _providers(instance_kind: str, device_id: int) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
-class OnnxRuntimeModel(BatchedModel[dict[str, np.ndarray]]):
+class OnnxRuntimeModel(BatchedModel):
     def __init__(self, pb_utils, session, config: dict[str, Any]) -> None:
         super().__init__(pb_utils)
         self.session = session
@@ -101,7 +99,7 @@ class OnnxRuntimeModel(BatchedModel[dict[str, np.ndarray]]):
         )
         return cls(pb_utils, session, config)
 
-    def parse(self, request) -> dict[str, np.ndarray]:
+    def parse(self, request) -> Tensors:
         inputs = {}
         for name in self.input_names:
             value = input_array(self.pb_utils, request, name)
@@ -110,39 +108,14 @@ class OnnxRuntimeModel(BatchedModel[dict[str, np.ndarray]]):
             inputs[name] = value
         return inputs
 
-    def run(
-        self, parsed: list[dict[str, np.ndarray]]
-    ) -> list[dict[str, np.ndarray] | RequestError]:
-        # Requests can only be concatenated when all their non-batch dimensions agree.
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for position, inputs in enumerate(parsed):
-            groups[tuple(v.shape[1:] for v in inputs.values())].append(position)
-        outputs: list[dict[str, np.ndarray] | RequestError] = [{} for _ in parsed]
-        for positions in groups.values():
-            try:
-                self._run_group(parsed, positions, outputs)
-            except self._runtime_errors:
-                # One request's inputs broke the run (say, input_ids and attention_mask of
-                # different lengths): run the group's requests alone so only it fails.
-                for position in positions:
-                    try:
-                        self._run_group(parsed, [position], outputs)
-                    except self._runtime_errors as e:
-                        outputs[position] = RequestError(f"ONNX Runtime rejected the inputs: {e}")
-        return outputs
-
-    def _run_group(self, parsed, positions: list[int], outputs: list) -> None:
-        feed = {
-            name: np.concatenate([parsed[p][name] for p in positions]) for name in self.input_names
+    def run(self, inputs: Tensors) -> Tensors:
+        try:
+            results = self.session.run(self.output_names, inputs)
+        except self._runtime_errors as e:
+            # Say, input_ids and attention_mask of different lengths. The batching base then
+            # runs the batch's requests one by one, so only the bad one fails.
+            raise RequestError(f"ONNX Runtime rejected the inputs: {e}") from None
+        return {
+            name: result.astype(self.output_dtypes[name], copy=False)
+            for name, result in zip(self.output_names, results, strict=True)
         }
-        results = self.session.run(self.output_names, feed)
-        counts = [len(parsed[p][self.input_names[0]]) for p in positions]
-        offsets = np.cumsum([0, *counts])
-        for name, result in zip(self.output_names, results, strict=True):
-            if len(result) != offsets[-1]:
-                raise self.pb_utils.TritonModelException(
-                    f"output {name!r} has {len(result)} rows for a batch of {offsets[-1]}"
-                )
-            result = result.astype(self.output_dtypes[name], copy=False)
-            for position, start, end in zip(positions, offsets[:-1], offsets[1:], strict=True):
-                outputs[position][name] = result[start:end]

@@ -2,81 +2,43 @@
 
 from __future__ import annotations
 
-import itertools
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ecomsearch import contract
-from ecomsearch.serving.base import (
-    BatchedModel,
-    RequestError,
-    input_array,
-    int_parameter,
-    model_config,
-    parameter,
-)
-from ecomsearch.text import TextTokenizer
+from ecomsearch.paths import TOKENIZER_DIR, ModelRepositoryLayout
+from ecomsearch.query import decode_queries, queries_array
+from ecomsearch.serving.base import BatchedModel, Tensors, input_array
+from ecomsearch.text import TextTokenizer, padded_length
 
 
-def decode_queries(raw: np.ndarray | None, max_query_bytes: int) -> list[str]:
-    """Validates a [batch, 1] BYTES tensor of queries; raises RequestError naming the bad row."""
-    if raw is None:
-        raise RequestError(f"input {contract.QUERY!r} is required")
-    if raw.ndim != 2 or raw.shape[1] != 1 or raw.shape[0] == 0:
-        raise RequestError(f"input {contract.QUERY!r} must have shape [batch, 1], got {raw.shape}")
-    queries = []
-    for row, value in enumerate(raw[:, 0]):
-        data = value if isinstance(value, bytes) else str(value).encode("utf-8")
-        if len(data) > max_query_bytes:
-            raise RequestError(
-                f"query {row} is {len(data)} bytes; the maximum is {max_query_bytes}"
-            )
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RequestError(f"query {row} is not valid UTF-8 ({e.reason})") from None
-        text = " ".join(text.split())
-        if not text:
-            raise RequestError(f"query {row} is empty or only whitespace")
-        queries.append(text)
-    return queries
-
-
-class PreprocessModel(BatchedModel[list[str]]):
-    def __init__(self, pb_utils, tokenizer: TextTokenizer, max_query_bytes: int) -> None:
+class PreprocessModel(BatchedModel):
+    def __init__(self, pb_utils, tokenizer: TextTokenizer) -> None:
         super().__init__(pb_utils)
         self.tokenizer = tokenizer
-        self.max_query_bytes = max_query_bytes
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> PreprocessModel:
-        config = model_config(args)
-        version_dir = Path(args["model_repository"]) / str(args["model_version"])
-        tokenizer_dir = version_dir / parameter(config, "tokenizer_dir", "tokenizer")
-        max_tokens = int_parameter(config, "max_query_tokens", contract.MAX_QUERY_TOKENS, 2)
-        max_bytes = int_parameter(config, "max_query_bytes", contract.MAX_QUERY_BYTES, 1)
-        tokenizer = TextTokenizer(tokenizer_dir, max_length=max_tokens)
+        _, version_dir = ModelRepositoryLayout.of_triton_model(args)
+        tokenizer = TextTokenizer(version_dir / TOKENIZER_DIR, max_length=contract.MAX_QUERY_TOKENS)
         pb_utils.Logger.log_info(
-            f"preprocess: tokenizer {tokenizer_dir}, max {max_tokens} tokens, {max_bytes} bytes"
+            f"preprocess: tokenizer {version_dir / TOKENIZER_DIR}, at most "
+            f"{contract.MAX_QUERY_TOKENS} tokens and {contract.MAX_QUERY_BYTES} bytes a query"
         )
-        return cls(pb_utils, tokenizer, max_bytes)
+        return cls(pb_utils, tokenizer)
 
-    def parse(self, request) -> list[str]:
-        return decode_queries(
-            input_array(self.pb_utils, request, contract.QUERY), self.max_query_bytes
-        )
+    def parse(self, request) -> Tensors:
+        queries = decode_queries(input_array(self.pb_utils, request, contract.QUERY))
+        return {contract.QUERY: queries_array(queries)}
 
-    def run(self, parsed: list[list[str]]) -> list[dict[str, np.ndarray]]:
+    def run(self, inputs: Tensors) -> Tensors:
         # One tokenizer call for every query of every request (the fast tokenizer parallelises).
-        all_ids = self.tokenizer.token_ids([q for queries in parsed for q in queries])
-        counts = [len(queries) for queries in parsed]
-        offsets = np.cumsum([0, *counts])
-        outputs = []
-        for start, end in itertools.pairwise(offsets):
-            # Padded per request: requests of similar length then share a shape, which is what
-            # the encoder's dynamic batcher needs to merge them.
-            input_ids, attention_mask = self.tokenizer.pad(all_ids[start:end])
-            outputs.append({contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask})
-        return outputs
+        input_ids, attention_mask = self.tokenizer(list(inputs[contract.QUERY]))
+        return {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask}
+
+    def finish(self, outputs: Tensors) -> Tensors:
+        # Each request is padded to its own longest query (rounded up), not to the batch's:
+        # requests of similar length then share a shape, which is what the encoder's dynamic
+        # batcher needs to merge them.
+        longest = int(outputs[contract.ATTENTION_MASK].sum(axis=1).max())
+        length = padded_length(longest, self.tokenizer.max_length)
+        return {name: value[:, :length] for name, value in outputs.items()}

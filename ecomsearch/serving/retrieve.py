@@ -2,34 +2,44 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ecomsearch import contract
-from ecomsearch.fingerprint import file_sha256
-from ecomsearch.index.store import CatalogIndex
-from ecomsearch.ranking.candidates import LEXICAL_POOL, VECTOR_POOL, HybridRetriever
-from ecomsearch.ranking.features import FEATURE_NAMES
+from ecomsearch.paths import INDEX_DIR, ModelRepositoryLayout
+from ecomsearch.query import decode_queries, queries_array
+from ecomsearch.ranking.candidates import LEXICAL_POOL, VECTOR_POOL, HybridRetriever, open_retriever
+from ecomsearch.ranking.features import check_ranker_features
 from ecomsearch.serving.base import (
     BatchedModel,
     RequestError,
+    Tensors,
     input_array,
     int_parameter,
     model_config,
-    parameter,
-    split_rows,
 )
-from ecomsearch.serving.preprocess import decode_queries
 
 
 @dataclass(frozen=True)
-class RetrieveRequest:
-    queries: list[str]
-    embeddings: np.ndarray  # [batch, dim] float32
+class RetrieveSettings:
+    """The `parameters` of retrieve's config.pbtxt, with their defaults."""
+
+    vector_pool: int = VECTOR_POOL
+    lexical_pool: int = LEXICAL_POOL
+    # One thread per instance: FAISS's OpenMP fan-out costs more than it saves on the few
+    # queries of a dynamic batch (54k-product flat search: 8 ms with 2 threads, 3.5 ms with 1),
+    # and the encoder needs the other core.
+    faiss_omp_threads: int = 1
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RetrieveSettings:
+        return cls(
+            vector_pool=int_parameter(config, "vector_pool", cls.vector_pool, 1),
+            lexical_pool=int_parameter(config, "lexical_pool", cls.lexical_pool, 1),
+            faiss_omp_threads=int_parameter(config, "faiss_omp_threads", cls.faiss_omp_threads, 1),
+        )
 
 
 def place_on_device(faiss_index: Any, instance_kind: str, device_id: int, faiss_module: Any):
@@ -51,69 +61,37 @@ def place_on_device(faiss_index: Any, instance_kind: str, device_id: int, faiss_
     return faiss_module.index_cpu_to_gpu(resources, device_id, faiss_index), resources
 
 
-def check_ranker_features(ranker_info: Path) -> dict[str, Any]:
-    """The ranker must have been trained on the features this code computes, in this order."""
-    if not ranker_info.is_file():
-        raise RuntimeError(f"retrieve: {ranker_info} not found; train or restore the ranker")
-    try:
-        info = json.loads(ranker_info.read_text())
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"retrieve: {ranker_info} is corrupt: {e}") from e
-    if not isinstance(info, dict):
-        raise RuntimeError(f"retrieve: {ranker_info} is corrupt: expected a JSON object")
-    expected = info.get("feature_names")
-    if expected != list(FEATURE_NAMES):
-        raise RuntimeError(
-            f"retrieve: the ranker ({ranker_info}) was trained on features {expected}, but this "
-            f"version computes {list(FEATURE_NAMES)}; retrain it with `ecomsearch train-ranker`"
-        )
-    return info
-
-
-class RetrieveModel(BatchedModel[RetrieveRequest]):
-    def __init__(self, pb_utils, retriever: HybridRetriever) -> None:
+class RetrieveModel(BatchedModel):
+    def __init__(self, pb_utils, retriever: HybridRetriever, gpu_resources: Any = None) -> None:
         super().__init__(pb_utils)
         self.retriever = retriever
         self.dimension = retriever.index.manifest.dimension
+        # faiss.StandardGpuResources of an index moved to a GPU: it must live as long as it.
+        self.gpu_resources = gpu_resources
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> RetrieveModel:
         import faiss
 
         config = model_config(args)
-        model_dir = Path(args["model_repository"])
-        version_dir = model_dir / str(args["model_version"])
-        index_dir = version_dir / parameter(config, "index_dir", "index")
-        encoder_path = model_dir / parameter(
-            config, "encoder_model", "../query_encoder/1/model.onnx"
-        )
-        if not encoder_path.is_file():
-            raise RuntimeError(f"retrieve: encoder model {encoder_path} not found")
-        ranker_info = check_ranker_features(
-            model_dir / parameter(config, "ranker_info", "../ranker/1/ranker.json")
-        )
+        settings = RetrieveSettings.from_config(config)
+        layout, version_dir = ModelRepositoryLayout.of_triton_model(args)
+        ranker_info = check_ranker_features(layout.ranker_info)
         (embedding_config,) = [i for i in config["input"] if i["name"] == contract.EMBEDDING]
-        index = CatalogIndex.load(
-            index_dir,
-            encoder_fingerprint=file_sha256(encoder_path),
+        retriever = open_retriever(
+            version_dir / INDEX_DIR,
+            layout.encoder_onnx,
+            vector_pool=settings.vector_pool,
+            lexical_pool=settings.lexical_pool,
             dimension=int(embedding_config["dims"][-1]),
         )
-        lexical = index.load_lexical()
-        # One thread per instance: FAISS's OpenMP fan-out costs more than it saves on the few
-        # queries of a dynamic batch (54k-product flat search: 8 ms with 2 threads, 3.5 ms with
-        # 1), and the encoder needs the other core.
-        faiss.omp_set_num_threads(int_parameter(config, "faiss_omp_threads", 1, 1))
-        index.faiss_index, index.gpu_resources = place_on_device(
+        faiss.omp_set_num_threads(settings.faiss_omp_threads)
+        index = retriever.index
+        index.faiss_index, gpu_resources = place_on_device(
             index.faiss_index,
             args["model_instance_kind"],
             int(args["model_instance_device_id"]),
             faiss,
-        )
-        retriever = HybridRetriever(
-            index,
-            lexical,
-            vector_pool=int_parameter(config, "vector_pool", VECTOR_POOL, 1),
-            lexical_pool=int_parameter(config, "lexical_pool", LEXICAL_POOL, 1),
         )
         trained_pools = ranker_info.get("candidate_pools")
         served_pools = {"vector": retriever.vector_pool, "lexical": retriever.lexical_pool}
@@ -129,9 +107,9 @@ class RetrieveModel(BatchedModel[RetrieveRequest]):
             f"{retriever.width} candidates a query, instance {args['model_instance_name']} on "
             f"{args['model_instance_kind']} {args['model_instance_device_id']}"
         )
-        return cls(pb_utils, retriever)
+        return cls(pb_utils, retriever, gpu_resources)
 
-    def parse(self, request) -> RetrieveRequest:
+    def parse(self, request) -> Tensors:
         embeddings = input_array(self.pb_utils, request, contract.EMBEDDING)
         if embeddings is None:
             raise RequestError(f"input {contract.EMBEDDING!r} is required")
@@ -140,29 +118,20 @@ class RetrieveModel(BatchedModel[RetrieveRequest]):
                 f"input {contract.EMBEDDING!r} must have shape [batch, {self.dimension}], "
                 f"got {embeddings.shape}"
             )
-        queries = decode_queries(
-            input_array(self.pb_utils, request, contract.QUERY), contract.MAX_QUERY_BYTES
-        )
+        queries = decode_queries(input_array(self.pb_utils, request, contract.QUERY))
         if len(queries) != len(embeddings):
             raise RequestError(f"{len(queries)} queries but {len(embeddings)} embeddings")
-        return RetrieveRequest(queries, embeddings.astype(np.float32, copy=False))
+        return {
+            contract.QUERY: queries_array(queries),
+            contract.EMBEDDING: embeddings.astype(np.float32, copy=False),
+        }
 
-    def run(self, parsed: list[RetrieveRequest]) -> list[dict[str, np.ndarray]]:
+    def run(self, inputs: Tensors) -> Tensors:
         candidates = self.retriever.retrieve(
-            [q for request in parsed for q in request.queries],
-            np.concatenate([request.embeddings for request in parsed]),
+            list(inputs[contract.QUERY]), inputs[contract.EMBEDDING]
         )
-        counts = [len(request.queries) for request in parsed]
-        return [
-            {
-                contract.CANDIDATE_ROWS: rows,
-                contract.CANDIDATE_FEATURES: features,
-                contract.RETRIEVAL_SCORES: scores,
-            }
-            for rows, features, scores in zip(
-                split_rows(candidates.rows, counts),
-                split_rows(candidates.features, counts),
-                split_rows(candidates.retrieval_scores, counts),
-                strict=True,
-            )
-        ]
+        return {
+            contract.CANDIDATE_ROWS: candidates.rows,
+            contract.CANDIDATE_FEATURES: candidates.features,
+            contract.RETRIEVAL_SCORES: candidates.retrieval_scores,
+        }

@@ -12,10 +12,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ecomsearch import contract
-from ecomsearch.paths import PROJECT_ROOT
+from ecomsearch.paths import ModelRepositoryLayout, version_numbers
 from ecomsearch.ranking.features import FEATURE_NAMES
+from tests.project import MODEL_REPOSITORY
 
-REPOSITORY = PROJECT_ROOT / "model_repository"
+REPOSITORY = MODEL_REPOSITORY
 CONFIG_FILES = sorted([*REPOSITORY.glob("*/config.pbtxt"), *REPOSITORY.glob("*/configs/*.pbtxt")])
 ONNX_TO_TRITON = {
     onnx.TensorProto.INT64: mc.TYPE_INT64,
@@ -61,17 +62,34 @@ def test_config_parses_and_names_its_model(path):
     assert config.max_batch_size > 0
     if not is_ensemble(config):
         assert config.HasField("dynamic_batching"), "a batching model without dynamic_batching"
-        assert (model_dir / "1").is_dir()
+        assert version_numbers(model_dir), f"{model_dir} has no version directory"
 
 
-def test_every_model_has_a_gpu_profile_with_the_same_tensors():
-    for name, config in default_configs().items():
-        if is_ensemble(config):
-            continue
-        gpu = parse(REPOSITORY / name / "configs" / "gpu.pbtxt")
+def profile_config(name: str, profile: str | None) -> mc.ModelConfig:
+    """The config Triton serves `name` from under `--model-config-name=profile`: the profile's
+    file when the model has one, else config.pbtxt (tests/integration/test_profiles.py shows
+    the fallback on a real server)."""
+    path = REPOSITORY / name / "configs" / f"{profile}.pbtxt"
+    return parse(path if profile and path.is_file() else REPOSITORY / name / "config.pbtxt")
+
+
+def test_gpu_profiles_exist_only_where_they_differ_and_keep_the_tensors():
+    profiles = sorted(REPOSITORY.glob("*/configs/gpu.pbtxt"))
+    assert {p.parent.parent.name for p in profiles} == {
+        contract.ENCODER_MODEL,
+        contract.RETRIEVE_MODEL,
+    }
+    for path in profiles:
+        name = path.parent.parent.name
+        gpu, config = parse(path), default_configs()[name]
+        assert gpu != config, f"{path} repeats config.pbtxt: delete it, Triton falls back"
         assert tensors(gpu.input) == tensors(config.input), name
         assert tensors(gpu.output) == tensors(config.output), name
         assert gpu.backend == config.backend and gpu.max_batch_size == config.max_batch_size
+
+
+def test_the_default_profile_runs_on_the_cpu():
+    for name, config in default_configs().items():
         assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in config.instance_group), name
 
 
@@ -102,7 +120,8 @@ def graph_tensors(values) -> dict[str, tuple[int, list[int]]]:
 def test_onnx_model_configs_match_their_graphs(name, second_axis):
     config = default_configs()[name]
     assert config.backend == "onnxruntime"
-    path = REPOSITORY / name / "1" / "model.onnx"
+    layout = ModelRepositoryLayout(REPOSITORY)
+    path = layout.encoder_onnx if name == contract.ENCODER_MODEL else layout.ranker_onnx
     if not path.is_file():
         pytest.fail(f"{path} missing: run `make test`, which exports the encoder first")
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -115,7 +134,7 @@ def test_onnx_model_configs_match_their_graphs(name, second_axis):
 
 
 def test_ranker_was_trained_on_the_features_retrieve_computes():
-    info = json.loads((REPOSITORY / contract.RANKER_MODEL / "1" / "ranker.json").read_text())
+    info = json.loads(ModelRepositoryLayout(REPOSITORY).ranker_info.read_text())
     assert info["feature_names"] == list(FEATURE_NAMES)
     (features,) = default_configs()[contract.RETRIEVE_MODEL].output[1:2]
     assert features.name == contract.CANDIDATE_FEATURES
@@ -162,21 +181,19 @@ def test_ensemble_contract_is_the_clients(name):
     assert ensemble.max_batch_size == contract.MAX_QUERIES_PER_REQUEST
 
 
-@pytest.mark.parametrize("profile", ["config.pbtxt", "configs/gpu.pbtxt"])
-def test_python_models_use_the_contract_names_and_limits(profile):
-    preprocess = parse(REPOSITORY / contract.PREPROCESS_MODEL / profile)
+@pytest.mark.parametrize("profile", [None, "gpu"])
+def test_models_use_the_contract_names(profile):
+    preprocess = profile_config(contract.PREPROCESS_MODEL, profile)
     assert [t.name for t in preprocess.input] == [contract.QUERY]
     assert [t.name for t in preprocess.output] == [contract.INPUT_IDS, contract.ATTENTION_MASK]
-    assert preprocess.parameters["max_query_bytes"].string_value == str(contract.MAX_QUERY_BYTES)
-    assert preprocess.parameters["max_query_tokens"].string_value == str(contract.MAX_QUERY_TOKENS)
-    retrieve = parse(REPOSITORY / contract.RETRIEVE_MODEL / profile)
+    retrieve = profile_config(contract.RETRIEVE_MODEL, profile)
     assert [t.name for t in retrieve.input] == [contract.QUERY, contract.EMBEDDING]
     assert [t.name for t in retrieve.output] == [
         contract.CANDIDATE_ROWS,
         contract.CANDIDATE_FEATURES,
         contract.RETRIEVAL_SCORES,
     ]
-    select = parse(REPOSITORY / contract.SELECT_MODEL / profile)
+    select = profile_config(contract.SELECT_MODEL, profile)
     assert [t.name for t in select.input] == [
         contract.CANDIDATE_ROWS,
         contract.CANDIDATE_SCORES,
@@ -187,7 +204,22 @@ def test_python_models_use_the_contract_names_and_limits(profile):
         contract.SCORES,
         contract.TITLES,
     ]
-    assert select.parameters["max_top_k"].string_value == str(contract.MAX_TOP_K)
-    ranker = parse(REPOSITORY / contract.RANKER_MODEL / profile)
+    ranker = profile_config(contract.RANKER_MODEL, profile)
     assert [t.name for t in ranker.input] == [contract.CANDIDATE_FEATURES]
     assert [t.name for t in ranker.output] == [contract.RANKING_SCORES]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
+def test_parameters_are_tunables_never_paths_or_contract_limits(path):
+    """Files are found by ModelRepositoryLayout and limits live in the contract: a parameter
+    that named either would be a second source of the same fact."""
+    from ecomsearch.serving.retrieve import RetrieveSettings
+
+    config = parse(path)
+    known = {
+        contract.RETRIEVE_MODEL: set(RetrieveSettings.__dataclass_fields__),
+        # The native ONNX Runtime backend's own parameter names (the drop-in honours them).
+        contract.ENCODER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
+        contract.RANKER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
+    }.get(config.name, set())
+    assert set(config.parameters) <= known, config.name

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ecomsearch import contract
-from ecomsearch.paths import PROJECT_ROOT
 from ecomsearch.serving import onnx_runtime
+from tests.project import MODEL_REPOSITORY, PROJECT_ROOT
 
 BACKEND_MODEL = PROJECT_ROOT / "ecomsearch" / "server" / "backends" / "onnxruntime" / "model.py"
 DIMENSION = 384  # the config's embedding dims
@@ -158,9 +158,7 @@ def test_config_thread_parameter_reaches_the_session(encoder) -> None:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from ecomsearch.paths import PROJECT_ROOT
-
-    config_path = PROJECT_ROOT / "model_repository" / contract.ENCODER_MODEL / "config.pbtxt"
+    config_path = MODEL_REPOSITORY / contract.ENCODER_MODEL / "config.pbtxt"
     config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
     threads = int(config.parameters["intra_op_thread_count"].string_value)
     assert session.get_session_options().intra_op_num_threads == threads

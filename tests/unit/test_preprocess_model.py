@@ -198,39 +198,16 @@ def test_only_bad_requests_give_only_errors(triton, preprocess) -> None:
     triton.assert_invalid_arg(responses[1], "UTF-8")
 
 
-def test_config_parameters_are_honoured(triton, preprocess_dir: Path) -> None:
-    config = preprocess_dir / "config.pbtxt"
-    text = config.read_text()
-    assert 'string_value: "64"' in text and 'string_value: "2048"' in text
-    config.write_text(
-        text.replace('string_value: "64"', 'string_value: "8"').replace(
-            'string_value: "2048"', 'string_value: "40"'
-        )
-    )
-    model = triton.initialize(
-        preprocess_dir / "1" / "model.py", triton.args(config, preprocess_dir)
-    )
+def test_the_tokenizer_comes_from_the_served_versions_directory(triton, tmp_path: Path) -> None:
+    model_dir = triton.copy_model_dir(contract.PREPROCESS_MODEL, tmp_path)
+    (model_dir / "1").rename(model_dir / "3")
+    write_tiny_tokenizer(model_dir / "3" / "tokenizer")
+    args = triton.args(model_dir / "config.pbtxt", model_dir, version="3")
 
-    responses = model.execute(
-        [
-            triton.request(query=queries([" ".join(["red"] * 10)])),  # 39 bytes, 12 tokens
-            triton.request(query=queries([" ".join(["blue"] * 9)])),  # 44 bytes
-        ]
-    )
+    model = triton.initialize(model_dir / "3" / "model.py", args)
 
-    assert_tokens(triton, responses[0], [[CLS, *[ID["red"]] * 6, SEP]], 8)
-    triton.assert_invalid_arg(responses[1], "44 bytes", "maximum is 40")
-
-
-@pytest.mark.parametrize(("value", "fragment"), [("abc", "integer"), ("1", ">= 2")])
-def test_a_bad_parameter_fails_initialize(
-    triton, preprocess_dir: Path, value: str, fragment: str
-) -> None:
-    config = preprocess_dir / "config.pbtxt"
-    config.write_text(config.read_text().replace('string_value: "64"', f'string_value: "{value}"'))
-    with pytest.raises(ValueError, match="max_query_tokens") as raised:
-        triton.initialize(preprocess_dir / "1" / "model.py", triton.args(config, preprocess_dir))
-    assert fragment in str(raised.value)
+    (response,) = model.execute([triton.request(query=queries(["red shoes"]))])
+    assert_tokens(triton, response, [[CLS, ID["red"], ID["shoe"], ID["##s"], SEP]], 16)
 
 
 def test_a_missing_tokenizer_fails_initialize(triton, tmp_path: Path) -> None:

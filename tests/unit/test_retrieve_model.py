@@ -280,7 +280,7 @@ def test_initialize_refuses_an_index_built_for_another_encoder(triton, repo) -> 
 
 def test_initialize_refuses_a_missing_encoder(triton, repo) -> None:
     repo.layout.encoder_onnx.unlink()
-    with pytest.raises(RuntimeError, match=r"encoder model .*model\.onnx not found"):
+    with pytest.raises(FileNotFoundError, match=r"encoder .*model\.onnx not found"):
         initialize(triton, repo.retrieve_dir)
 
 
@@ -426,7 +426,7 @@ def test_gpu_profile_instance_moves_the_index_to_its_own_device(
     ((resources, device, _),) = calls
     assert device == 1
     # The resources must live as long as the index: the model keeps them.
-    assert model.model.retriever.index.gpu_resources is resources
+    assert model.model.gpu_resources is resources
     embeddings = near(tiny, [10], seed=10)
     (response,) = model.execute(
         [triton.request(query=texts(["leaf blower"]), embedding=embeddings)]
@@ -467,3 +467,40 @@ def test_gpu_profile_without_faiss_gpu_fails_initialize(
     )
     with pytest.raises(RuntimeError, match=r"KIND_GPU.*faiss-gpu"):
         triton.initialize(model_dir / "1" / "model.py", args)
+
+
+def test_the_encoder_and_ranker_are_the_latest_versions_not_version_1(triton, repo) -> None:
+    """The ensembles run each model's latest version; retrieve checks its index against that
+    encoder, and the ranker's features against that ranker, wherever they are."""
+    layout = repo.layout
+    served = layout.encoder_onnx.read_bytes()
+    newer = layout.model_dir(contract.ENCODER_MODEL) / "2" / "model.onnx"
+    newer.parent.mkdir()
+    newer.write_bytes(b"a newer encoder")
+    assert layout.encoder_onnx == newer
+    with pytest.raises(IndexLoadError, match="build-index"):
+        initialize(triton, repo.retrieve_dir)
+
+    newer.write_bytes(served)
+    (layout.model_dir(contract.ENCODER_MODEL) / "1" / "model.onnx").write_bytes(b"an older one")
+    ranker = layout.model_dir(contract.RANKER_MODEL) / "7" / "ranker.json"
+    ranker.parent.mkdir()
+    ranker.write_text(json.dumps({"feature_names": ["an", "older", "set"]}))
+    with pytest.raises(RuntimeError, match="retrain"):
+        initialize(triton, repo.retrieve_dir)
+    ranker.write_text(
+        layout.version_dir(contract.RANKER_MODEL, 1).joinpath("ranker.json").read_text()
+    )
+    assert initialize(triton, repo.retrieve_dir).model.retriever.index.count == len(
+        repo.index.products
+    )
+
+
+def test_settings_come_from_the_config_with_the_code_defaults() -> None:
+    from ecomsearch.serving.retrieve import RetrieveSettings
+
+    assert RetrieveSettings.from_config({}) == RetrieveSettings()
+    config = {"parameters": {"vector_pool": {"string_value": "7"}}}
+    assert RetrieveSettings.from_config(config) == RetrieveSettings(vector_pool=7)
+    with pytest.raises(ValueError, match="'lexical_pool' must be >= 1"):
+        RetrieveSettings.from_config({"parameters": {"lexical_pool": {"string_value": "0"}}})

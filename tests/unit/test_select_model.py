@@ -1,5 +1,5 @@
-"""model_repository/select/1/model.py driven through the fake backend module, and top_k_rows:
-the top-k candidates by score become product ids, scores and titles."""
+"""model_repository/select/1/model.py driven through the fake backend module: the top-k
+candidates by score become product ids, scores and titles."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from ecomsearch import contract
 from ecomsearch.index.manifest import IndexLoadError
 from ecomsearch.serving.base import RequestError
-from ecomsearch.serving.select import parse_top_k, top_k_rows
+from ecomsearch.serving.select import parse_top_k
 
 # Enough products for the default top_k and a few more.
 PRODUCTS = max(12, contract.DEFAULT_TOP_K + 4)
@@ -36,13 +36,6 @@ def initialize(triton, model_dir: Path):
 @pytest.fixture
 def select(triton, repo):
     return initialize(triton, repo.select_dir)
-
-
-@pytest.fixture
-def max_top_k(triton, repo) -> int:
-    return int(
-        triton.config_parameter(repo.select_dir / "config.pbtxt", "max_top_k", contract.MAX_TOP_K)
-    )
 
 
 def request(triton, rows, scores, top_k: int | list[int] | None = None):
@@ -111,9 +104,9 @@ def test_titles_are_utf8_bytes(triton, select, products) -> None:
     assert triton.outputs(response)[contract.TITLES].tolist() == [["Café mug".encode()]]
 
 
-def test_without_top_k_the_default_is_used(triton, select, products, max_top_k) -> None:
+def test_without_top_k_the_default_is_used(triton, select, products) -> None:
     rows, scores = random_candidates(seed=1, batch=2, width=PRODUCTS)
-    k = min(contract.DEFAULT_TOP_K, max_top_k)
+    k = contract.DEFAULT_TOP_K
 
     (response,) = select.execute([request(triton, rows, scores)])
 
@@ -159,7 +152,7 @@ def test_a_query_with_no_candidates_gets_only_empty_slots(triton, select, produc
     )
 
 
-# case -> (max_top_k -> (request arguments, fragments of the message)).
+# case -> (the largest k -> (request arguments, fragments of the message)).
 BAD_REQUESTS = {
     "top-k-0": lambda m: ({"top_k": 0}, [f"between 1 and {m}", "got 0"]),
     "top-k-negative": lambda m: ({"top_k": -3}, [f"between 1 and {m}", "got -3"]),
@@ -189,9 +182,9 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
 def test_a_bad_request_gets_invalid_arg_and_its_neighbours_succeed(
-    triton, select, products, max_top_k, case: str
+    triton, select, products, case: str
 ) -> None:
-    changes, fragments = BAD_REQUESTS[case](max_top_k)
+    changes, fragments = BAD_REQUESTS[case](contract.MAX_TOP_K)
     bad = {"rows": [[0, 1]], "scores": [[1.0, 2.0]], "top_k": 1, **changes}
     good = [random_candidates(7, 2, 8), random_candidates(8, 1, 8)]
     requests = [
@@ -219,22 +212,6 @@ def test_a_missing_input_gets_invalid_arg(triton, select, missing: str) -> None:
     triton.assert_invalid_arg(response, "required")
 
 
-def test_max_top_k_parameter_is_honoured(triton, repo, products) -> None:
-    triton.set_parameters(repo.select_dir / "config.pbtxt", max_top_k=5)
-    model = initialize(triton, repo.select_dir)
-    rows, scores = random_candidates(9, 1, PRODUCTS)
-
-    responses = model.execute(
-        [request(triton, rows, scores), request(triton, rows, scores, top_k=6)]
-    )
-
-    # The default top_k is capped at max_top_k.
-    assert_selected(
-        triton, responses[0], products, *best(rows, scores, min(5, contract.DEFAULT_TOP_K))
-    )
-    triton.assert_invalid_arg(responses[1], "between 1 and 5")
-
-
 def test_initialize_refuses_a_missing_index(triton, repo) -> None:
     (repo.layout.index_dir / "manifest.json").unlink()
     with pytest.raises(IndexLoadError, match="no index"):
@@ -254,47 +231,10 @@ def test_a_requests_results_do_not_depend_on_its_neighbours(triton, select, prod
     assert triton.outputs(batched)[ids].tolist() == triton.outputs(alone)[ids].tolist()
 
 
-# top_k_rows and parse_top_k directly.
-
-
-def test_top_k_rows_orders_best_first_and_skips_padding() -> None:
-    rows = np.array([[10, 11, -1, 13], [20, -1, -1, 23]], np.int64)
-    scores = np.array([[0.5, 2.0, 9.0, 1.0], [-1.0, 5.0, 6.0, -2.0]], np.float32)
-
-    top_rows, top_scores = top_k_rows(rows, scores, 3)
-
-    assert top_rows.tolist() == [[11, 13, 10], [20, 23, -1]]
-    np.testing.assert_array_equal(top_scores, [[2.0, 1.0, 0.5], [-1.0, -2.0, -np.inf]])
-    assert top_scores.dtype == np.float32
-
-
-def test_top_k_rows_with_k_above_the_width_returns_every_candidate() -> None:
-    rows = np.array([[5, 6, 7]], np.int64)
-    top_rows, top_scores = top_k_rows(rows, np.array([[1, 3, 2]], np.float32), 10)
-    assert top_rows.tolist() == [[6, 7, 5]]
-    assert top_scores.tolist() == [[3, 2, 1]]
-
-
-def test_top_k_rows_keeps_candidate_order_among_ties_when_all_fit() -> None:
-    rows = np.array([[40, 41, 42, 43, 44]], np.int64)
-    scores = np.array([[1, 2, 1, 2, 1]], np.float32)
-    top_rows, _ = top_k_rows(rows, scores, 5)
-    assert top_rows.tolist() == [[41, 43, 40, 42, 44]]
-
-
-def test_top_k_rows_breaks_ties_by_candidate_order_for_every_k() -> None:
-    width = 20
-    rows = np.arange(100, 100 + width, dtype=np.int64)[None]
-    scores = np.ones((1, width), np.float32)
-    scores[0, 0] = 2.0
-    for k in range(1, width + 1):
-        top_rows, _ = top_k_rows(rows, scores, k)
-        assert top_rows.tolist() == [rows[0, :k].tolist()], k
-
-
 def test_parse_top_k() -> None:
-    assert parse_top_k(None, batch=3, max_top_k=100) == contract.DEFAULT_TOP_K
-    assert parse_top_k(None, batch=3, max_top_k=4) == min(4, contract.DEFAULT_TOP_K)
-    assert parse_top_k(np.array([[7], [7]], np.int32), batch=2, max_top_k=7) == 7
-    with pytest.raises(RequestError, match="between 1 and 7"):
-        parse_top_k(np.array([[8]], np.int32), batch=1, max_top_k=7)
+    assert parse_top_k(None, batch=3) == contract.DEFAULT_TOP_K
+    assert parse_top_k(np.array([[7], [7]], np.int32), batch=2) == 7
+    top = contract.MAX_TOP_K
+    assert parse_top_k(np.array([[top]], np.int32), batch=1) == top
+    with pytest.raises(RequestError, match=f"between 1 and {top}"):
+        parse_top_k(np.array([[top + 1]], np.int32), batch=1)

@@ -8,45 +8,53 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecomsearch.paths import PROJECT_ROOT
 from ecomsearch.serving.base import (
     BatchedModel,
     RequestError,
+    Tensors,
     input_array,
     int_parameter,
     model_config,
     parameter,
     split_rows,
 )
+from tests.project import MODEL_REPOSITORY
 
-PREPROCESS_CONFIG = PROJECT_ROOT / "model_repository" / "preprocess" / "config.pbtxt"
+PREPROCESS_CONFIG = MODEL_REPOSITORY / "preprocess" / "config.pbtxt"
+RETRIEVE_CONFIG = MODEL_REPOSITORY / "retrieve" / "config.pbtxt"
 
 
-class Doubler(BatchedModel[np.ndarray]):
-    """y = 2x per row; a request with a negative value is malformed."""
+class Doubler(BatchedModel):
+    """y = 2x per row; a request with a negative value is malformed, and one with a value of
+    13 is found malformed only while computing (a RequestError from `run`)."""
 
-    def __init__(self, pb_utils, results_per_run: int | None = None) -> None:
+    def __init__(self, pb_utils, drop_rows: int = 0) -> None:
         super().__init__(pb_utils)
-        self.runs: list[list[np.ndarray]] = []
-        self.results_per_run = results_per_run
+        self.runs: list[np.ndarray] = []
+        self.drop_rows = drop_rows
 
-    def parse(self, request) -> np.ndarray:
+    def parse(self, request) -> Tensors:
         x = input_array(self.pb_utils, request, "x")
         if x is None:
             raise RequestError("input 'x' is required")
         if (x < 0).any():
             raise RequestError("input 'x' must not be negative")
-        return x
+        inputs = {"x": x}
+        tag = input_array(self.pb_utils, request, "tag")
+        if tag is not None:
+            inputs["tag"] = tag
+        return inputs
 
-    def run(self, parsed: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        self.runs.append(parsed)
-        doubled = split_rows(np.concatenate(parsed) * 2, [len(x) for x in parsed])
-        results = [{"y": y} for y in doubled]
-        return results if self.results_per_run is None else results[: self.results_per_run]
+    def run(self, inputs: Tensors) -> Tensors:
+        self.runs.append(inputs["x"])
+        if (inputs["x"] == 13).any():
+            raise RequestError("13 is unlucky")
+        y = inputs["x"] * 2
+        return {"y": y[: len(y) - self.drop_rows]}
 
 
-def rows(*values: float) -> np.ndarray:
-    return np.array(values, dtype=np.float32).reshape(-1, 1)
+def rows(*values: float, width: int = 1) -> np.ndarray:
+    return np.repeat(np.array(values, dtype=np.float32).reshape(-1, 1), width, axis=1)
 
 
 def test_one_response_per_request_in_order_with_bad_ones_answered_invalid_arg(triton) -> None:
@@ -67,9 +75,56 @@ def test_one_response_per_request_in_order_with_bad_ones_answered_invalid_arg(tr
     triton.assert_invalid_arg(responses[2], "'x' is required")
     np.testing.assert_array_equal(triton.outputs(responses[3])["y"], rows(6))
     np.testing.assert_array_equal(triton.outputs(responses[4])["y"], rows(8, 10, 12))
-    # One run for all the good requests, in request order, without the bad ones.
-    assert len(model.runs) == 1
-    assert [x.ravel().tolist() for x in model.runs[0]] == [[1, 2], [3], [4, 5, 6]]
+    # One run over the good requests' rows, concatenated in request order.
+    assert [x.ravel().tolist() for x in model.runs] == [[1, 2, 3, 4, 5, 6]]
+
+
+def test_requests_that_cannot_be_stacked_run_apart(triton) -> None:
+    model = Doubler(triton.pb_utils)
+    responses = model.execute(
+        [
+            triton.request(x=rows(1, width=2)),
+            triton.request(x=rows(2, 3, width=3)),
+            triton.request(x=rows(4, width=2)),
+        ]
+    )
+    assert [triton.outputs(r)["y"].tolist() for r in responses] == [
+        [[2, 2]],
+        [[4, 4, 4], [6, 6, 6]],
+        [[8, 8]],
+    ]
+    assert sorted(x.shape for x in model.runs) == [(2, 2), (2, 3)]
+
+
+def test_a_request_rejected_while_computing_fails_alone(triton) -> None:
+    model = Doubler(triton.pb_utils)
+    responses = model.execute(
+        [triton.request(x=rows(1)), triton.request(x=rows(13, 2)), triton.request(x=rows(3))]
+    )
+    np.testing.assert_array_equal(triton.outputs(responses[0])["y"], rows(2))
+    triton.assert_invalid_arg(responses[1], "unlucky")
+    np.testing.assert_array_equal(triton.outputs(responses[2])["y"], rows(6))
+    # The batch, then each request alone to find the culprit.
+    assert [x.ravel().tolist() for x in model.runs] == [[1, 13, 2, 3], [1], [13, 2], [3]]
+
+
+def test_inputs_that_disagree_on_the_batch_size_are_a_bad_request(triton) -> None:
+    model = Doubler(triton.pb_utils)
+    (response,) = model.execute([triton.request(x=rows(1, 2), tag=rows(7))])
+    triton.assert_invalid_arg(response, "batch size", "'x': 2", "'tag': 1")
+    assert model.runs == []
+
+
+def test_finish_shapes_each_requests_outputs_after_the_split(triton) -> None:
+    class Summing(Doubler):
+        def finish(self, outputs: Tensors) -> Tensors:
+            return {"y": outputs["y"], "total": np.full(len(outputs["y"]), outputs["y"].sum())}
+
+    responses = Summing(triton.pb_utils).execute(
+        [triton.request(x=rows(1, 2)), triton.request(x=rows(10))]
+    )
+    assert triton.outputs(responses[0])["total"].tolist() == [6, 6]
+    assert triton.outputs(responses[1])["total"].tolist() == [20]
 
 
 def test_when_every_request_is_bad_nothing_runs(triton) -> None:
@@ -83,9 +138,11 @@ def test_no_requests_give_no_responses(triton) -> None:
     assert Doubler(triton.pb_utils).execute([]) == []
 
 
-def test_a_run_that_loses_results_is_a_model_error(triton) -> None:
-    model = Doubler(triton.pb_utils, results_per_run=1)
-    with pytest.raises(triton.pb_utils.TritonModelException, match="1 results for 2 requests"):
+def test_a_run_that_loses_rows_is_a_model_error(triton) -> None:
+    model = Doubler(triton.pb_utils, drop_rows=1)
+    with pytest.raises(
+        triton.pb_utils.TritonModelException, match="'y' has 1 rows for a batch of 2"
+    ):
         model.execute([triton.request(x=rows(1)), triton.request(x=rows(2))])
 
 
@@ -111,10 +168,10 @@ def test_split_rows_refuses_counts_that_do_not_cover_the_batch(counts: list[int]
 
 
 def test_config_helpers_read_tritons_json(triton) -> None:
-    config = model_config(triton.args(PREPROCESS_CONFIG, PREPROCESS_CONFIG.parent))
-    assert parameter(config, "tokenizer_dir", "elsewhere") == "tokenizer"
+    config = model_config(triton.args(RETRIEVE_CONFIG, RETRIEVE_CONFIG.parent))
+    assert parameter(config, "vector_pool", "elsewhere") == "200"
     assert parameter(config, "not_there", "fallback") == "fallback"
-    assert int_parameter(config, "max_query_bytes", 1) == 2048
+    assert int_parameter(config, "lexical_pool", 1) == 200
     assert int_parameter(config, "not_there", 7) == 7
 
 
@@ -150,7 +207,6 @@ def test_args_match_what_tritonserver_passes(triton, tmp_path) -> None:
     delay_us = parsed.dynamic_batching.max_queue_delay_microseconds
     assert delay_us > 0
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == delay_us
-    assert config["parameters"]["max_query_tokens"] == {"string_value": "64"}
     assert triton.pb_utils.triton_string_to_numpy(query["data_type"]) is np.object_
 
 

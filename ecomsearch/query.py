@@ -1,0 +1,49 @@
+"""Query text as the service accepts it: the one place that decodes and validates a [batch, 1]
+BYTES tensor of queries, for every model that receives them (`preprocess`, `retrieve`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from ecomsearch import contract
+from ecomsearch.errors import RequestError
+
+
+def normalise_query(data: bytes, row: int, max_query_bytes: int = contract.MAX_QUERY_BYTES) -> str:
+    """UTF-8 bytes to the query text, whitespace collapsed; raises RequestError naming `row`."""
+    if len(data) > max_query_bytes:
+        raise RequestError(f"query {row} is {len(data)} bytes; the maximum is {max_query_bytes}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"query {row} is not valid UTF-8 ({e.reason})") from None
+    text = " ".join(text.split())
+    if not text:
+        raise RequestError(f"query {row} is empty or only whitespace")
+    return text
+
+
+def decode_queries(
+    raw: np.ndarray | None, max_query_bytes: int = contract.MAX_QUERY_BYTES
+) -> list[str]:
+    """Validates a [batch, 1] BYTES tensor of queries; raises RequestError naming the bad row."""
+    if raw is None:
+        raise RequestError(f"input {contract.QUERY!r} is required")
+    if raw.ndim != 2 or raw.shape[1] != 1 or raw.shape[0] == 0:
+        raise RequestError(f"input {contract.QUERY!r} must have shape [batch, 1], got {raw.shape}")
+    return [
+        normalise_query(
+            value if isinstance(value, bytes) else str(value).encode("utf-8"), row, max_query_bytes
+        )
+        for row, value in enumerate(raw[:, 0])
+    ]
+
+
+def queries_array(queries: Iterable[str]) -> np.ndarray:
+    """[n] object array of query strings: how decoded queries travel through a batched model."""
+    queries = list(queries)
+    array = np.empty(len(queries), dtype=object)
+    array[:] = queries
+    return array

@@ -1,0 +1,39 @@
+"""Workspaces: model repositories of their own for other catalogs (eval, bench, training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ecomsearch import contract
+from ecomsearch.paths import ModelRepositoryLayout, prepare_model_repository
+from ecomsearch.workspace import link_model_repository
+
+
+def test_a_workspace_mirrors_its_source_and_keeps_its_own_index(tmp_path: Path) -> None:
+    source = ModelRepositoryLayout(prepare_model_repository(tmp_path / "source"))
+    source.encoder_onnx.write_bytes(b"encoder")
+    source.tokenizer_dir.mkdir()
+    (source.tokenizer_dir / "tokenizer.json").write_text("{}")
+    source.index_dir.mkdir()
+    (source.index_dir / "manifest.json").write_text("the source's index")
+
+    target = tmp_path / "workspace"
+    link_model_repository(source.root, target)
+    workspace = ModelRepositoryLayout(target)
+    assert workspace.encoder_onnx.resolve() == source.encoder_onnx.resolve()
+    assert (workspace.tokenizer_dir / "tokenizer.json").read_text() == "{}"
+    assert not workspace.index_dir.exists(), "the source's index is not the workspace's"
+
+    workspace.index_dir.mkdir()
+    (workspace.index_dir / "manifest.json").write_text("the workspace's index")
+    stale = target / contract.SELECT_MODEL / "configs" / "gpu.pbtxt"
+    stale.parent.mkdir()
+    stale.write_text("a profile the source no longer has")
+    (source.root / contract.SELECT_MODEL / "config.pbtxt").write_text("changed in the source")
+
+    link_model_repository(source.root, target)
+
+    assert not stale.exists()
+    assert (target / contract.SELECT_MODEL / "config.pbtxt").read_text() == "changed in the source"
+    assert (workspace.index_dir / "manifest.json").read_text() == "the workspace's index"
+    assert workspace.encoder_onnx.is_symlink()
