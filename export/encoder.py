@@ -9,30 +9,28 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ecomsearch import contract
-from ecomsearch.export.checks import (
+from ecomsearch.export.onnx import (
+    OPSET,
     ExportValidationError,
+    OnnxSignature,
+    install,
     validate_embedding_agreement,
-    validate_onnx_export,
+    verified_export,
 )
 from ecomsearch.fingerprint import file_sha256
 from ecomsearch.paths import ModelRepositoryLayout
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
-INPUT_AXES = {0: "batch", 1: "sequence"}
-OUTPUT_AXES = {0: "batch"}
+TOKEN_AXES = {0: "batch", 1: "sequence"}
 # Traced with one shape, validated with another, so the dynamic axes are really dynamic.
 TRACE_BATCH, TRACE_SEQUENCE = 2, 8
 CHECK_BATCH, CHECK_SEQUENCE = 3, 21
@@ -92,18 +90,6 @@ def sample_inputs(batch: int, sequence: int, vocab_size: int, seed: int) -> dict
     return {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask}
 
 
-def declare_output_width(onnx_path: Path, dimension: int) -> None:
-    """The tracer leaves the embedding width symbolic; declare it, as the config does."""
-    import onnx
-
-    model = onnx.load(str(onnx_path))
-    width = model.graph.output[0].type.tensor_type.shape.dim[1]
-    width.Clear()
-    width.dim_value = dimension
-    onnx.checker.check_model(model)
-    onnx.save(model, str(onnx_path))
-
-
 @dataclass(frozen=True)
 class EncoderExport:
     onnx_path: Path
@@ -128,8 +114,6 @@ def export_encoder(
     tokenizer into the repository."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
-    import torch
-
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
     missing = [
@@ -139,47 +123,23 @@ def export_encoder(
         raise FileNotFoundError(f"checkpoint {checkpoint} lacks {', '.join(missing)}")
     module = build_sentence_encoder(checkpoint)
     vocab_size = int(module.transformer.config.vocab_size)
+    dimension = int(module.transformer.config.hidden_size)
+    signature = OnnxSignature(
+        inputs={contract.INPUT_IDS: TOKEN_AXES, contract.ATTENTION_MASK: TOKEN_AXES},
+        # The tracer leaves the embedding width symbolic; declare it, as the config does.
+        outputs={contract.EMBEDDING: {0: "batch", 1: dimension}},
+    )
     traced = sample_inputs(TRACE_BATCH, TRACE_SEQUENCE, vocab_size, seed=0)
-
-    with tempfile.TemporaryDirectory(prefix="ecomsearch-export-") as scratch:
-        scratch_onnx = Path(scratch) / "model.onnx"
-        # The tracer warns about Python branches on shapes inside transformers; the validation
-        # below at another batch size and sequence length is what proves the graph general.
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*aten::index.*")
-            # The TorchScript exporter is deprecated in favour of torch.export; it is kept while
-            # it is the one that names dynamic axes the way Triton configs and optimum do.
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                module,
-                tuple(torch.from_numpy(v) for v in traced.values()),
-                str(scratch_onnx),
-                input_names=list(traced),
-                output_names=[contract.EMBEDDING],
-                dynamic_axes={
-                    contract.INPUT_IDS: INPUT_AXES,
-                    contract.ATTENTION_MASK: INPUT_AXES,
-                    contract.EMBEDDING: OUTPUT_AXES,
-                },
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        dimension = int(module.transformer.config.hidden_size)
-        declare_output_width(scratch_onnx, dimension)
-        checked = sample_inputs(CHECK_BATCH, CHECK_SEQUENCE, vocab_size, seed=1)
-        differences = validate_onnx_export(
-            module, scratch_onnx, checked, [contract.EMBEDDING], atol=ATOL
-        )
+    checked = sample_inputs(CHECK_BATCH, CHECK_SEQUENCE, vocab_size, seed=1)
+    with verified_export(module, signature, traced, checked, atol=ATOL) as export:
         min_cosine = None
+        served = export.onnx_path
         if quantize == "int8":
-            quantized = Path(scratch) / "model.int8.onnx"
-            quantize_int8(scratch_onnx, quantized)
-            min_cosine = validate_embedding_agreement(module, quantized, checked, INT8_MIN_COSINE)
-            os.replace(quantized, scratch_onnx)
-
-        layout.encoder_version_dir.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(scratch_onnx), layout.encoder_onnx)
+            served = export.onnx_path.with_name("model.int8.onnx")
+            quantize_int8(export.onnx_path, served)
+            min_cosine = validate_embedding_agreement(module, served, checked, INT8_MIN_COSINE)
+        install(served, layout.encoder_onnx)
+    difference = export.max_abs_differences[contract.EMBEDDING]
 
     layout.tokenizer_dir.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -193,7 +153,7 @@ def export_encoder(
         "dimension": dimension,
         "opset": OPSET,
         "validated_at": {"batch": CHECK_BATCH, "sequence": CHECK_SEQUENCE},
-        "max_abs_difference": differences[contract.EMBEDDING],
+        "max_abs_difference": difference,
         "atol": ATOL,
         "quantization": quantize,
         "int8_min_cosine_to_pytorch": min_cosine,
@@ -203,7 +163,7 @@ def export_encoder(
         onnx_path=layout.encoder_onnx,
         fingerprint=fingerprint,
         dimension=dimension,
-        max_abs_difference=differences[contract.EMBEDDING],
+        max_abs_difference=difference,
         seconds=time.perf_counter() - started,
     )
 

@@ -1,23 +1,22 @@
-"""Exporting the trained ranker to ONNX, verified against PyTorch like the encoder."""
+"""Exporting the trained ranker to ONNX through the verified export path, like the encoder."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ecomsearch import contract
-from ecomsearch.export.checks import validate_onnx_export
+from ecomsearch.export.onnx import OPSET, OnnxSignature, install, verified_export
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.ranking.features import FEATURE_COUNT, FEATURE_NAMES
 
-OPSET = 17
-AXES = {0: "batch", 1: "candidates"}
+CANDIDATE_AXES = {0: "batch", 1: "candidates"}
+SIGNATURE = OnnxSignature(
+    inputs={contract.CANDIDATE_FEATURES: CANDIDATE_AXES},
+    outputs={contract.RANKING_SCORES: CANDIDATE_AXES},
+)
 TRACE_BATCH, TRACE_CANDIDATES = 2, 400
 CHECK_BATCH, CHECK_CANDIDATES = 3, 57
 ATOL = 1e-4
@@ -31,39 +30,21 @@ def sample_features(batch: int, candidates: int, model, seed: int) -> np.ndarray
     return (mean + std * rng.normal(size=(batch, candidates, FEATURE_COUNT))).astype(np.float32)
 
 
-def export_ranker(model, layout: ModelRepositoryLayout, info: dict[str, Any]) -> float:
-    """Writes ranker/1/model.onnx and ranker.json; returns the max |ONNX - PyTorch|."""
-    import torch
-
-    traced = sample_features(TRACE_BATCH, TRACE_CANDIDATES, model, seed=0)
-    with tempfile.TemporaryDirectory(prefix="ecomsearch-ranker-") as scratch:
-        scratch_onnx = Path(scratch) / "model.onnx"
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (torch.from_numpy(traced),),
-                str(scratch_onnx),
-                input_names=[contract.CANDIDATE_FEATURES],
-                output_names=[contract.RANKING_SCORES],
-                dynamic_axes={contract.CANDIDATE_FEATURES: AXES, contract.RANKING_SCORES: AXES},
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        checked = {
-            contract.CANDIDATE_FEATURES: sample_features(CHECK_BATCH, CHECK_CANDIDATES, model, 1)
-        }
-        differences = validate_onnx_export(
-            model, scratch_onnx, checked, [contract.RANKING_SCORES], atol=ATOL
-        )
-        layout.ranker_onnx.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(scratch_onnx), layout.ranker_onnx)
+def export_ranker(model, layout: ModelRepositoryLayout, info: dict[str, Any]) -> dict[str, Any]:
+    """Writes the ranker's model.onnx and ranker.json (`info` plus what the export checked);
+    returns that record. A `RankerExporter` for `ecomsearch.ranking.training`."""
+    traced = {contract.CANDIDATE_FEATURES: sample_features(TRACE_BATCH, TRACE_CANDIDATES, model, 0)}
+    checked = {
+        contract.CANDIDATE_FEATURES: sample_features(CHECK_BATCH, CHECK_CANDIDATES, model, 1)
+    }
+    with verified_export(model, SIGNATURE, traced, checked, atol=ATOL) as export:
+        install(export.onnx_path, layout.ranker_onnx)
     record = {
         **info,
         "feature_names": list(FEATURE_NAMES),
         "opset": OPSET,
         "validated_at": {"batch": CHECK_BATCH, "candidates": CHECK_CANDIDATES},
-        "max_abs_difference": differences[contract.RANKING_SCORES],
+        "max_abs_difference": export.max_abs_differences[contract.RANKING_SCORES],
     }
     layout.ranker_info.write_text(json.dumps(record, indent=2) + "\n")
-    return differences[contract.RANKING_SCORES]
+    return record

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ecomsearch import contract
 from ecomsearch.encoder import OnnxEncoder
 from ecomsearch.evaluation.metrics import Judgments, Metrics, dcg, evaluate
+from ecomsearch.evaluation.splits import DEFAULT_SEED, DEFAULT_VALIDATION_FRACTION, split_queries
+from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.ranking.candidates import HybridRetriever
+from ecomsearch.ranking.selection import best_positions, top_k_rows
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +91,23 @@ def build_examples(
 
 
 def ndcg_at_10(scores: np.ndarray, examples: ExampleSet) -> float:
-    """Mean NDCG@10 of ordering each query's candidates by `scores` (padding last)."""
-    scores = np.where(examples.valid, scores, -np.inf)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    """Mean NDCG@10 of ordering each query's candidates by `scores`, as `select` orders them."""
+    top = best_positions(scores, examples.valid, 10)
     top_gains = np.take_along_axis(examples.gains, top, axis=1)
     discounts = 1.0 / np.log2(np.arange(2, 12))
     dcgs = (top_gains * discounts[: top.shape[1]]).sum(axis=1)
     return float(np.mean(np.where(examples.ideal_dcg > 0, dcgs / examples.ideal_dcg, 0.0)))
 
 
-def served_rankings(scores: np.ndarray, examples: ExampleSet, ids: np.ndarray, k: int) -> dict:
-    """query -> top-k product ids, as the `select` model would return them."""
-    scores = np.where(examples.valid, scores, -np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    rankings = {}
-    for query, query_rows, query_order in zip(examples.queries, examples.rows, order, strict=True):
-        chosen = query_rows[query_order]
-        rankings[query] = [ids[row].decode("utf-8") for row in chosen if row >= 0]
-    return rankings
+def served_rankings(
+    scores: np.ndarray, examples: ExampleSet, ids: np.ndarray, k: int
+) -> dict[str, list[str]]:
+    """query -> top-k product ids, as the `select` model returns them."""
+    rows, _ = top_k_rows(examples.rows, scores, k)
+    return {
+        query: [ids[row].decode("utf-8") for row in query_rows if row >= 0]
+        for query, query_rows in zip(examples.queries, rows, strict=True)
+    }
 
 
 @dataclass
@@ -193,32 +198,36 @@ def compare_on(examples: ExampleSet, model, judgments: Judgments, ids: np.ndarra
     return result
 
 
+# Writes the trained ranker into a model repository (ONNX and ranker.json, verified against
+# PyTorch) and returns what it recorded: `ecomsearch.export.ranker.export_ranker`. Passed in by
+# the caller, so training does not depend on the export tooling.
+RankerExporter = Callable[[Any, ModelRepositoryLayout, dict[str, Any]], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class TrainRankerResult:
     report: TrainingReport
     validation: dict[str, Metrics]
     counts: dict[str, int]
-    max_abs_difference: float
+    export: dict[str, Any]  # what the exporter recorded (opset, max |ONNX - PyTorch|, ...)
 
 
 def train_and_export(
-    catalog,
-    judgments_path,
-    layout,
-    cache_dir,
-    seed: int,
-    validation_fraction: float,
+    catalog: Path,
+    judgments_path: Path,
+    layout: ModelRepositoryLayout,
+    cache_dir: Path,
+    export: RankerExporter,
+    seed: int = DEFAULT_SEED,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     early_stop_fraction: float = 0.1,
     recall_weight: float = 0.0,
+    data_description: str = "",
 ) -> TrainRankerResult:
-    """The whole command: index, split, candidates, training, validation, export, model card."""
-    from datetime import datetime, timezone
-
+    """The whole command: index, split, candidates, training, validation, export (by `export`)
+    and the model card. `data_description` says what the training data is, for the card."""
     from ecomsearch.evaluation.metrics import read_judgments
-    from ecomsearch.evaluation.splits import split_queries
-    from ecomsearch.export.ranker import export_ranker
     from ecomsearch.index.store import CatalogIndex
-    from ecomsearch.paths import ModelRepositoryLayout
     from ecomsearch.ranking.card import write_model_card
     from ecomsearch.workspace import catalog_repository
 
@@ -268,7 +277,12 @@ def train_and_export(
     }
     info = {
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "training_data": {"catalog": str(catalog), "judgments": str(judgments_path)},
+        "training_data": {
+            "catalog": str(catalog),
+            "judgments": str(judgments_path),
+            "description": data_description,
+            "grade_scale": [judgments.lowest, judgments.highest],
+        },
         "seed": seed,
         "recall_weight": recall_weight,
         "validation_fraction": validation_fraction,
@@ -278,6 +292,6 @@ def train_and_export(
         "candidate_pools": {"vector": retriever.vector_pool, "lexical": retriever.lexical_pool},
         "validation_in_process": {k: v.as_dict() for k, v in validation.items()},
     }
-    difference = export_ranker(model, layout, info)
-    write_model_card(layout.ranker_card, info)
-    return TrainRankerResult(report, validation, counts, difference)
+    record = export(model, layout, info)
+    write_model_card(layout.ranker_card, record)
+    return TrainRankerResult(report, validation, counts, record)

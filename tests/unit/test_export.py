@@ -11,7 +11,7 @@ import pytest
 
 from ecomsearch import cli, contract
 from ecomsearch.export import encoder as encoder_export
-from ecomsearch.export.checks import ExportValidationError, compare_outputs, validate_onnx_export
+from ecomsearch.export.onnx import ExportValidationError, compare_outputs, validate_onnx_export
 from ecomsearch.paths import ModelRepositoryLayout
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"tok{i}" for i in range(1100)]

@@ -1,0 +1,179 @@
+"""The ranker's export (the same verified path as the encoder's), its model card, and
+`train_and_export` end to end on a small real catalog with the exporter passed in."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from ecomsearch import contract
+from ecomsearch.export import encoder as encoder_export
+from ecomsearch.export.onnx import OPSET
+from ecomsearch.export.ranker import export_ranker
+from ecomsearch.paths import ModelRepositoryLayout, demo_catalog, prepare_model_repository
+from ecomsearch.ranking.card import render_model_card
+from ecomsearch.ranking.features import FEATURE_COUNT, FEATURE_NAMES
+from tests.project import MODEL_REPOSITORY
+
+
+def tiny_ranker():
+    import torch
+
+    from ecomsearch.ranking.model import Ranker
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    return Ranker(rng.normal(size=FEATURE_COUNT), rng.uniform(0.5, 2, size=FEATURE_COUNT)).eval()
+
+
+TRAINING_INFO = {
+    "trained_at": "2026-01-01T00:00:00+00:00",
+    "training_data": {
+        "catalog": "/data/shop/catalog.jsonl",
+        "judgments": "/data/shop/judgments.csv",
+        "description": "",
+        "grade_scale": [0.0, 4.0],
+    },
+    "seed": 5,
+    "recall_weight": 0.0,
+    "validation_fraction": 0.2,
+    "counts": {
+        "fit_queries": 10,
+        "early_stop_queries": 2,
+        "validation_queries": 3,
+        "catalog_products": 1234,
+    },
+    "best_epoch": 1,
+    "epochs_run": 2,
+    "candidate_pools": {"vector": 200, "lexical": 200},
+    "validation_in_process": {
+        "retrieval": {"ndcg_at_10": 0.1, "recall_at_100": 0.2, "mrr_at_10": 0.3, "queries": 3},
+        "ranked": {"ndcg_at_10": 0.4, "recall_at_100": 0.5, "mrr_at_10": 0.6, "queries": 3},
+    },
+}
+
+
+def test_the_ranker_export_is_verified_and_records_what_it_checked(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    import torch
+
+    layout = ModelRepositoryLayout(tmp_path)
+    model = tiny_ranker()
+
+    record = export_ranker(model, layout, TRAINING_INFO)
+
+    assert json.loads(layout.ranker_info.read_text()) == record
+    assert record["feature_names"] == list(FEATURE_NAMES)
+    assert record["opset"] == OPSET
+    assert 0 <= record["max_abs_difference"] <= 1e-4
+    graph = onnx.load(str(layout.ranker_onnx))
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+    assert [i.name for i in graph.graph.input] == [contract.CANDIDATE_FEATURES]
+    assert [o.name for o in graph.graph.output] == [contract.RANKING_SCORES]
+    axes = [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert axes == ["batch", "candidates", ""]
+    features = np.random.default_rng(3).normal(size=(4, 9, FEATURE_COUNT)).astype(np.float32)
+    (scores,) = ort.InferenceSession(str(layout.ranker_onnx)).run(
+        None, {"candidate_features": features}
+    )
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(features)).numpy()
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+
+def test_both_exports_share_one_opset() -> None:
+    assert "OPSET" not in vars(encoder_export) or encoder_export.OPSET is OPSET
+    encoder = ModelRepositoryLayout(MODEL_REPOSITORY)
+    shipped = onnx.load(str(encoder.ranker_onnx))
+    assert [o.version for o in shipped.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+
+
+def test_the_model_card_states_what_was_trained() -> None:
+    record = {**TRAINING_INFO, "feature_names": list(FEATURE_NAMES), "opset": 99}
+    card = render_model_card(record)
+    assert "ONNX opset 99" in card
+    assert "Home Depot" not in card
+    assert "`catalog.jsonl`" in card and "`judgments.csv`" in card
+    assert "--data-description" in card
+    assert "1,234 products; judgments graded from 0 (irrelevant) to 4" in card
+    described = {**record, "training_data": {**record["training_data"], "description": "A shop."}}
+    assert "A shop." in render_model_card(described)
+    assert "--data-description" not in render_model_card(described)
+
+
+def test_the_shipped_card_is_the_rendering_of_the_shipped_record() -> None:
+    layout = ModelRepositoryLayout(MODEL_REPOSITORY)
+    record = json.loads(layout.ranker_info.read_text())
+    assert layout.ranker_card.read_text() == render_model_card(record)
+
+
+def small_judged_catalog(directory: Path) -> tuple[Path, Path]:
+    """Twelve products of each of four demo categories, and judgments that a query naming a
+    category wants its products (grade 3) and not the others' (grade 1)."""
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    with gzip.open(demo_catalog(), "rt", encoding="utf-8") as stream:
+        for line in stream:
+            product = json.loads(line)
+            category = product["category_path"][-1]
+            if (
+                category in ("Mice", "Keyboards", "Monitors", "Headphones")
+                and len(by_category[category]) < 12
+            ):
+                by_category[category].append(product)
+    catalog = directory / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(p) + "\n" for ps in by_category.values() for p in ps))
+    judgments = directory / "judgments.csv"
+    with open(judgments, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["query", "product_id", "relevance"])
+        for category in by_category:
+            for adjective in ("wireless", "black", "gaming", "cheap", "best", "small"):
+                query = f"{adjective} {category.lower()}"
+                for other, others in by_category.items():
+                    for product in others[:4]:
+                        writer.writerow([query, product["id"], 3 if other == category else 1])
+    return catalog, judgments
+
+
+@pytest.mark.slow
+def test_train_and_export_uses_the_exporter_it_is_given(tmp_path: Path) -> None:
+    from ecomsearch.ranking.training import train_and_export
+
+    layout = ModelRepositoryLayout(prepare_model_repository(tmp_path / "repository"))
+    source = ModelRepositoryLayout(MODEL_REPOSITORY)
+    if not source.encoder_onnx.is_file():
+        pytest.fail("the exported encoder is missing: `make test` exports it first")
+    layout.encoder_onnx.symlink_to(source.encoder_onnx)
+    layout.tokenizer_dir.symlink_to(source.tokenizer_dir, target_is_directory=True)
+    catalog, judgments = small_judged_catalog(tmp_path)
+    calls = []
+
+    def exporter(model, target, info):
+        calls.append(target)
+        return export_ranker(model, target, info)
+
+    result = train_and_export(
+        catalog,
+        judgments,
+        layout,
+        cache_dir=tmp_path / "cache",
+        export=exporter,
+        validation_fraction=0.3,
+        data_description="Made-up judgments over the demo catalog.",
+    )
+
+    assert calls == [layout]
+    assert result.export["opset"] == OPSET
+    card = layout.ranker_card.read_text()
+    assert "Made-up judgments over the demo catalog." in card
+    assert f"ONNX opset {OPSET}" in card
+    recorded = json.loads(layout.ranker_info.read_text())
+    assert recorded["training_data"]["grade_scale"] == [1.0, 3.0]
+    assert result.validation["ranked"].queries == result.counts["validation_queries"] > 0
