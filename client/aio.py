@@ -9,7 +9,6 @@ from ecomsearch import contract
 from ecomsearch.client import protocol
 from ecomsearch.client.errors import from_server_exception
 from ecomsearch.client.protocol import Hit
-from ecomsearch.client.sync import DEFAULT_URL
 
 
 class AsyncSearchClient(protocol.SearchClientBase):
@@ -17,7 +16,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str = contract.DEFAULT_GRPC_URL,
         timeout_s: float = 2.0,
         model_name: str = contract.SEARCH_MODEL,
     ) -> None:

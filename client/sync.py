@@ -9,8 +9,6 @@ from ecomsearch.client import protocol
 from ecomsearch.client.errors import ServiceUnavailableError, from_server_exception
 from ecomsearch.client.protocol import Hit
 
-DEFAULT_URL = "localhost:8001"
-
 
 class SearchClient(protocol.SearchClientBase):
     """Product search over gRPC; use as a context manager.
@@ -21,7 +19,7 @@ class SearchClient(protocol.SearchClientBase):
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str = contract.DEFAULT_GRPC_URL,
         timeout_s: float = 2.0,
         model_name: str = contract.SEARCH_MODEL,
     ) -> None:

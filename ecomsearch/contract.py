@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from typing import Final
 
+# Where a server started by `ecomsearch serve` (or the container) listens by default.
+DEFAULT_HTTP_PORT: Final = 8000
+DEFAULT_GRPC_PORT: Final = 8001
+DEFAULT_METRICS_PORT: Final = 8002
+DEFAULT_GRPC_URL: Final = f"localhost:{DEFAULT_GRPC_PORT}"
+
 # Model names as they appear in model_repository/.
 SEARCH_MODEL: Final = "search"  # the product: ranked results
 SEARCH_UNRANKED_MODEL: Final = "search_unranked"  # retrieval-stage order, for evaluation

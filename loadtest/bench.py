@@ -3,24 +3,22 @@ measured side by side in one run, on one catalog, with the same queries."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ecomsearch import contract
-from ecomsearch.loadtest.load import LoadResult, closed_loop
+from ecomsearch.loadtest.load import closed_loop
+from ecomsearch.loadtest.report import BATCHING_COMPARISON_CONCURRENCY, BenchReport, write_report
 from ecomsearch.loadtest.triton_stats import breakdown, snapshot
 
 log = logging.getLogger(__name__)
 
 SYSTEMS = ("triton", "triton_no_batching", "in_process", "naive")
 DEFAULT_CONCURRENCIES = (1, 4, 16, 64)
-BATCHING_COMPARISON_CONCURRENCY = 16
 
 
 @dataclass
@@ -34,28 +32,6 @@ class BenchSettings:
     no_batching_concurrencies: Sequence[int] = (BATCHING_COMPARISON_CONCURRENCY,)
     # The served ensemble to load: `search`, or `search_unranked` to price the ranker.
     ensemble: str = contract.SEARCH_MODEL
-
-
-@dataclass
-class BenchReport:
-    settings: dict[str, Any]
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def add(self, result: LoadResult, stages: dict | None = None) -> None:
-        self.runs.append(result.summary())
-        if stages is not None:
-            self.stages[f"{result.system}@{result.concurrency}"] = stages
-        log.info(
-            "%-19s c=%-3d %7.1f req/s  p50 %7.2f ms  p99 %7.2f ms  (%d requests, %d errors)",
-            result.system,
-            result.concurrency,
-            result.throughput_rps,
-            result.percentile_ms(50),
-            result.percentile_ms(99),
-            result.requests,
-            result.errors,
-        )
 
 
 def triton_worker_factory(url: str, model_name: str, k: int, clients: list):
@@ -87,12 +63,18 @@ def without_dynamic_batching(source: Path, target: Path) -> Path:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
+    from ecomsearch.paths import ModelRepositoryLayout
+
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("index"))
-    (target / "retrieve" / "1" / "index").symlink_to(
-        (source / "retrieve" / "1" / "index").resolve(), target_is_directory=True
+    index = ModelRepositoryLayout(source).index_dir
+    shutil.copytree(
+        source,
+        target,
+        symlinks=True,
+        ignore=lambda directory, names: [n for n in names if Path(directory) / n == index],
     )
+    (target / index.relative_to(source)).symlink_to(index.resolve(), target_is_directory=True)
     for path in [*target.glob("*/config.pbtxt"), *target.glob("*/configs/*.pbtxt")]:
         config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
         config.ClearField("dynamic_batching")
@@ -102,12 +84,9 @@ def without_dynamic_batching(source: Path, target: Path) -> Path:
 
 @contextmanager
 def served(repository: Path, log_path: Path):
-    from ecomsearch.server.launcher import ServerPorts, TritonServer
+    from ecomsearch.server.launcher import TritonServer
 
-    server = TritonServer(
-        repository, ServerPorts.free(), bind_address="127.0.0.1", log_path=log_path
-    )
-    with server:
+    with TritonServer.local(repository, log_path) as server:
         yield server
 
 
@@ -141,8 +120,6 @@ def bench_local(report, system, pipeline, queries, concurrencies, settings) -> N
 def run_bench(
     repository: Path, queries: Sequence[str], out_dir: Path, settings: BenchSettings
 ) -> BenchReport:
-    from ecomsearch.loadtest.report import write_report
-
     out_dir.mkdir(parents=True, exist_ok=True)
     report = BenchReport(
         settings={
@@ -206,12 +183,3 @@ def load_queries(path: Path, limit: int | None = None) -> list[str]:
     if not queries:
         raise ValueError(f"{path}: no queries")
     return queries[:limit] if limit else queries
-
-
-def save_json(report: BenchReport, path: Path) -> None:
-    path.write_text(
-        json.dumps(
-            {"settings": report.settings, "runs": report.runs, "stages": report.stages}, indent=2
-        )
-        + "\n"
-    )

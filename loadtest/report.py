@@ -2,10 +2,50 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecomsearch.loadtest.bench import BATCHING_COMPARISON_CONCURRENCY, save_json
+from ecomsearch.loadtest.load import LoadResult
+
+log = logging.getLogger(__name__)
+
+# The concurrency at which the ensemble is compared with the naive baseline and with itself
+# without dynamic batching (the performance targets' concurrency).
+BATCHING_COMPARISON_CONCURRENCY = 16
+
+
+@dataclass
+class BenchReport:
+    settings: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, result: LoadResult, stages: dict | None = None) -> None:
+        self.runs.append(result.summary())
+        if stages is not None:
+            self.stages[f"{result.system}@{result.concurrency}"] = stages
+        log.info(
+            "%-19s c=%-3d %7.1f req/s  p50 %7.2f ms  p99 %7.2f ms  (%d requests, %d errors)",
+            result.system,
+            result.concurrency,
+            result.throughput_rps,
+            result.percentile_ms(50),
+            result.percentile_ms(99),
+            result.requests,
+            result.errors,
+        )
+
+
+def save_json(report: BenchReport, path: Path) -> None:
+    path.write_text(
+        json.dumps(
+            {"settings": report.settings, "runs": report.runs, "stages": report.stages}, indent=2
+        )
+        + "\n"
+    )
 
 
 def _run(runs: list[dict[str, Any]], system: str, concurrency: int) -> dict[str, Any] | None:

@@ -23,7 +23,11 @@ from ecomsearch.evaluation.metrics import (
     evaluate,
     read_judgments,
 )
-from ecomsearch.evaluation.splits import split_queries
+from ecomsearch.evaluation.splits import (
+    DEFAULT_SEED,
+    DEFAULT_VALIDATION_FRACTION,
+    split_queries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +84,13 @@ def run_eval(
     cache_dir: Path,
     url: str | None = None,
     split: str = "all",
-    seed: int = 13,
-    validation_fraction: float = 0.2,
+    seed: int = DEFAULT_SEED,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     limit: int | None = None,
     source_repository: Path | None = None,
 ) -> dict[str, Any]:
     """`source_repository` provides the models (default: the project's model_repository/)."""
-    from ecomsearch.server.launcher import ServerPorts, TritonServer
+    from ecomsearch.server.launcher import TritonServer
     from ecomsearch.workspace import catalog_repository
 
     judgments = read_judgments(judgments_path)
@@ -100,13 +104,7 @@ def run_eval(
     server = None
     if url is None:
         repository, _ = catalog_repository(catalog, cache_dir, source_repository)
-        server = TritonServer(
-            repository,
-            ServerPorts.free(),
-            bind_address="127.0.0.1",
-            log_path=out_dir / "tritonserver.log",
-        )
-        server.start()
+        server = TritonServer.local(repository, out_dir / "tritonserver.log").start()
         url = server.grpc_url
     try:
         rankings, seconds = {}, {}

@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecomsearch import contract
+
 log = logging.getLogger(__name__)
 
 DROP_IN_BACKENDS = Path(__file__).parent / "backends"
@@ -35,9 +37,9 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServerPorts:
-    http: int = 8000
-    grpc: int = 8001
-    metrics: int = 8002
+    http: int = contract.DEFAULT_HTTP_PORT
+    grpc: int = contract.DEFAULT_GRPC_PORT
+    metrics: int = contract.DEFAULT_METRICS_PORT
 
     @classmethod
     def free(cls) -> ServerPorts:
@@ -119,6 +121,19 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._backend_dir: tempfile.TemporaryDirectory | None = None
         self._log_stream = None
+
+    @classmethod
+    def local(
+        cls, model_repository: Path | str, log_path: Path | None = None, **options
+    ) -> TritonServer:
+        """A private server for a command or a test: loopback only, on ports free right now."""
+        return cls(
+            model_repository,
+            ServerPorts.free(),
+            bind_address="127.0.0.1",
+            log_path=log_path,
+            **options,
+        )
 
     @property
     def grpc_url(self) -> str:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ecomsearch.paths import DEMO_CATALOG, PROJECT_ROOT, ModelRepositoryLayout
-from ecomsearch.server.launcher import ServerPorts, TritonServer
+from ecomsearch.paths import ModelRepositoryLayout, demo_catalog
+from ecomsearch.server.launcher import TritonServer
 from ecomsearch.workspace import link_model_repository
+from tests.project import MODEL_REPOSITORY
 
-SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
+SOURCE_REPOSITORY = MODEL_REPOSITORY
 # Enough of each category that a query must pick the right one out of look-alikes.
 PRODUCTS_PER_CATEGORY = 40
 
@@ -22,13 +26,26 @@ PRODUCTS_PER_CATEGORY = 40
 def cut_fixture_catalog(target: Path) -> Path:
     """The first products (by source popularity) of every category of the demo catalog."""
     kept: dict[str, list[str]] = defaultdict(list)
-    with gzip.open(DEMO_CATALOG, "rt", encoding="utf-8") as stream:
+    with gzip.open(demo_catalog(), "rt", encoding="utf-8") as stream:
         for line in stream:
             category = json.loads(line)["category_path"][-1]
             if len(kept[category]) < PRODUCTS_PER_CATEGORY:
                 kept[category].append(line)
     target.write_text("".join(line for lines in kept.values() for line in lines))
     return target
+
+
+def wait_ready(http_port: int, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Waits for a server started as a command (`ecomsearch serve`) to be ready."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("server not ready in time")
 
 
 def copy_model_repository(target: Path) -> Path:
@@ -61,10 +78,7 @@ def model_repository(tmp_path_factory, fixture_catalog, embedding_cache) -> Path
 @pytest.fixture(scope="session")
 def triton_server(model_repository, tmp_path_factory) -> Iterator[TritonServer]:
     log_path = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    server = TritonServer(
-        model_repository, ServerPorts.free(), bind_address="127.0.0.1", log_path=log_path
-    )
-    with server:
+    with TritonServer.local(model_repository, log_path) as server:
         yield server
 
 

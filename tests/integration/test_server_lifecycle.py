@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -18,21 +17,9 @@ from ecomsearch.index.manifest import FAISS_FILE, MANIFEST_FILE
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.server.launcher import ServerError, ServerPorts, TritonServer
 
-from .conftest import copy_model_repository
+from .conftest import copy_model_repository, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def wait_ready(http_port: int, process: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError("server not ready in time")
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
@@ -104,9 +91,7 @@ def missing_manifest(index_dir: Path) -> None:
 )
 def test_broken_index_refuses_to_load(model_repository, tmp_path, damage, message):
     repository = broken_repository(model_repository, tmp_path / "repository", damage)
-    server = TritonServer(
-        repository, ServerPorts.free(), bind_address="127.0.0.1", log_path=tmp_path / "server.log"
-    )
+    server = TritonServer.local(repository, tmp_path / "server.log")
     with pytest.raises(ServerError) as caught:
         server.start(timeout_s=120)
     assert message in str(caught.value), str(caught.value)[-3000:]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ecomsearch.client import SearchClient
-from ecomsearch.paths import DEMO_CATALOG, default_cache_dir
-from ecomsearch.server.launcher import ServerPorts, TritonServer
+from ecomsearch.paths import default_cache_dir, demo_catalog
+from ecomsearch.server.launcher import TritonServer
 from ecomsearch.workspace import catalog_repository
 
 from .conftest import SOURCE_REPOSITORY
@@ -28,12 +28,9 @@ REQUIRED_PASS_RATE = 0.9
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory) -> Iterator[TritonServer]:
     # The embedding cache is shared with `make serve`, so this costs minutes only once.
-    repository, _ = catalog_repository(DEMO_CATALOG, default_cache_dir(), SOURCE_REPOSITORY)
+    repository, _ = catalog_repository(demo_catalog(), default_cache_dir(), SOURCE_REPOSITORY)
     log_path = tmp_path_factory.mktemp("demo-logs") / "tritonserver.log"
-    server = TritonServer(
-        repository, ServerPorts.free(), bind_address="127.0.0.1", log_path=log_path
-    )
-    with server:
+    with TritonServer.local(repository, log_path) as server:
         yield server
 
 
