@@ -30,10 +30,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1
 
 WORKDIR /src
-# Packaging inputs first, so editing the model repository or the catalog reuses the
-# dependency layer. README* rather than README.md: pyproject names it, but the build does not
+# Packaging inputs first, so editing the package code reuses the dependency layer. The model
+# repository's checked-in files and the demo catalog are package data (pyproject.toml), so the
+# wheel needs them. README* rather than README.md: pyproject names it, but the build does not
 # need it, and a COPY of a missing file would fail.
-COPY pyproject.toml README* ./
+COPY pyproject.toml LICENSE README* ./
+COPY data/ data/
+COPY model_repository/ model_repository/
 COPY ecomsearch/ ecomsearch/
 COPY client/ client/
 COPY export/ export/
@@ -47,12 +50,11 @@ RUN python -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" 
         ".[server,export]" "faiss-cpu==${FAISS_VERSION}" \
     && python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
-COPY model_repository/ model_repository/
-COPY data/ data/
 # Any JSON Lines catalog inside the build context: --build-arg CATALOG=path/to/catalog.jsonl.gz
 ARG CATALOG=data/pc_parts/products_priced.jsonl.gz
-# Explicit paths: installed (not editable), the package's default locations point into
-# site-packages. The embedding cache is only useful across local rebuilds, so it is dropped.
+# Explicit paths: installed (not editable), the package's defaults are root's per-user cache
+# directory, and the image serves this tree. The embedding cache is only useful across local
+# rebuilds, so it is dropped.
 RUN ecomsearch export-encoder --model-repository /src/model_repository \
     && ecomsearch build-index --catalog "${CATALOG}" --model-repository /src/model_repository \
         --cache-dir /tmp/ecomsearch-cache \
@@ -71,17 +73,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# Into the system python3, the interpreter the Python backend's stub embeds. Deliberately not
-# `.[server]`: that extra is for running outside this image and brings faiss-cpu, which installs
-# the same `faiss` package directory as faiss-gpu-cu12, so whichever pip unpacks last wins, and
-# `pip uninstall faiss-cpu` afterwards would delete files the two wheels share. It also brings
-# onnxruntime (query_encoder is served by this image's native ONNX Runtime backend) and
-# nvidia-pytriton (a second tritonserver). So: the package with its base dependencies, plus the
-# Python models' runtime needs from the `server` extra with its bounds, and the CUDA 12 FAISS.
-# The import check fails the build if a CPU-only faiss or numpy 2 ever sneaks in.
+# Into the system python3, the interpreter the Python backend's stub embeds: the wheel with its
+# `python-backend` extra (what the Python models import, with the bounds pyproject.toml gives
+# them) and the CUDA 12 FAISS. Deliberately not `[server]`: that extra is for running outside
+# this image and brings faiss-cpu, which installs the same `faiss` package directory as
+# faiss-gpu-cu12, so whichever pip unpacks last wins, and `pip uninstall faiss-cpu` afterwards
+# would delete files the two wheels share. It also brings onnxruntime (query_encoder is served by
+# this image's native ONNX Runtime backend) and nvidia-pytriton (a second tritonserver). The
+# import check fails the build if a CPU-only faiss or numpy 2 ever sneaks in.
 COPY --from=artefacts /dist/ /tmp/dist/
-RUN python3 -m pip install --no-cache-dir /tmp/dist/ecomsearch-*.whl \
-        "numpy>=1.24,<2" "tokenizers>=0.19" "bm25s>=0.2" "faiss-gpu-cu12==${FAISS_VERSION}" \
+# DL3013: the wheel is this project's own, built above; its dependencies' bounds are its own.
+# hadolint ignore=DL3013
+RUN set -- /tmp/dist/ecomsearch-*.whl \
+    && python3 -m pip install --no-cache-dir "$1[python-backend]" \
+        "faiss-gpu-cu12==${FAISS_VERSION}" \
     && rm -rf /tmp/dist \
     && python3 -c "import faiss, numpy; \
 assert hasattr(faiss, 'StandardGpuResources'), 'faiss is not the GPU build'; \

@@ -51,6 +51,7 @@ bench: index
 loadtest: install
 	$(BIN)/ecomsearch loadtest --users 16 --spawn-rate 4 --duration 60s --out results/loadtest
 
+# Generated artefacts are exactly what .gitignore lists under model_repository/.
 clean:
-	rm -rf $(ENCODER_ONNX) $(MODEL_REPOSITORY)/query_encoder/1/encoder.json \
-		$(MODEL_REPOSITORY)/preprocess/1/tokenizer $(MODEL_REPOSITORY)/retrieve/1/index .cache
+	git clean -fdX -- model_repository
+	rm -rf .cache

@@ -169,3 +169,68 @@ def test_contains_sorts_unsorted_postings_first() -> None:
     for field in FIELDS:
         np.testing.assert_array_equal(reloaded.contains(field, tokens, rows), expected[field])
         np.testing.assert_allclose(reloaded.scores(terms, field), scores[field], rtol=1e-6)
+
+
+# bm25s's internals (the score matrix, IDF) are read directly for speed; these tests pin what
+# ecomsearch computes from them to bm25s's public scoring, so an upgrade that changes them
+# fails here, loudly, rather than shifting features in production.
+
+QUERY_TOKENS = ["drill", "steel", "cordless", "in", "3/4", "wood", "hose", "zzzz"]
+
+
+def _documents(field: str) -> list[list[str]]:
+    """What bm25s indexed for each product: its tokens (none for "The A", whose row bm25s keeps
+    with length 0)."""
+    return [tokenize(field_texts(p)[field]) for p in CATALOG]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_idf_is_the_one_bm25s_scores_with(lexical, field: str) -> None:
+    retriever = lexical.retrievers[field]
+    assert (retriever.method, retriever.idf_method) == ("lucene", "lucene")
+    documents = _documents(field)
+    lengths = np.array([len(d) for d in documents], dtype=np.float64)
+    average = lengths.mean()
+    idf = lexical.idf(field, QUERY_TOKENS)
+    assert idf.shape == (len(QUERY_TOKENS),)
+    checked = 0
+    for token, weight in zip(QUERY_TOKENS, idf, strict=True):
+        frequency = np.array([d.count(token) for d in documents], dtype=np.float64)
+        document_frequency = int((frequency > 0).sum())
+        expected_idf = np.log(
+            1 + (len(documents) - document_frequency + 0.5) / (document_frequency + 0.5)
+        )
+        assert weight == pytest.approx(expected_idf, rel=1e-9), token
+        if token not in retriever.vocab_dict:
+            assert document_frequency == 0
+            continue
+        # BM25 (Lucene's form, without the constant k1 + 1) of a one-word query, from bm25s's
+        # public scoring, must be this IDF times the term-frequency part: the IDF inside
+        # bm25s's scores is the one computed here.
+        scores = retriever.get_scores([token])
+        k1, b = retriever.k1, retriever.b
+        tf_part = frequency / (frequency + k1 * (1 - b + b * lengths / average))
+        np.testing.assert_allclose(scores, weight * tf_part, rtol=1e-5, err_msg=token)
+        checked += 1
+    assert checked >= 4, "test setup: most query tokens must be in the vocabulary"
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_scores_are_bm25s_own(lexical, field: str) -> None:
+    retriever = lexical.retrievers[field]
+    for query in ("cordless drill", "steel wood 3/4 in", "garden hoses zzzz", "the"):
+        terms = lexical.terms(query)
+        known = [t for t in terms.tokens if t in retriever.vocab_dict]
+        ours = lexical.scores(terms, field)
+        assert ours.dtype == np.float32 and ours.shape == (len(CATALOG),)
+        if not known:
+            assert not ours.any()
+            continue
+        np.testing.assert_allclose(ours, retriever.get_scores(known), rtol=1e-6, err_msg=query)
+
+
+def test_the_bm25s_version_is_the_bounded_one() -> None:
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("bm25s").split(".")[:2])
+    assert (major, minor) >= (0, 3) and (major, minor) < (0, 4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ecomsearch.paths import PROJECT_ROOT
+from tests.project import PROJECT_ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
@@ -20,6 +20,11 @@ def test_every_package_under_ecomsearch_is_in_the_wheel() -> None:
     assert on_disk - packages == set()
 
 
-def test_the_server_extra_installs_bm25s() -> None:
-    server = PYPROJECT["project"]["optional-dependencies"]["server"]
-    assert any(requirement.startswith("bm25s") for requirement in server)
+def test_the_server_extra_installs_what_the_python_models_import() -> None:
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert "ecomsearch[python-backend]" in extras["server"]
+    backend = {r.split(">")[0].split("<")[0].split("=")[0]: r for r in extras["python-backend"]}
+    assert set(backend) == {"numpy", "tokenizers", "bm25s"}
+    assert "<2" in backend["numpy"], "the Python backend stub breaks under numpy 2"
+    # ecomsearch.lexical reads bm25s's score matrices: an unbounded upgrade could change them.
+    assert "<0.4" in backend["bm25s"]

@@ -26,7 +26,7 @@ def test_the_client_extra_needs_nothing_beyond_the_base_dependencies():
 
     import tomllib
 
-    from ecomsearch.paths import PROJECT_ROOT
+    from tests.project import PROJECT_ROOT
 
     project = tomllib.loads(Path(PROJECT_ROOT / "pyproject.toml").read_text())["project"]
     base = {d.split(">")[0].split("[")[0].split("=")[0].strip() for d in project["dependencies"]}
