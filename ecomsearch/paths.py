@@ -35,6 +35,8 @@ INDEX_DIR = "index"
 RANKER_FILE = "model.onnx"
 RANKER_INFO_FILE = "ranker.json"
 RANKER_CARD_FILE = "MODEL_CARD.md"
+# Left in a model repository made from the packaged template: the template's digest.
+TEMPLATE_STAMP = ".template-sha256"
 # Where a writer puts an artefact for a model that has no version directory yet.
 FIRST_VERSION = 1
 
@@ -198,18 +200,23 @@ def _template_files(template: Path) -> Iterator[Path]:
 
 
 def prepare_model_repository(target: Path) -> Path:
-    """Makes `target` hold the template's files (copied when missing or when the template
-    changed, say after an upgrade), keeping whatever was generated there. The template itself
-    (a source checkout's model_repository/) is left as it is."""
+    """Makes `target` hold the packaged template's files, keeping whatever was generated there.
+
+    Only a repository this function made (it leaves a stamp) or a new one is touched: it gets the
+    template's files when they are missing or the template changed (say, after an upgrade). A
+    source checkout's model_repository/, or any other repository someone laid out, is left as it
+    is."""
     template = template_repository()
     target = Path(target)
+    stamp = target / TEMPLATE_STAMP
     if target.exists() and target.resolve() == template.resolve():
+        return target
+    if not stamp.is_file() and any(target.glob("*/config.pbtxt")):
         return target
     files = list(_template_files(template))
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(template)).encode() + b"\0" + path.read_bytes())
-    stamp = target / ".template-sha256"
     if stamp.is_file() and stamp.read_text().strip() == digest.hexdigest():
         return target
     log.info("model repository %s: installing the packaged configs and ranker", target)

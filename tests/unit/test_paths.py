@@ -96,12 +96,19 @@ def test_prepare_copies_the_template_and_keeps_generated_files(tmp_path: Path) -
     prepare_model_repository(target)  # the template did not change: nothing is touched
     assert config.read_text() == "edited by hand"
 
-    (target / ".template-sha256").write_text("an older release\n")
+    (target / paths.TEMPLATE_STAMP).write_text("an older release\n")
     prepare_model_repository(target)  # the template changed: its files are installed again
     assert config.read_text() == (MODEL_REPOSITORY / "select" / "config.pbtxt").read_text()
     assert layout.encoder_onnx.read_bytes() == b"exported here"
 
 
-def test_prepare_leaves_the_template_itself_alone() -> None:
+def test_prepare_leaves_the_template_and_other_repositories_alone(tmp_path: Path) -> None:
     assert prepare_model_repository(MODEL_REPOSITORY) == MODEL_REPOSITORY
-    assert not (MODEL_REPOSITORY / ".template-sha256").exists()
+    assert not (MODEL_REPOSITORY / paths.TEMPLATE_STAMP).exists()
+    # Someone's own repository (say, copied out of the container image): never overwritten.
+    theirs = tmp_path / "served-models"
+    (theirs / contract.SELECT_MODEL).mkdir(parents=True)
+    (theirs / contract.SELECT_MODEL / "config.pbtxt").write_text("their own")
+    prepare_model_repository(theirs)
+    assert (theirs / contract.SELECT_MODEL / "config.pbtxt").read_text() == "their own"
+    assert sorted(p.name for p in theirs.iterdir()) == [contract.SELECT_MODEL]
