@@ -39,6 +39,8 @@ class PreprocessModel(BatchedModel):
         # Each request is padded to its own longest query (rounded up), not to the batch's:
         # requests of similar length then share a shape, which is what the encoder's dynamic
         # batcher needs to merge them.
-        longest = int(outputs[contract.ATTENTION_MASK].sum(axis=1).max())
-        length = padded_length(longest, self.tokenizer.max_length)
+        attention_mask = outputs[contract.ATTENTION_MASK]
+        length = padded_length(int(attention_mask.sum(axis=1).max()), self.tokenizer.max_length)
+        if length == attention_mask.shape[1]:
+            return outputs
         return {name: value[:, :length] for name, value in outputs.items()}
