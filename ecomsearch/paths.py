@@ -18,8 +18,12 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ecomsearch import contract
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+
+    from importlib.resources.abc import Traversable
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +128,20 @@ def source_checkout() -> Path | None:
     return None
 
 
-def _packaged(relative: str) -> Path:
-    """A file or directory the project ships: from the source tree, or from the installed
-    package (wheels install unzipped, so importlib.resources gives a real path)."""
-    checkout = source_checkout()
-    if checkout is not None:
-        return checkout / relative
-    resource = importlib.resources.files("ecomsearch").joinpath(relative)
+def _on_disk(resource: Traversable) -> Path:
+    # Wheels install unzipped, so package resources are real files; say so if they are not.
     if not isinstance(resource, Path):
         raise RuntimeError(f"ecomsearch is installed in a way that hides its files ({resource})")
     return resource
+
+
+def _packaged(relative: str) -> Path:
+    """A file or directory the project ships: from the source tree, or from the installed
+    package, where pyproject.toml puts the top-level directories inside `ecomsearch/`."""
+    checkout = source_checkout()
+    if checkout is not None:
+        return checkout / relative
+    return _on_disk(importlib.resources.files("ecomsearch").joinpath(relative))
 
 
 def template_repository() -> Path:
@@ -149,10 +157,7 @@ def demo_catalog(full: bool = False) -> Path:
 
 def default_queries() -> Path:
     """Real-looking product queries for benchmarks and load tests, one a line."""
-    resource = importlib.resources.files("ecomsearch.loadtest").joinpath("queries.txt")
-    if not isinstance(resource, Path):
-        raise RuntimeError(f"ecomsearch is installed in a way that hides its files ({resource})")
-    return resource
+    return _on_disk(importlib.resources.files("ecomsearch.loadtest").joinpath("queries.txt"))
 
 
 # --- Generated state ----------------------------------------------------------------------------
