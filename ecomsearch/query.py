@@ -11,10 +11,12 @@ from ecomsearch import contract
 from ecomsearch.errors import RequestError
 
 
-def normalise_query(data: bytes, row: int, max_query_bytes: int = contract.MAX_QUERY_BYTES) -> str:
+def _normalise(data: bytes, row: int) -> str:
     """UTF-8 bytes to the query text, whitespace collapsed; raises RequestError naming `row`."""
-    if len(data) > max_query_bytes:
-        raise RequestError(f"query {row} is {len(data)} bytes; the maximum is {max_query_bytes}")
+    if len(data) > contract.MAX_QUERY_BYTES:
+        raise RequestError(
+            f"query {row} is {len(data)} bytes; the maximum is {contract.MAX_QUERY_BYTES}"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -25,18 +27,15 @@ def normalise_query(data: bytes, row: int, max_query_bytes: int = contract.MAX_Q
     return text
 
 
-def decode_queries(
-    raw: np.ndarray | None, max_query_bytes: int = contract.MAX_QUERY_BYTES
-) -> list[str]:
-    """Validates a [batch, 1] BYTES tensor of queries; raises RequestError naming the bad row."""
+def decode_queries(raw: np.ndarray | None) -> list[str]:
+    """Validates a [batch, 1] BYTES tensor of queries against the contract's limits; raises
+    RequestError naming the bad row."""
     if raw is None:
         raise RequestError(f"input {contract.QUERY!r} is required")
     if raw.ndim != 2 or raw.shape[1] != 1 or raw.shape[0] == 0:
         raise RequestError(f"input {contract.QUERY!r} must have shape [batch, 1], got {raw.shape}")
     return [
-        normalise_query(
-            value if isinstance(value, bytes) else str(value).encode("utf-8"), row, max_query_bytes
-        )
+        _normalise(value if isinstance(value, bytes) else str(value).encode("utf-8"), row)
         for row, value in enumerate(raw[:, 0])
     ]
 
