@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -260,7 +261,16 @@ def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default."""
+    """Every option's help ends with its default; a path is never broken across lines.
+
+    argparse wraps with textwrap's defaults, which cut a word longer than the help column in
+    two, so a default path in a narrow terminal could not be copied back. Long words overflow
+    instead.
+    """
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,8 +28,14 @@ def test_version_is_the_packages(capsys) -> None:
     assert version("ecomsearch") == ecomsearch.__version__
 
 
+@pytest.mark.parametrize("columns", ["40", "200"])
 @pytest.mark.parametrize("name", sorted(subcommands()))
-def test_every_option_has_help_that_shows_its_default(name: str) -> None:
+def test_every_option_has_help_that_shows_its_default(
+    name: str, columns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A narrow terminal is where argparse's default wrapping cut long default paths in two
+    # (a CI checkout under a longer directory failed this way).
+    monkeypatch.setenv("COLUMNS", columns)
     parser = subcommands()[name]
     assert isinstance(parser.formatter_class, type)
     assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
