@@ -9,6 +9,7 @@ import numpy as np
 
 from ecomsearch import contract
 from ecomsearch.client.errors import BadRequestError
+from ecomsearch.query import visible_text
 
 OUTPUTS = (contract.PRODUCT_IDS, contract.SCORES, contract.TITLES)
 
@@ -29,8 +30,9 @@ def validate(queries: Sequence[str], k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= contract.MAX_TOP_K:
         raise BadRequestError(f"k must be an integer between 1 and {contract.MAX_TOP_K}, got {k!r}")
     for position, query in enumerate(queries):
-        if not isinstance(query, str) or not query.strip():
-            raise BadRequestError(f"query {position} must be a non-empty string")
+        # The server's own rule, so a query of zero-width spaces fails here, not after a trip.
+        if not isinstance(query, str) or not visible_text(query):
+            raise BadRequestError(f"query {position} must be a string with something to search")
         if len(query.encode("utf-8")) > contract.MAX_QUERY_BYTES:
             raise BadRequestError(
                 f"query {position} is longer than {contract.MAX_QUERY_BYTES} bytes"

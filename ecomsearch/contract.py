@@ -49,3 +49,10 @@ MAX_QUERIES_PER_REQUEST: Final = 64
 MAX_QUERY_BYTES: Final = 2048
 # Queries longer than this many tokens are truncated (after the byte-length check).
 MAX_QUERY_TOKENS: Final = 64
+# Candidates a query may carry between the inner models (retrieve makes vector + lexical pool,
+# 400 by default). The inner models are reachable by any client, so each checks its inputs
+# against these limits before any work: one request cannot make them work without bound.
+MAX_CANDIDATES: Final = 1024
+# Longest token sequence the encoder accepts from a direct caller (preprocess sends at most
+# MAX_QUERY_TOKENS plus padding); BERT-class position tables end at 512.
+MAX_SEQUENCE_LENGTH: Final = 512

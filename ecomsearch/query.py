@@ -3,12 +3,29 @@ BYTES tensor of queries, for every model that receives them (`preprocess`, `retr
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 
 import numpy as np
 
 from ecomsearch import contract
 from ecomsearch.errors import RequestError
+
+
+def visible_text(text: str) -> str:
+    """The query as it is searched: control characters (NUL, tabs, newlines) count as spaces,
+    invisible format characters (zero-width spaces and joiners, byte-order marks, bidi marks) are
+    dropped, and whitespace runs collapse to one space. Empty means nothing to search for."""
+    if not text.isprintable():  # fast path: a printable string has no control or format chars
+        kept = []
+        for char in text:
+            category = unicodedata.category(char)
+            if category == "Cc":
+                kept.append(" ")
+            elif category not in ("Cf", "Cs", "Co", "Cn"):
+                kept.append(char)
+        text = "".join(kept)
+    return " ".join(text.split())
 
 
 def _normalise(data: bytes, row: int) -> str:
@@ -21,9 +38,9 @@ def _normalise(data: bytes, row: int) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(f"query {row} is not valid UTF-8 ({e.reason})") from None
-    text = " ".join(text.split())
+    text = visible_text(text)
     if not text:
-        raise RequestError(f"query {row} is empty or only whitespace")
+        raise RequestError(f"query {row} is empty or only whitespace and invisible characters")
     return text
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import json
+import traceback
+import uuid
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -69,9 +71,13 @@ class BatchedModel(abc.ABC):
     `execute` parses each request (a RequestError becomes that request's INVALID_ARG response),
     groups the requests whose inputs can be stacked (`group_key`), concatenates each group's
     inputs along the batch axis, runs the group once, splits every output back by the requests'
-    row counts, and returns exactly one response per request, in order. When `run` rejects a
-    group of several requests with a RequestError, each request is run alone so that only the
-    bad one fails. Anything else that goes wrong is the model's fault and raises.
+    row counts, and returns exactly one response per request, in order. When `run` fails a
+    group of several requests, each request is run alone so that only the bad one fails.
+
+    No traceback or server path reaches a client: a RequestError is INVALID_ARG with its own
+    message, and any other exception (a bug that one request's inputs trigger) is logged with its
+    traceback under an id, and the request gets INTERNAL with that id only. A model that cannot
+    serve at all fails in `initialize`, where Triton refuses to load it.
     """
 
     def __init__(self, pb_utils) -> None:
@@ -106,6 +112,9 @@ class BatchedModel(abc.ABC):
             except RequestError as e:
                 responses[position] = self._invalid(e)
                 continue
+            except Exception as e:  # a bug: answered as INTERNAL, logged in full
+                responses[position] = self._internal(e)
+                continue
             groups.setdefault(self.group_key(inputs), []).append((position, inputs, rows))
         for members in groups.values():
             self._run_group(members, responses)
@@ -122,12 +131,14 @@ class BatchedModel(abc.ABC):
             }
         try:
             outputs = self.run(batch)
-        except RequestError as e:
-            if len(members) == 1:
+        except Exception as e:  # answered per request below; bugs logged in full
+            if len(members) > 1:
+                for member in members:  # find the culprit; the others still get their answers
+                    self._run_group([member], responses)
+            elif isinstance(e, RequestError):
                 responses[members[0][0]] = self._invalid(e)
-                return
-            for member in members:  # find the culprit; the others still get their answers
-                self._run_group([member], responses)
+            else:
+                responses[members[0][0]] = self._internal(e)
             return
         counts = [rows for _, _, rows in members]
         total = sum(counts)
@@ -154,6 +165,24 @@ class BatchedModel(abc.ABC):
         return pb_utils.InferenceResponse(
             output_tensors=[],
             error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG),
+        )
+
+    def _internal(self, error: Exception):
+        """INTERNAL for a bug one request triggered: the traceback goes to the server log under
+        an id, the client gets only the id (no paths, no code)."""
+        pb_utils = self.pb_utils
+        error_id = uuid.uuid4().hex[:12]
+        name = type(self).__name__
+        self.logger.log_error(
+            f"{name}: internal error {error_id} on one request: "
+            + "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        )
+        return pb_utils.InferenceResponse(
+            output_tensors=[],
+            error=pb_utils.TritonError(
+                f"{name} failed on this request (internal error {error_id}, see the server log)",
+                pb_utils.TritonError.INTERNAL,
+            ),
         )
 
 

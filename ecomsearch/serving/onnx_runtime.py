@@ -8,9 +8,13 @@ The pytriton wheel's tritonserver has no onnxruntime backend. Installed as
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ecomsearch import contract
 from ecomsearch.serving.base import (
     BatchedModel,
     RequestError,
@@ -19,6 +23,48 @@ from ecomsearch.serving.base import (
     int_parameter,
     model_config,
 )
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one input of the project's ONNX models may hold, checked before ONNX Runtime runs.
+
+    ONNX Runtime reads a negative token id from the end of the embedding table instead of
+    failing, and works as long as it is asked to on any sequence or candidate count, so a direct
+    caller of an inner model is held to the contract here.
+    """
+
+    max_length: int | None = None  # of axis 1, the axis after the batch
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+INPUT_LIMITS: dict[str, InputLimits] = {
+    contract.INPUT_IDS: InputLimits(max_length=contract.MAX_SEQUENCE_LENGTH, minimum=0),
+    contract.ATTENTION_MASK: InputLimits(
+        max_length=contract.MAX_SEQUENCE_LENGTH, minimum=0, maximum=1
+    ),
+    contract.CANDIDATE_FEATURES: InputLimits(max_length=contract.MAX_CANDIDATES),
+}
+
+
+def check_input(name: str, value: np.ndarray) -> None:
+    """Raises RequestError if `value` breaks INPUT_LIMITS or, for any float input, is not finite."""
+    if value.size == 0:
+        raise RequestError(f"input {name!r} is empty (shape {value.shape})")
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise RequestError(f"input {name!r} must be finite (NaN or infinity found)")
+    limits = INPUT_LIMITS.get(name)
+    if limits is None:
+        return
+    if limits.max_length is not None and value.ndim > 1 and value.shape[1] > limits.max_length:
+        raise RequestError(
+            f"input {name!r} has length {value.shape[1]}; the maximum is {limits.max_length}"
+        )
+    if limits.minimum is not None and value.min() < limits.minimum:
+        raise RequestError(f"input {name!r} has a value below {limits.minimum:g}")
+    if limits.maximum is not None and value.max() > limits.maximum:
+        raise RequestError(f"input {name!r} has a value above {limits.maximum:g}")
 
 
 def _session_options(config: dict[str, Any]):
@@ -105,6 +151,7 @@ class OnnxRuntimeModel(BatchedModel):
             value = input_array(self.pb_utils, request, name)
             if value is None:
                 raise RequestError(f"input {name!r} is required")
+            check_input(name, value)
             inputs[name] = value
         return inputs
 

@@ -118,6 +118,9 @@ class RetrieveModel(BatchedModel):
                 f"input {contract.EMBEDDING!r} must have shape [batch, {self.dimension}], "
                 f"got {embeddings.shape}"
             )
+        if not np.isfinite(embeddings).all():
+            # FAISS would return arbitrary neighbours for NaN and features would be NaN.
+            raise RequestError(f"input {contract.EMBEDDING!r} must be finite (NaN or infinity)")
         queries = decode_queries(input_array(self.pb_utils, request, contract.QUERY))
         if len(queries) != len(embeddings):
             raise RequestError(f"{len(queries)} queries but {len(embeddings)} embeddings")

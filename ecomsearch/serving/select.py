@@ -60,8 +60,19 @@ class SelectModel(BatchedModel):
             raise RequestError(
                 f"candidate rows {rows.shape} and scores {scores.shape} must be equal [batch, n]"
             )
-        if rows.max(initial=-1) >= self.index.count:
-            raise RequestError(f"candidate row out of range for {self.index.count} products")
+        if rows.shape[1] > contract.MAX_CANDIDATES:
+            raise RequestError(
+                f"{rows.shape[1]} candidates a query; the maximum is {contract.MAX_CANDIDATES}"
+            )
+        # -1 pads a query with fewer candidates; any other row must name a product. (A negative
+        # row would index the catalog from its end, or past it.)
+        if rows.min(initial=-1) < -1 or rows.max(initial=-1) >= self.index.count:
+            raise RequestError(
+                f"candidate row out of range: each must be -1 (padding) or one of the "
+                f"{self.index.count} products' rows, from 0"
+            )
+        if not np.isfinite(scores[rows >= 0]).all():
+            raise RequestError("candidate scores must be finite (NaN or infinity found)")
         top_k = parse_top_k(input_array(self.pb_utils, request, contract.TOP_K), len(rows))
         return {
             contract.CANDIDATE_ROWS: rows,

@@ -90,7 +90,13 @@ def test_async_client_concurrent_queries(grpc_url, client):
 
 
 def test_client_rejects_bad_input_before_sending(client):
-    for query, k in [("", 5), ("   ", 5), ("mouse", 0), ("mouse", contract.MAX_TOP_K + 1)]:
+    for query, k in [
+        ("", 5),
+        ("   ", 5),
+        ("\u200b\x00", 5),
+        ("mouse", 0),
+        ("mouse", contract.MAX_TOP_K + 1),
+    ]:
         with pytest.raises(BadRequestError):
             client.search(query, k=k)
 

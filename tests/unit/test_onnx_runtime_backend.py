@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from ecomsearch import contract
+from ecomsearch.errors import RequestError
 from ecomsearch.serving import onnx_runtime
+from ecomsearch.serving.onnx_runtime import check_input
 from tests.project import MODEL_REPOSITORY, PROJECT_ROOT
 
 BACKEND_MODEL = PROJECT_ROOT / "ecomsearch" / "server" / "backends" / "onnxruntime" / "model.py"
@@ -233,3 +235,67 @@ def test_a_request_whose_inputs_disagree_fails_alone(triton, encoder) -> None:
     assert_embedding(triton, responses[0], same_shape)
     assert responses[1].has_error()
     assert_embedding(triton, responses[2], other_shape)
+
+
+def _with(inputs: dict[str, np.ndarray], name: str, change) -> dict[str, np.ndarray]:
+    changed = {key: value.copy() for key, value in inputs.items()}
+    change(changed[name])
+    return changed
+
+
+BAD_TOKENS = {
+    # ONNX Runtime would read -1 as the embedding table's last row: a wrong answer, not an error.
+    "negative-token-id": (
+        lambda t: _with(t, contract.INPUT_IDS, lambda ids: ids.__setitem__((0, 1), -1)),
+        ["'input_ids'", "below 0"],
+    ),
+    "mask-not-0-or-1": (
+        lambda t: _with(t, contract.ATTENTION_MASK, lambda mask: mask.__setitem__((0, 0), 7)),
+        ["'attention_mask'", "above 1"],
+    ),
+    "sequence-too-long": (
+        lambda t: tokens(1, contract.MAX_SEQUENCE_LENGTH + 1, seed=14),
+        ["length", str(contract.MAX_SEQUENCE_LENGTH)],
+    ),
+    "empty-sequence": (
+        lambda t: {name: np.zeros((1, 0), np.int64) for name in t},
+        ["empty"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TOKENS)
+def test_a_request_outside_the_input_limits_fails_alone_before_onnx_runtime(
+    triton, encoder, case: str
+) -> None:
+    make_bad, fragments = BAD_TOKENS[case]
+    good_before, good_after = tokens(1, 16, seed=16), tokens(2, 16, seed=17)
+
+    responses = encoder.execute(
+        [
+            triton.request(**good_before),
+            triton.request(**make_bad(tokens(1, 16, seed=18))),
+            triton.request(**good_after),
+        ]
+    )
+
+    assert_embedding(triton, responses[0], good_before)
+    triton.assert_invalid_arg(responses[1], *fragments)
+    assert_embedding(triton, responses[2], good_after)
+    assert encoder.model.session.batches == [(3, 16)]  # the bad one never reached the session
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_inputs_must_be_finite(bad: float) -> None:
+    features = np.zeros((1, 4, 17), np.float32)
+    features[0, 2, 5] = bad
+    with pytest.raises(RequestError, match="finite"):
+        check_input(contract.CANDIDATE_FEATURES, features)
+
+
+def test_candidate_count_is_limited() -> None:
+    check_input(contract.CANDIDATE_FEATURES, np.zeros((1, contract.MAX_CANDIDATES, 17), np.float32))
+    with pytest.raises(RequestError, match=str(contract.MAX_CANDIDATES)):
+        check_input(
+            contract.CANDIDATE_FEATURES, np.zeros((1, contract.MAX_CANDIDATES + 1, 17), np.float32)
+        )

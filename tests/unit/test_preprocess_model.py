@@ -157,6 +157,13 @@ def test_max_query_bytes_counts_bytes_not_characters(triton, preprocess) -> None
         pytest.param({"query": queries([b""])}, ["query 0", "empty"], id="empty"),
         pytest.param({"query": queries([b" \t\n "])}, ["query 0", "whitespace"], id="whitespace"),
         pytest.param(
+            {"query": queries(["\u200b\u200b\u200d"])}, ["query 0", "invisible"], id="zero-width"
+        ),
+        pytest.param({"query": queries([b"\x00\x00\x00"])}, ["query 0", "empty"], id="nul-only"),
+        pytest.param(
+            {"query": queries(["\ufeff \u200e\x7f"])}, ["query 0", "empty"], id="bom-bidi-del"
+        ),
+        pytest.param(
             {"query": queries(["gaming mouse", b"\xff\xfe shoes"])},
             ["query 1", "not valid UTF-8"],
             id="invalid-utf8-in-second-row",

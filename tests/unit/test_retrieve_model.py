@@ -231,6 +231,15 @@ BAD_REQUESTS = {
     "missing-query": lambda d: ({"query": None}, ["'query'", "required"]),
     "invalid-utf8": lambda d: ({"query": texts([b"caf\xe9 mug"])}, ["query 0", "not valid UTF-8"]),
     "blank-query": lambda d: ({"query": texts(["  \t "])}, ["query 0", "empty"]),
+    "invisible-query": lambda d: ({"query": texts(["\u200b\x00\ufeff"])}, ["query 0", "empty"]),
+    "embedding-nan": lambda d: (
+        {"embedding": np.full((1, d), np.nan, np.float32)},
+        ["'embedding'", "finite"],
+    ),
+    "embedding-infinite": lambda d: (
+        {"embedding": np.full((1, d), np.inf, np.float32)},
+        ["'embedding'", "finite"],
+    ),
     "query-1d": lambda d: (
         {"query": np.array([b"garden hose"], dtype=object)},
         ["'query'", "shape [batch, 1]"],

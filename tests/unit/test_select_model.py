@@ -169,6 +169,29 @@ BAD_REQUESTS = {
         {"rows": [[0, PRODUCTS]], "scores": [[1, 2]]},
         ["out of range", str(PRODUCTS)],
     ),
+    "row-negative": lambda m: (
+        {"rows": [[0, -2]], "scores": [[1, 2]]},
+        ["out of range", "-1 (padding)"],
+    ),
+    "row-far-negative": lambda m: (
+        {"rows": [[-(2**62), 1]], "scores": [[1, 2]]},
+        ["out of range"],
+    ),
+    "score-nan": lambda m: (
+        {"rows": [[0, 1]], "scores": [[np.nan, 2]]},
+        ["finite"],
+    ),
+    "score-infinite": lambda m: (
+        {"rows": [[0, 1]], "scores": [[1, np.inf]]},
+        ["finite"],
+    ),
+    "too-many-candidates": lambda m: (
+        {
+            "rows": np.zeros((1, contract.MAX_CANDIDATES + 1), np.int64),
+            "scores": np.zeros((1, contract.MAX_CANDIDATES + 1), np.float32),
+        },
+        ["candidates", str(contract.MAX_CANDIDATES)],
+    ),
     "rows-and-scores-differ": lambda m: (
         {"rows": [[0, 1, 2]], "scores": [[1, 2]]},
         ["must be equal"],

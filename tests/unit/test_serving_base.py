@@ -146,13 +146,53 @@ def test_a_run_that_loses_rows_is_a_model_error(triton) -> None:
         model.execute([triton.request(x=rows(1)), triton.request(x=rows(2))])
 
 
-def test_an_unexpected_parse_failure_is_not_blamed_on_the_request(triton) -> None:
+def assert_internal_without_traceback(triton, response) -> str:
+    """The response is INTERNAL naming a logged error id, with no code or path in it; returns
+    the id."""
+    error = response.error()
+    assert error is not None and error.code() == triton.pb_utils.TritonError.INTERNAL, error
+    message = error.message()
+    assert "Traceback" not in message and "/" not in message and ".py" not in message, message
+    error_id = message.split("internal error ")[1].split(",")[0]
+    (logged,) = [m for m in triton.logged("ERROR") if error_id in m]
+    assert "Traceback" in logged  # the operator gets the whole story
+    return error_id
+
+
+def test_an_unexpected_parse_failure_is_internal_with_the_traceback_only_in_the_log(
+    triton,
+) -> None:
     class Broken(Doubler):
         def parse(self, request):
-            raise KeyError("a bug, not a bad request")
+            if input_array(self.pb_utils, request, "x")[0, 0] == 7:
+                raise KeyError("a bug, not a bad request")
+            return super().parse(request)
 
-    with pytest.raises(KeyError):
-        Broken(triton.pb_utils).execute([triton.request(x=rows(1))])
+    responses = Broken(triton.pb_utils).execute(
+        [triton.request(x=rows(1)), triton.request(x=rows(7)), triton.request(x=rows(2))]
+    )
+    assert_internal_without_traceback(triton, responses[1])
+    assert triton.outputs(responses[0])["y"].tolist() == [[2]]
+    assert triton.outputs(responses[2])["y"].tolist() == [[4]]
+
+
+def test_a_bug_one_request_triggers_in_run_fails_only_that_request(triton) -> None:
+    class IndexesByValue(Doubler):
+        def run(self, inputs: Tensors) -> Tensors:
+            self.runs.append(inputs["x"])
+            table = np.arange(10, dtype=np.float32)
+            return {"y": table[inputs["x"].astype(int)]}  # IndexError on 10 and above
+
+    model = IndexesByValue(triton.pb_utils)
+    responses = model.execute(
+        [triton.request(x=rows(1)), triton.request(x=rows(11)), triton.request(x=rows(3))]
+    )
+    first, second = (assert_internal_without_traceback(triton, responses[1]) for _ in range(2))
+    assert first == second
+    assert triton.outputs(responses[0])["y"].tolist() == [[1]]
+    assert triton.outputs(responses[2])["y"].tolist() == [[3]]
+    # Once together, then each alone.
+    assert [len(x) for x in model.runs] == [3, 1, 1, 1]
 
 
 def test_split_rows_gives_each_request_its_rows() -> None:
