@@ -98,6 +98,9 @@ class ModelRepositoryLayout:
 
     @property
     def index_dir(self) -> Path:
+        """A relative symlink to the current versioned index directory beside it (hidden
+        `.index.*` names, see ecomsearch.index.atomic), or a real directory written before
+        versioned directories: read through it either way (`exists()`, `is_dir()` follow it)."""
         return self.version_dir(contract.RETRIEVE_MODEL) / INDEX_DIR
 
     @property

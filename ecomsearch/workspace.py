@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from ecomsearch.fingerprint import file_sha256
+from ecomsearch.index.atomic import index_paths, is_private_name
 from ecomsearch.paths import ModelRepositoryLayout, default_model_repository
 
 
@@ -22,21 +23,35 @@ def link_model_repository(source: Path, target: Path) -> Path:
     generated = {path.resolve() for path in source_layout.generated()}
 
     def skip(directory: str, names: list[str]) -> set[str]:
+        # The source's index is a symlink to a versioned directory; its other versions, scratch
+        # directories and lock beside it are no more the workspace's than the index itself.
         return {
             name
             for name in names
-            if name == "__pycache__" or (Path(directory) / name).resolve() in generated
+            if name == "__pycache__"
+            or (Path(directory) / name).resolve() in generated
+            or (
+                Path(directory) == source_layout.index_dir.parent
+                and is_private_name(name, source_layout.index_dir)
+            )
         }
 
-    index = target_layout.index_dir
+    # The workspace's own index (the symlink and its versioned directories, which move together
+    # so the relative link stays valid) waits beside the workspace while it is copied afresh.
     kept = target.with_name(f".{target.name}.index-{os.getpid()}")
-    if index.is_dir() and not index.is_symlink():
-        os.replace(index, kept)
+    shutil.rmtree(kept, ignore_errors=True)
+    for path in index_paths(target_layout.index_dir):
+        kept.mkdir(exist_ok=True)
+        os.replace(path, kept / path.name)
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target, ignore=skip, symlinks=False)
     if kept.exists():
-        target_layout.index_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(kept, target_layout.index_dir)
+        # In the latest retrieve version of the new copy, which may be another one.
+        index_parent = target_layout.index_dir.parent
+        index_parent.mkdir(parents=True, exist_ok=True)
+        for path in kept.iterdir():
+            os.replace(path, index_parent / path.name)
+        kept.rmdir()
     for source_path, target_path in (
         (source_layout.encoder_onnx, target_layout.encoder_onnx),
         (source_layout.tokenizer_dir, target_layout.tokenizer_dir),

@@ -179,7 +179,7 @@ class TritonHarness:
             MODEL_REPOSITORY / name,
             target,
             ignore=shutil.ignore_patterns(
-                "model.onnx", "encoder.json", "tokenizer", "index", "__pycache__"
+                "model.onnx", "encoder.json", "tokenizer", "index", ".index.*", "__pycache__"
             ),
         )
         return target

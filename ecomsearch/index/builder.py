@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,6 +17,7 @@ import numpy as np
 from ecomsearch.catalog import Product, product_text, read_catalog
 from ecomsearch.encoder import OnnxEncoder
 from ecomsearch.fingerprint import file_sha256, texts_sha256
+from ecomsearch.index.atomic import process_alive, publish_index_dir, remove_abandoned
 from ecomsearch.index.manifest import (
     FAISS_FILE,
     IDS_FILE,
@@ -100,6 +101,19 @@ def recall_against_exact(
     return hits / truth.size
 
 
+# An embedding cache file being written: `<name>.<pid>.tmp.npy`.
+SCRATCH_SUFFIX = ".tmp.npy"
+_SCRATCH_PID = re.compile(rf"\.(\d+){re.escape(SCRATCH_SUFFIX)}$")
+
+
+def _remove_abandoned_scratch(directory: Path) -> None:
+    """Removes cache files left half-written by a process that is gone (killed with SIGKILL)."""
+    for path in directory.glob(f"*{SCRATCH_SUFFIX}"):
+        match = _SCRATCH_PID.search(path.name)
+        if match and not process_alive(int(match[1])):
+            path.unlink(missing_ok=True)
+
+
 class EmbeddingCache:
     """Embeddings keyed by encoder fingerprint and the exact texts, so a rebuild is instant."""
 
@@ -119,41 +133,46 @@ class EmbeddingCache:
                 return cached
         embeddings = encoder.encode(texts, batch_size=EMBEDDING_BATCH_SIZE, progress=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(scratch, embeddings)
-        os.replace(scratch, path)
+        _remove_abandoned_scratch(path.parent)
+        scratch = path.with_suffix(f".{os.getpid()}{SCRATCH_SUFFIX}")
+        try:
+            np.save(scratch, embeddings)
+            os.replace(scratch, path)  # a reader never loads a half-written cache file
+        except BaseException:
+            scratch.unlink(missing_ok=True)
+            raise
         return embeddings
+
+
+def _write_index_files(
+    directory: Path, faiss_index: Any, products: list[Product], manifest: IndexManifest
+) -> None:
+    """The index's files in `directory`; the manifest, with every other file's checksum, last."""
+    import faiss
+
+    faiss.write_index(faiss_index, str(directory / FAISS_FILE))
+    LexicalIndex.build(products).save(directory / LEXICAL_DIR)
+    (directory / IDS_FILE).write_text(json.dumps([p.id for p in products]), encoding="utf-8")
+    with open(directory / METADATA_FILE, "w", encoding="utf-8") as stream:
+        for product in products:
+            stream.write(json.dumps(product.metadata(), ensure_ascii=False) + "\n")
+    checksums = {
+        str(path.relative_to(directory)): file_sha256(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+    manifest = IndexManifest(**{**manifest.__dict__, "file_sha256": checksums})
+    (directory / MANIFEST_FILE).write_text(manifest.to_json())
 
 
 def _write_index_dir(
     target: Path, faiss_index: Any, products: list[Product], manifest: IndexManifest
 ) -> None:
-    """Writes into a sibling scratch directory, then swaps it in, so readers never see half."""
-    import faiss
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(f".{target.name}.building-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    faiss.write_index(faiss_index, str(scratch / FAISS_FILE))
-    LexicalIndex.build(products).save(scratch / LEXICAL_DIR)
-    (scratch / IDS_FILE).write_text(json.dumps([p.id for p in products]), encoding="utf-8")
-    with open(scratch / METADATA_FILE, "w", encoding="utf-8") as stream:
-        for product in products:
-            stream.write(json.dumps(product.metadata(), ensure_ascii=False) + "\n")
-    checksums = {
-        str(path.relative_to(scratch)): file_sha256(path)
-        for path in sorted(scratch.rglob("*"))
-        if path.is_file()
-    }
-    manifest = IndexManifest(**{**manifest.__dict__, "file_sha256": checksums})
-    (scratch / MANIFEST_FILE).write_text(manifest.to_json())
-
-    retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
-    if target.exists():
-        os.replace(target, retired)
-    os.replace(scratch, target)
-    shutil.rmtree(retired, ignore_errors=True)
+    """Writes the index as a new version of `target` and switches `target` (a symlink) to it
+    in one atomic step, so readers never see half of it (ecomsearch.index.atomic)."""
+    publish_index_dir(
+        target, lambda directory: _write_index_files(directory, faiss_index, products, manifest)
+    )
 
 
 def build_index(
@@ -166,6 +185,7 @@ def build_index(
 ) -> BuildResult:
     started = time.perf_counter()
     index_dir = index_dir or layout.index_dir
+    remove_abandoned(index_dir)  # even when the index turns out up to date
     encoder = OnnxEncoder(layout.encoder_onnx, layout.tokenizer_dir, PRODUCT_MAX_TOKENS)
     catalog_sha256 = file_sha256(catalog_path)
 

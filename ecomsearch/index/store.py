@@ -28,7 +28,7 @@ class CatalogIndex:
     ids: np.ndarray  # object array of UTF-8 bytes, row-aligned with the FAISS index
     titles: np.ndarray  # object array of UTF-8 bytes
     metadata: list[dict[str, Any]]
-    index_dir: Path
+    index_dir: Path  # the directory the files were read from (symlinks resolved)
 
     @property
     def count(self) -> int:
@@ -76,7 +76,11 @@ class CatalogIndex:
         import faiss
 
         index_dir = Path(index_dir)
-        manifest = IndexManifest.read(index_dir)
+        # Every file is read from the one directory `index_dir` resolves to now (a versioned
+        # directory, see ecomsearch.index.atomic), so a rebuild that switches the symlink
+        # while this loads cannot mix two builds' files. Messages name `index_dir` as given.
+        files = index_dir.resolve()
+        manifest = IndexManifest.read(files)
         if encoder_fingerprint is not None and manifest.encoder_fingerprint != encoder_fingerprint:
             raise IndexLoadError(
                 f"index at {index_dir} was built with encoder {manifest.encoder_fingerprint[:12]} "
@@ -89,24 +93,25 @@ class CatalogIndex:
                 f"the encoder produces {dimension}"
             )
         for name in sorted(set(DATA_FILES) | set(manifest.file_sha256)):
-            path = index_dir / name
-            if not path.is_file():
+            if not (files / name).is_file():
                 raise IndexLoadError(f"index at {index_dir} is incomplete: {name} missing")
             if name == FAISS_FILE and not load_vectors:
                 continue
             expected = manifest.file_sha256.get(name)
-            if verify_checksums and expected and file_sha256(path) != expected:
-                raise IndexLoadError(f"{path} is corrupt: its checksum differs from the manifest")
+            if verify_checksums and expected and file_sha256(files / name) != expected:
+                raise IndexLoadError(
+                    f"{index_dir / name} is corrupt: its checksum differs from the manifest"
+                )
 
         faiss_index = None
         if load_vectors:
             try:
-                faiss_index = faiss.read_index(str(index_dir / FAISS_FILE))
+                faiss_index = faiss.read_index(str(files / FAISS_FILE))
             except RuntimeError as e:
                 raise IndexLoadError(f"{index_dir / FAISS_FILE} is corrupt: {e}") from e
         try:
-            ids = json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8"))
-            with open(index_dir / METADATA_FILE, encoding="utf-8") as stream:
+            ids = json.loads((files / IDS_FILE).read_text(encoding="utf-8"))
+            with open(files / METADATA_FILE, encoding="utf-8") as stream:
                 metadata = [json.loads(line) for line in stream]
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise IndexLoadError(f"index at {index_dir} is corrupt: {e}") from e
@@ -138,7 +143,7 @@ class CatalogIndex:
             ids=_bytes_array(ids),
             titles=_bytes_array(record["title"] for record in metadata),
             metadata=metadata,
-            index_dir=index_dir,
+            index_dir=files,  # load_lexical reads the same version
         )
 
 

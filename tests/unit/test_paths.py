@@ -3,6 +3,7 @@ files and default locations."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -112,3 +113,24 @@ def test_prepare_leaves_the_template_and_other_repositories_alone(tmp_path: Path
     prepare_model_repository(theirs)
     assert (theirs / contract.SELECT_MODEL / "config.pbtxt").read_text() == "their own"
     assert sorted(p.name for p in theirs.iterdir()) == [contract.SELECT_MODEL]
+
+
+def test_make_clean_removes_the_index_symlink_its_versions_and_scratch(
+    tmp_path: Path, tiny_index_factory
+) -> None:
+    """`make clean` runs `git clean -fdX -- model_repository`: every index file must be ignored,
+    the `index` symlink included (a pattern `index/` would match only a directory)."""
+    (tmp_path / ".gitignore").write_bytes((PROJECT_ROOT / ".gitignore").read_bytes())
+    layout = ModelRepositoryLayout(tmp_path / "model_repository")
+    layout.index_dir.parent.mkdir(parents=True)
+    (layout.index_dir.parent / "model.py").write_text("checked in")
+    for rows in (3, 4):
+        tiny_index_factory(layout.index_dir, "encoder", rows=rows, dimension=8)
+    (layout.index_dir.parent / f".index.building-20240101T000000000000Z-{os.getpid()}").mkdir()
+    assert layout.index_dir.is_symlink() and len(list(layout.index_dir.parent.iterdir())) == 6
+
+    git = ["git", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "clean", "-fdXq", "--", "model_repository"], cwd=tmp_path, check=True)
+
+    assert [p.name for p in layout.index_dir.parent.iterdir()] == ["model.py"]
