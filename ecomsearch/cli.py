@@ -14,6 +14,9 @@ from pathlib import Path
 
 from ecomsearch import contract
 
+# Where `ecomsearch serve` reads the admin key from when no --admin-key-file is given.
+ADMIN_KEY_ENV = "ECOMSEARCH_ADMIN_KEY"
+
 log = logging.getLogger("ecomsearch")
 
 
@@ -70,6 +73,18 @@ def cmd_build_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_key(path: Path | None) -> str | None:
+    """The key from a file (first line), the environment, or none (a random one per start)."""
+    import os
+
+    if path is not None:
+        key = path.read_text().strip()
+        if not key:
+            raise ValueError(f"{path} is empty")
+        return key
+    return os.environ.get(ADMIN_KEY_ENV) or None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ecomsearch.index.manifest import MANIFEST_FILE
     from ecomsearch.server.launcher import ServerError, ServerPorts, TritonServer
@@ -88,6 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_config_name=args.model_config_name,
         bind_address=args.address,
         log_verbose=args.log_verbose,
+        http=args.http,
+        admin_key=_admin_key(args.admin_key_file),
+        tritonserver=args.tritonserver,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -99,8 +117,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         log.info("Ctrl-C or SIGTERM stops the server")
         while not stop.wait(0.5):
-            if server.process is None or server.process.poll() is not None:
-                log.error("tritonserver exited unexpectedly")
+            live, reason = server.live()
+            if not live:
+                log.error("%s: stopping", reason)
                 return 1
         log.info("stopping tritonserver")
         return 0
@@ -319,10 +338,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "run tritonserver over the model repository")
     _add_model_repository(serve)
     ports = ServerPorts()
-    serve.add_argument("--http-port", type=int, default=ports.http, help="HTTP/REST port")
+    serve.add_argument(
+        "--address",
+        default="127.0.0.1",
+        help="address gRPC and the metrics/health port bind to; 0.0.0.0 exposes them on every "
+        "interface",
+    )
     serve.add_argument("--grpc-port", type=int, default=ports.grpc, help="gRPC port")
-    serve.add_argument("--metrics-port", type=int, default=ports.metrics, help="metrics port")
-    serve.add_argument("--address", default="0.0.0.0", help="address to bind; 0.0.0.0 is all")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=ports.metrics,
+        help="Prometheus /metrics and the /v2/health/{live,ready} probes",
+    )
+    serve.add_argument(
+        "--http",
+        action="store_true",
+        help="also serve Triton's HTTP/REST API, on 127.0.0.1 only (see docs/security.md "
+        "before putting it behind a proxy)",
+    )
+    serve.add_argument("--http-port", type=int, default=ports.http, help="HTTP/REST port")
+    serve.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="file holding the key for the admin protocols (statistics, model repository, "
+        f"logging, trace, shared memory); else ${ADMIN_KEY_ENV}, else a random key",
+    )
+    serve.add_argument(
+        "--tritonserver",
+        type=Path,
+        help="a tritonserver binary to run (e.g. /opt/tritonserver/bin/tritonserver in the NGC "
+        "image) instead of the nvidia-pytriton wheel's",
+    )
     serve.add_argument(
         "--model-config-name",
         help="a profile: gpu uses each model's configs/gpu.pbtxt where it has one",
@@ -490,12 +537,19 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     return (CatalogError, ExportValidationError, FileNotFoundError, IndexLoadError, JudgmentsError)
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    # SystemExit unwinds like Ctrl-C does, so `finally` blocks clean up (a build's scratch
+    # directory, a private server) instead of the process vanishing mid-write.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `serve` installs its own
     try:
         return args.handler(args)
     except _user_facing_errors() as e:

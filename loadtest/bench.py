@@ -68,12 +68,14 @@ def without_dynamic_batching(source: Path, target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     index = ModelRepositoryLayout(source).index_dir
-    shutil.copytree(
-        source,
-        target,
-        symlinks=True,
-        ignore=lambda directory, names: [n for n in names if Path(directory) / n == index],
-    )
+
+    def index_and_versions(directory: str, names: list[str]) -> list[str]:
+        # `index` and its versioned directories beside it (ecomsearch.index.atomic): linked below.
+        if Path(directory) != index.parent:
+            return []
+        return [n for n in names if n == index.name or n.startswith(f".{index.name}.")]
+
+    shutil.copytree(source, target, symlinks=True, ignore=index_and_versions)
     (target / index.relative_to(source)).symlink_to(index.resolve(), target_is_directory=True)
     for path in [*target.glob("*/config.pbtxt"), *target.glob("*/configs/*.pbtxt")]:
         config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
@@ -90,16 +92,16 @@ def served(repository: Path, log_path: Path):
         yield server
 
 
-def bench_triton(report, url, system, queries, concurrencies, settings) -> None:
+def bench_triton(report, url, system, queries, concurrencies, settings, admin_headers) -> None:
     clients: list = []
     factory = triton_worker_factory(url, settings.ensemble, settings.top_k, clients)
     try:
         for concurrency in concurrencies:
-            before = snapshot(url)
+            before = snapshot(url, admin_headers)
             result = closed_loop(
                 system, factory, queries, concurrency, settings.max_requests, settings.max_seconds
             )
-            report.add(result, breakdown(before, snapshot(url)))
+            report.add(result, breakdown(before, snapshot(url, admin_headers)))
     finally:
         for client in clients:
             client.close()
@@ -136,7 +138,13 @@ def run_bench(
     if "triton" in settings.systems:
         with served(repository, out_dir / "tritonserver.log") as server:
             bench_triton(
-                report, server.grpc_url, "triton", queries, settings.concurrencies, settings
+                report,
+                server.grpc_url,
+                "triton",
+                queries,
+                settings.concurrencies,
+                settings,
+                server.admin_headers,
             )
     if "triton_no_batching" in settings.systems:
         unbatched = without_dynamic_batching(repository, out_dir / "repository-no-batching")
@@ -148,6 +156,7 @@ def run_bench(
                 queries,
                 settings.no_batching_concurrencies,
                 settings,
+                server.admin_headers,
             )
     if "in_process" in settings.systems:
         from ecomsearch.pipeline import InProcessPipeline

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def snapshot(url: str) -> dict[str, dict[str, int]]:
-    """Cumulative counters of every model, from GetModelStatistics."""
+def snapshot(url: str, headers: dict[str, str] | None = None) -> dict[str, dict[str, int]]:
+    """Cumulative counters of every model, from GetModelStatistics (an admin protocol: pass the
+    server's admin headers, TritonServer.admin_headers)."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(as_json=True)
+        stats = client.get_inference_statistics(as_json=True, headers=headers)
     counters = {}
     for model in stats.get("model_stats", []):
         inference = model.get("inference_stats", {})

@@ -1,7 +1,20 @@
-"""Start and stop the `tritonserver` shipped in the nvidia-pytriton wheel.
+"""Start, watch and stop a `tritonserver`: the one in the nvidia-pytriton wheel, or a system
+installation such as the NGC container's /opt/tritonserver.
+
+Safe by default:
+- gRPC (the product API) binds where it is asked to; HTTP/REST is off unless asked for, and
+  then listens on the loopback interface only (tritonserver 2.51's HTTP server crashes on a
+  large form-urlencoded body, see ecomsearch.server.ops), as does tritonserver's own metrics
+  port. The network-facing metrics and health port is the launcher's OpsEndpoint.
+- The admin protocols (shared memory, model repository, logging, trace, statistics) need a key
+  (`admin_key`, random unless given), sent as the ADMIN_KEY_HEADER gRPC header.
+- Models load in explicit model-control mode, so the launcher, and only a holder of the key, can
+  reload one: the StubWatchdog does when a model instance's stub dies.
 
 The server runs in its own process group (setsid) because Python-backend stub processes can
-outlive a server stopped with SIGTERM; stopping the whole group leaves nothing behind.
+outlive a server stopped with SIGTERM; stopping the whole group leaves nothing behind. The
+server dies with the launcher (PR_SET_PDEATHSIG), and a reaper process cleans up after the group
+however it ends (ecomsearch.server.reaper).
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ import importlib.util
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -18,17 +32,36 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from ecomsearch import contract
+from ecomsearch.server.ops import OpsEndpoint
+from ecomsearch.server.processes import die_with_parent
+from ecomsearch.server.watchdog import StubWatchdog
 
 log = logging.getLogger(__name__)
 
 DROP_IN_BACKENDS = Path(__file__).parent / "backends"
 READY_POLL_INTERVAL_S = 0.25
+LOOPBACK = "127.0.0.1"
+# Protocols a client of the search service never needs. Health, metadata, model config and
+# inference stay open: tritonclient, perf_analyzer and Locust users call them.
+ADMIN_PROTOCOLS = ("shared-memory", "model-repository", "logging", "trace", "statistics")
+ADMIN_KEY_NAME = "admin-key"
+# tritonserver prefixes the key's name for gRPC.
+ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_NAME}"
+RELOAD_TIMEOUT_S = 300.0
+# A config parameter no model reads; changing it forces tritonserver to replace every instance.
+RELOAD_PARAMETER = "ecomsearch_reload"
+REAPER_EXIT_TIMEOUT_S = 10.0
+EXIT_TIMEOUT_S = 10
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class ServerError(RuntimeError):
@@ -37,6 +70,9 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServerPorts:
+    """Public ports. `metrics` is the launcher's OpsEndpoint (metrics and health probes);
+    tritonserver's own metrics port is a private loopback one."""
+
     http: int = contract.DEFAULT_HTTP_PORT
     grpc: int = contract.DEFAULT_GRPC_PORT
     metrics: int = contract.DEFAULT_METRICS_PORT
@@ -58,9 +94,22 @@ class ServerPorts:
 @dataclass(frozen=True)
 class TritonInstallation:
     binary: Path
-    library_dir: Path
-    python_backend_dir: Path
-    stub: Path
+    # The pytriton wheel's libraries, Python backend and per-Python stubs; None for a system
+    # installation, which finds its own libraries and backends (with the native ONNX Runtime).
+    library_dir: Path | None = None
+    python_backend_dir: Path | None = None
+    stub: Path | None = None
+
+    @classmethod
+    def system(cls, binary: Path | str) -> TritonInstallation:
+        binary = Path(binary)
+        if not binary.is_file():
+            raise ServerError(f"{binary} not found")
+        return cls(binary=binary)
+
+    @property
+    def needs_backend_directory(self) -> bool:
+        return self.python_backend_dir is not None
 
     @classmethod
     def from_pytriton(cls) -> TritonInstallation:
@@ -85,6 +134,7 @@ class TritonInstallation:
 
     def populate_backend_directory(self, target: Path) -> None:
         """The Python backend with the stub for this Python, plus the drop-in `onnxruntime`."""
+        assert self.python_backend_dir is not None and self.stub is not None
         python_dir = target / "python"
         shutil.copytree(
             self.python_backend_dir, python_dir, ignore=shutil.ignore_patterns("__pycache__")
@@ -106,10 +156,14 @@ class TritonServer:
         model_repository: Path | str,
         ports: ServerPorts | None = None,
         model_config_name: str | None = None,
-        bind_address: str = "0.0.0.0",
+        bind_address: str = LOOPBACK,
         log_path: Path | None = None,
         log_verbose: int = 0,
         extra_args: tuple[str, ...] = (),
+        http: bool = False,
+        admin_key: str | None = None,
+        tritonserver: Path | str | None = None,
+        restart_dead_stubs: bool = True,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.ports = ports or ServerPorts()
@@ -118,8 +172,18 @@ class TritonServer:
         self.log_path = log_path
         self.log_verbose = log_verbose
         self.extra_args = extra_args
+        self.http = http
+        # Random unless given: then only this launcher can use the admin protocols.
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
+        self.tritonserver = Path(tritonserver) if tritonserver else None
+        self.restart_dead_stubs = restart_dead_stubs
         self.process: subprocess.Popen | None = None
-        self._backend_dir: tempfile.TemporaryDirectory | None = None
+        self.watchdog: StubWatchdog | None = None
+        self._reaper: subprocess.Popen | None = None
+        self._ops: OpsEndpoint | None = None
+        self._private_metrics_port: int | None = None
+        self._reloads = 0
+        self._backend_dir: str | None = None
         self._log_stream = None
 
     @classmethod
@@ -130,39 +194,72 @@ class TritonServer:
         return cls(
             model_repository,
             ServerPorts.free(),
-            bind_address="127.0.0.1",
+            bind_address=LOOPBACK,
             log_path=log_path,
             **options,
         )
 
     @property
+    def _local_host(self) -> str:
+        """How this machine reaches the public ports."""
+        return LOOPBACK if self.bind_address in ("0.0.0.0", "::", "") else self.bind_address
+
+    @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
+        return f"{self._local_host}:{self.ports.grpc}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.http}"
+        if not self.http:
+            raise ServerError("this server was started without HTTP (http=True enables it)")
+        return f"http://{LOOPBACK}:{self.ports.http}"
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://{self._local_host}:{self.ports.metrics}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+        return f"{self.ops_url}/metrics"
 
-    def command(self, backend_dir: Path, binary: Path) -> list[str]:
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """gRPC headers that open the admin protocols (statistics, model repository, ...)."""
+        return {ADMIN_KEY_HEADER: self.admin_key}
+
+    def command(self, backend_dir: Path | None, binary: Path) -> list[str]:
+        if self._private_metrics_port is None:
+            self._private_metrics_port = free_port()
+        admin = f"{','.join(ADMIN_PROTOCOLS)}:{ADMIN_KEY_NAME}={self.admin_key}"
         command = [
             str(binary),
             f"--model-repository={self.model_repository}",
-            f"--backend-directory={backend_dir}",
-            f"--http-port={self.ports.http}",
-            f"--grpc-port={self.ports.grpc}",
-            f"--metrics-port={self.ports.metrics}",
-            f"--http-address={self.bind_address}",
             f"--grpc-address={self.bind_address}",
-            f"--metrics-address={self.bind_address}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--grpc-restricted-protocol={admin}",
+            f"--allow-http={str(self.http).lower()}",
+            f"--metrics-address={LOOPBACK}",
+            f"--metrics-port={self._private_metrics_port}",
             f"--log-verbose={self.log_verbose}",
+            # Explicit control, every model loaded at start: the repository API (behind the
+            # admin key) can then reload a model whose stub died.
+            "--model-control-mode=explicit",
+            "--load-model=*",
             # Exit with the readiness error instead of serving a half-loaded repository.
             "--exit-on-error=true",
+            # A search takes milliseconds: what is still in flight after this is stuck (on an
+            # instance whose stub died), and must not hold a shutdown for the default 30 s.
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--strict-readiness=true",
         ]
+        if backend_dir is not None:
+            command.append(f"--backend-directory={backend_dir}")
+        if self.http:
+            command += [
+                f"--http-address={LOOPBACK}",
+                f"--http-port={self.ports.http}",
+                f"--http-restricted-api={admin}",
+            ]
         if self.model_config_name:
             command.append(f"--model-config-name={self.model_config_name}")
         return [*command, *self.extra_args]
@@ -171,46 +268,133 @@ class TritonServer:
         env = dict(os.environ)
         # The 3.11 stub imports packages from the first python3 on PATH: this interpreter's.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(installation.library_dir), env.get("LD_LIBRARY_PATH", "")) if p
-        )
+        if installation.library_dir is not None:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (str(installation.library_dir), env.get("LD_LIBRARY_PATH", "")) if p
+            )
         return env
 
     def start(self, timeout_s: float = 180.0) -> TritonServer:
-        installation = TritonInstallation.from_pytriton()
-        self._backend_dir = tempfile.TemporaryDirectory(prefix="ecomsearch-backends-")
-        backend_dir = Path(self._backend_dir.name)
-        installation.populate_backend_directory(backend_dir)
-        if self.log_path is not None:
-            self._log_stream = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            self.command(backend_dir, installation.binary),
-            env=self.environment(installation),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_stream,
-            stderr=subprocess.STDOUT if self._log_stream else None,
-            start_new_session=True,
+        installation = (
+            TritonInstallation.system(self.tritonserver)
+            if self.tritonserver
+            else TritonInstallation.from_pytriton()
         )
+        backend_dir = None
+        if installation.needs_backend_directory:
+            self._backend_dir = tempfile.mkdtemp(prefix="ecomsearch-backends-")
+            backend_dir = Path(self._backend_dir)
+            installation.populate_backend_directory(backend_dir)
+        self._private_metrics_port = free_port()
         try:
+            # First, so a port already in use fails before tritonserver starts.
+            self._ops = OpsEndpoint(
+                self.bind_address,
+                self.ports.metrics,
+                f"http://{LOOPBACK}:{self._private_metrics_port}/metrics",
+                live=self.live,
+                ready=self.ready,
+            ).start()
+            if self.log_path is not None:
+                self._log_stream = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
+            self.process = subprocess.Popen(
+                self.command(backend_dir, installation.binary),
+                env=self.environment(installation),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_stream,
+                stderr=subprocess.STDOUT if self._log_stream else None,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # one prctl() in the child, before exec
+            )
+            self._reaper = self._start_reaper(self.process.pid)
             self.wait_until_ready(timeout_s)
+            if self.restart_dead_stubs:
+                self.watchdog = StubWatchdog(self.process.pid, self.reload_model)
+                self.watchdog.start()
         except BaseException:
             self.stop()
             raise
         log.info(
-            "tritonserver ready: HTTP %s, gRPC %s, metrics %s (model repository %s)",
-            self.http_url,
+            "tritonserver ready: gRPC %s, metrics and health %s, HTTP %s (model repository %s)",
             self.grpc_url,
-            self.metrics_url,
+            self.ops_url,
+            f"http://{LOOPBACK}:{self.ports.http}" if self.http else "off",
             self.model_repository,
         )
         return self
 
+    def _start_reaper(self, group: int) -> subprocess.Popen:
+        command = [
+            sys.executable,
+            "-m",
+            "ecomsearch.server.reaper",
+            f"--group={group}",
+            f"--owner={os.getpid()}",
+        ]
+        if self._backend_dir:
+            command.append(f"--remove={self._backend_dir}")
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ)
+        )
+
+    def _grpc_client(self):
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.grpc_url)
+
     def is_ready(self) -> bool:
+        """tritonserver's own readiness (every model loaded), over gRPC."""
+        from tritonclient.utils import InferenceServerException
+
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as reply:
-                return reply.status == 200
-        except (urllib.error.URLError, OSError):
+            with self._grpc_client() as client:
+                return bool(client.is_server_ready(client_timeout=2))
+        except (InferenceServerException, OSError):
             return False
+
+    def live(self) -> tuple[bool, str]:
+        if self.process is None or self.process.poll() is not None:
+            return False, "tritonserver is not running"
+        if self.watchdog is not None and self.watchdog.failed:
+            return False, self.watchdog.failed
+        return True, "live"
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready to serve every request: live, tritonserver ready, and no dead stub."""
+        live, reason = self.live()
+        if not live:
+            return False, reason
+        if self.watchdog is not None and self.watchdog.degraded_since is not None:
+            return False, "a model instance died and is being replaced"
+        if not self.is_ready():
+            return False, "tritonserver is not ready"
+        return True, "ready"
+
+    def reload_model(self, model: str) -> None:
+        """Loads fresh instances of `model` through the (restricted) model-repository API, beside
+        the old ones, then swaps them in.
+
+        tritonserver treats a load whose files and config are unchanged as a no-op, and one that
+        changes only instance_group as an in-place update that keeps the existing (dead)
+        instances. So the model's current config goes back as an override with one parameter
+        changed, RELOAD_PARAMETER, which the models ignore: a different config outside
+        instance_group is what makes tritonserver replace every instance. The repository's
+        files are not touched.
+        """
+        import json
+
+        with self._grpc_client() as client:
+            config = client.get_model_config(model, as_json=True, client_timeout=30)["config"]
+            self._reloads += 1
+            config.setdefault("parameters", {})[RELOAD_PARAMETER] = {
+                "string_value": str(self._reloads)
+            }
+            client.load_model(
+                model,
+                config=json.dumps(config),
+                headers=self.admin_headers,
+                client_timeout=RELOAD_TIMEOUT_S,
+            )
 
     def wait_until_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -239,7 +423,10 @@ class TritonServer:
         )
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM to the whole process group, then SIGKILL to whatever is left of it."""
+        """SIGTERM to the whole process group, then SIGKILL to whatever is left of it; then the
+        reaper removes what the group left behind (shared memory, the backend directory)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         process, self.process = self.process, None
         if process is not None:
             _signal_group(process.pid, signal.SIGTERM)
@@ -250,11 +437,22 @@ class TritonServer:
             # Stub processes may survive their server: nothing of the group may remain.
             _signal_group(process.pid, signal.SIGKILL)
             process.wait()
+        if self._reaper is not None:
+            try:
+                self._reaper.wait(timeout=REAPER_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("the reaper did not finish; killing it")
+                self._reaper.kill()
+                self._reaper.wait()
+            self._reaper = None
+        if self._ops is not None:
+            self._ops.close()
+            self._ops = None
         if self._log_stream is not None:
             self._log_stream.close()
             self._log_stream = None
         if self._backend_dir is not None:
-            self._backend_dir.cleanup()
+            shutil.rmtree(self._backend_dir, ignore_errors=True)
             self._backend_dir = None
 
     def __enter__(self) -> TritonServer:

@@ -35,13 +35,14 @@ def cut_fixture_catalog(target: Path) -> Path:
     return target
 
 
-def wait_ready(http_port: int, process: subprocess.Popen, timeout_s: float = 180) -> None:
-    """Waits for a server started as a command (`ecomsearch serve`) to be ready."""
+def wait_ready(ops_port: int, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Waits for a server started as a command (`ecomsearch serve`) to be ready, asking its
+    metrics and health port as an orchestrator's probe would."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read() if process.stdout else ""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2):
+            with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/v2/health/ready", timeout=2):
                 return
         except OSError:
             time.sleep(0.3)

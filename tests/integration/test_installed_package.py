@@ -159,7 +159,7 @@ def test_the_installed_package_runs_from_anywhere(installed: Installation) -> No
         start_new_session=True,
     )
     try:
-        wait_ready(ports.http, server)
+        wait_ready(ports.metrics, server)
         hits = json.loads(
             installed.run(
                 "search", "wireless gaming mouse", "-k", "3", "--json",
