@@ -17,7 +17,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
     def __init__(
         self,
         url: str = contract.DEFAULT_GRPC_URL,
-        timeout_s: float = 2.0,
+        timeout_s: float = contract.DEFAULT_CLIENT_TIMEOUT_S,
         model_name: str = contract.SEARCH_MODEL,
     ) -> None:
         import tritonclient.grpc.aio as aioclient

@@ -4,6 +4,7 @@ search` works with the thin client install alone."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -213,6 +214,79 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print((args.out / "bench.md").read_text())
     log.info("wrote %s (bench.json, bench.md, *.png)", args.out)
     return 0
+
+
+@contextlib.contextmanager
+def _server_for(args: argparse.Namespace):
+    """The server a measurement runs against: `--url`'s, or a private one over `--catalog`'s
+    index (built or reused as `bench` does). Yields (grpc_url, TritonServer or None)."""
+    if getattr(args, "url", None):
+        yield args.url, None
+        return
+    from ecomsearch.server.launcher import TritonServer
+    from ecomsearch.workspace import catalog_repository
+
+    repository, _ = catalog_repository(args.catalog, args.cache_dir, _layout(args).root)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with TritonServer.local(repository, args.out / "tritonserver.log") as server:
+        yield server.grpc_url, server
+
+
+def _write_report(out: Path, name: str, report: dict, markdown: str | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    if markdown is not None:
+        (out / f"{name}.md").write_text(markdown)
+        print(markdown)
+    log.info("wrote %s", out / f"{name}.json")
+
+
+def cmd_overload(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.bench import load_queries
+    from ecomsearch.loadtest.overload import OverloadSettings, overload_markdown, run_overload
+
+    queries = load_queries(args.queries, args.limit_queries)
+    settings = OverloadSettings(
+        multiple=args.multiple,
+        duration_s=args.duration_s,
+        client_timeout_s=args.timeout_s,
+        saturation_rps=args.saturation_rps,
+    )
+    with _server_for(args) as (url, _):
+        report = run_overload(url, queries, settings)
+    _write_report(args.out, "overload", report, overload_markdown(report))
+    return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.bench import load_queries
+    from ecomsearch.loadtest.soak import run_soak
+
+    queries = load_queries(args.queries, args.limit_queries)
+    with _server_for(args) as (url, server):
+        report = run_soak(
+            url,
+            server.process.pid,
+            queries,
+            fraction=args.fraction,
+            duration_s=args.duration_s,
+            sample_every_s=args.sample_every_s,
+            saturation_rps=args.saturation_rps,
+        )
+    load = report["load"]
+    failures = load["shed"] + load["past_deadline"] + load["errors"]
+    _write_report(args.out, "soak", report)
+    log.info(
+        "soak: %d requests at %.0f req/s, %d failed; accepted p50 %s ms, p99 %s ms; memory "
+        "growth after warm-up %s MiB in all (per process in soak.json)",
+        load["offered"],
+        load["offered_rps"],
+        failures,
+        load["accepted_p50_ms"],
+        load["accepted_p99_ms"],
+        report["rss_growth_total_mib"],
+    )
+    return 0 if failures == 0 else 1
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -466,6 +540,56 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_dir(bench)
     _add_model_repository(bench)
     bench.set_defaults(handler=cmd_bench)
+
+    def measurement(name: str, help: str, out: str) -> argparse.ArgumentParser:
+        parser = command(name, help)
+        parser.add_argument(
+            "--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok)"
+        )
+        parser.add_argument(
+            "--queries", type=Path, default=default_queries(), help="one query a line"
+        )
+        parser.add_argument("--limit-queries", type=int, help="use only the first N queries")
+        parser.add_argument("--out", type=Path, default=Path(out), help="where the report goes")
+        parser.add_argument(
+            "--saturation-rps",
+            type=float,
+            help="the server's saturation rate; none measures it (closed loop, 16 clients, 10 s)",
+        )
+        parser.add_argument(
+            "--duration-s", type=float, default=60.0, help="seconds of open-loop load"
+        )
+        _add_cache_dir(parser)
+        _add_model_repository(parser)
+        return parser
+
+    overload = measurement(
+        "overload",
+        "open-loop load above saturation: what is shed, what is answered, how fast it recovers",
+        "results/overload",
+    )
+    overload.add_argument(
+        "--url", help="gRPC host:port of a running server; none starts a private one"
+    )
+    overload.add_argument(
+        "--multiple", type=float, default=2.0, help="offered rate as a multiple of saturation"
+    )
+    overload.add_argument(
+        "--timeout-s", type=float, default=2.0, help="each request's client deadline"
+    )
+    overload.set_defaults(handler=cmd_overload)
+
+    soak = measurement(
+        "soak",
+        "a long open-loop run below saturation: errors and memory growth of every process",
+        "results/soak",
+    )
+    soak.set_defaults(duration_s=1800.0)
+    soak.add_argument(
+        "--fraction", type=float, default=0.7, help="offered rate as a fraction of saturation"
+    )
+    soak.add_argument("--sample-every-s", type=float, default=30.0, help="memory sampling interval")
+    soak.set_defaults(handler=cmd_soak)
 
     scaling = command(
         "bench-scaling", "vector search cost and recall as the catalog grows (synthetic)"

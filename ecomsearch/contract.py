@@ -13,6 +13,9 @@ DEFAULT_HTTP_PORT: Final = 8000
 DEFAULT_GRPC_PORT: Final = 8001
 DEFAULT_METRICS_PORT: Final = 8002
 DEFAULT_GRPC_URL: Final = f"localhost:{DEFAULT_GRPC_PORT}"
+# The client's deadline for a request unless told otherwise; the server's queue timeout (see
+# query_encoder/config.pbtxt) stays below it, so a request is shed rather than abandoned.
+DEFAULT_CLIENT_TIMEOUT_S: Final = 2.0
 
 # Model names as they appear in model_repository/.
 SEARCH_MODEL: Final = "search"  # the product: ranked results

@@ -65,6 +65,37 @@ def test_config_parses_and_names_its_model(path):
         assert version_numbers(model_dir), f"{model_dir} has no version directory"
 
 
+# The bench's closed loop at this concurrency is the normal busy load: nothing may be shed.
+NORMAL_CONCURRENCY = 16
+# Admission control happens at one stage, the costliest (see its config.pbtxt for why only one).
+GATE = contract.ENCODER_MODEL
+# tritonserver 2.51 may leave a request queued under a queue policy for its 500 ms default wait.
+TRITON_STALL_US = 500_000
+CLIENT_DEFAULT_TIMEOUT_US = contract.DEFAULT_CLIENT_TIMEOUT_S * 1_000_000
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
+def test_the_gate_sheds_load_and_no_other_stage_has_a_queue_policy(path):
+    config = parse(path)
+    if is_ensemble(config):
+        return  # an ensemble has no queue of its own
+    batching = config.dynamic_batching
+    if config.name != GATE:
+        assert not batching.HasField("default_queue_policy"), (
+            f"{path}: a queue policy here would stall requests (see {GATE}/config.pbtxt)"
+        )
+        return
+    policy = batching.default_queue_policy
+    assert batching.HasField("default_queue_policy"), path
+    assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    # Above the stall (or light load is shed), below the client's deadline (or nothing is).
+    assert TRITON_STALL_US < policy.default_timeout_microseconds < CLIENT_DEFAULT_TIMEOUT_US
+    assert not policy.allow_timeout_override
+    assert NORMAL_CONCURRENCY <= policy.max_queue_size <= contract.MAX_QUERIES_PER_REQUEST
+    # A queue delay with a policy holds requests of another shape (preprocess/config.pbtxt).
+    assert batching.max_queue_delay_microseconds == 0
+
+
 def profile_config(name: str, profile: str | None) -> mc.ModelConfig:
     """The config Triton serves `name` from under `--model-config-name=profile`: the profile's
     file when the model has one, else config.pbtxt (tests/integration/test_profiles.py shows

@@ -1,0 +1,291 @@
+"""Property-based hostile input, served for real: every model of the pipeline, not only `search`,
+since any client that reaches the port can call any of them.
+
+For each model, hypothesis generates requests and each is sent together with well-formed
+neighbours (concurrently, so the dynamic batcher can put them in one batch):
+
+- a request from the `bad` strategy is answered INVALID_ARGUMENT, with a message;
+- a request from the `any` strategy (good or bad) is answered, or refused INVALID_ARGUMENT;
+- never INTERNAL or another status, never a traceback or a server path in a message;
+- the neighbours always get their answers, and the server stays ready.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tritonclient.utils import InferenceServerException
+
+from ecomsearch import contract
+
+pytestmark = pytest.mark.integration
+
+INVALID_ARGUMENT = "StatusCode.INVALID_ARGUMENT"
+DIMENSION = 384
+FEATURES = 17
+NEIGHBOURS = 3
+# A Python traceback or a file path of the server: nothing a client should ever read.
+LEAK = re.compile(r"Traceback|File \"|\.py\b|/work/|/tmp/|/usr/|site-packages")
+SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+Inputs = dict[str, np.ndarray]
+
+
+def tensor(name: str, value: np.ndarray) -> grpcclient.InferInput:
+    datatype = {
+        np.dtype(object): "BYTES",
+        np.dtype(np.int64): "INT64",
+        np.dtype(np.int32): "INT32",
+        np.dtype(np.float32): "FP32",
+    }[value.dtype]
+    infer_input = grpcclient.InferInput(name, list(value.shape), datatype)
+    infer_input.set_data_from_numpy(value)
+    return infer_input
+
+
+def texts(*queries: bytes) -> np.ndarray:
+    return np.array([[q] for q in queries], dtype=object)
+
+
+def unit_vectors(rows: int, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(rows, DIMENSION)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+GOOD: dict[str, Inputs] = {
+    contract.SEARCH_MODEL: {contract.QUERY: texts(b"wireless gaming mouse")},
+    contract.PREPROCESS_MODEL: {contract.QUERY: texts(b"wireless gaming mouse")},
+    contract.ENCODER_MODEL: {
+        contract.INPUT_IDS: np.array([[101, 7403, 5541, 102]], np.int64),
+        contract.ATTENTION_MASK: np.ones((1, 4), np.int64),
+    },
+    contract.RETRIEVE_MODEL: {contract.QUERY: texts(b"mouse"), contract.EMBEDDING: unit_vectors(1)},
+    contract.RANKER_MODEL: {
+        contract.CANDIDATE_FEATURES: np.zeros((1, 400, FEATURES), np.float32),
+    },
+    contract.SELECT_MODEL: {
+        contract.CANDIDATE_ROWS: np.array([[0, 1, 2, -1]], np.int64),
+        contract.CANDIDATE_SCORES: np.array([[0.5, 2.0, 1.0, 0.0]], np.float32),
+    },
+}
+
+
+@dataclass
+class Outcome:
+    status: str | None  # None: answered
+    message: str
+
+
+def call(url: str, model: str, inputs: Inputs) -> Outcome:
+    with grpcclient.InferenceServerClient(url) as client:
+        try:
+            client.infer(model, [tensor(n, v) for n, v in inputs.items()], client_timeout=60)
+        except InferenceServerException as e:
+            return Outcome(str(e.status()), e.message() or "")
+    return Outcome(None, "")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with concurrent.futures.ThreadPoolExecutor(NEIGHBOURS + 1) as executor:
+        yield executor
+
+
+def send_with_neighbours(pool, url: str, model: str, inputs: Inputs) -> Outcome:
+    futures = [pool.submit(call, url, model, GOOD[model]) for _ in range(NEIGHBOURS)]
+    probe = pool.submit(call, url, model, inputs)
+    for future in futures:
+        neighbour = future.result()
+        assert neighbour.status is None, f"a well-formed neighbour failed: {neighbour}"
+    outcome = probe.result()
+    assert not LEAK.search(outcome.message), f"leaks server internals: {outcome.message}"
+    return outcome
+
+
+def assert_server_ready(url: str) -> None:
+    with grpcclient.InferenceServerClient(url) as client:
+        assert client.is_server_ready()
+
+
+# -- strategies: arrays a hostile client could send ------------------------------------------
+
+hostile_text = st.one_of(
+    st.binary(max_size=64),
+    st.text(max_size=48).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.sampled_from(
+        [b"", b"\x00" * 8, "\u200b\u200c\u200d".encode(), b"\xff\xfe", b"x" * 5000, b" \t\n"]
+    ),
+)
+special_floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@st.composite
+def queries(draw, min_rows: int = 1) -> np.ndarray:
+    rows = draw(st.integers(min_rows, 4))
+    return np.array([[draw(hostile_text)] for _ in range(rows)], dtype=object)
+
+
+def float_arrays(shape) -> st.SearchStrategy[np.ndarray]:
+    return hnp.arrays(np.float32, shape, elements=special_floats)
+
+
+def with_a_non_finite(array: np.ndarray, position: int, value: float) -> np.ndarray:
+    array = array.copy()
+    array.flat[position % array.size] = value
+    return array
+
+
+@st.composite
+def encoder_inputs(draw, bad: bool) -> Inputs:
+    rows, length = draw(st.integers(1, 3)), draw(st.integers(1, 16))
+    ids = draw(hnp.arrays(np.int64, (rows, length), elements=st.integers(0, 30_000)))
+    mask = np.ones((rows, length), np.int64)
+    if bad:
+        kind = draw(st.sampled_from(["negative-id", "id-past-vocabulary", "mask", "too-long"]))
+        if kind == "negative-id":
+            ids[0, draw(st.integers(0, length - 1))] = draw(st.integers(-(2**62), -1))
+        elif kind == "id-past-vocabulary":
+            ids[0, 0] = draw(st.integers(10**6, 2**62))
+        elif kind == "mask":
+            mask[0, 0] = draw(st.sampled_from([-1, 2, 2**40]))
+        else:
+            length = contract.MAX_SEQUENCE_LENGTH + draw(st.integers(1, 200))
+            ids, mask = np.ones((1, length), np.int64), np.ones((1, length), np.int64)
+    return {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask}
+
+
+@st.composite
+def retrieve_inputs(draw, bad: bool) -> Inputs:
+    rows = draw(st.integers(1, 3))
+    embedding = unit_vectors(rows, seed=draw(st.integers(0, 1000)))
+    query = np.array([[b"cable"]] * rows, dtype=object)
+    if bad:
+        value = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        embedding = with_a_non_finite(embedding, draw(st.integers(0, 10**6)), value)
+    else:
+        embedding = draw(st.one_of(st.just(embedding), float_arrays((rows, DIMENSION))))
+        query = draw(queries()) if draw(st.booleans()) else query
+        if len(query) != rows:
+            query = np.array([[b"cable"]] * rows, dtype=object)
+    return {contract.QUERY: query, contract.EMBEDDING: embedding}
+
+
+@st.composite
+def ranker_inputs(draw, bad: bool) -> Inputs:
+    rows, count = draw(st.integers(1, 2)), draw(st.sampled_from([1, 7, 400]))
+    features = draw(
+        hnp.arrays(
+            np.float32,
+            (rows, count, FEATURES),
+            elements=st.floats(-1e3, 1e3, width=32),
+        )
+    )
+    if bad:
+        if draw(st.booleans()):
+            value = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+            features = with_a_non_finite(features, draw(st.integers(0, 10**6)), value)
+        else:
+            features = np.zeros((1, contract.MAX_CANDIDATES + draw(st.integers(1, 50)), FEATURES))
+            features = features.astype(np.float32)
+    return {contract.CANDIDATE_FEATURES: features}
+
+
+@st.composite
+def select_inputs(draw, bad: bool) -> Inputs:
+    rows, count = draw(st.integers(1, 3)), draw(st.integers(1, 12))
+    valid_rows = st.integers(-1, 50)
+    candidate_rows = draw(hnp.arrays(np.int64, (rows, count), elements=valid_rows))
+    scores = draw(hnp.arrays(np.float32, (rows, count), elements=st.floats(-5, 5, width=32)))
+    inputs = {contract.CANDIDATE_ROWS: candidate_rows, contract.CANDIDATE_SCORES: scores}
+    if bad:
+        kind = draw(st.sampled_from(["negative-row", "huge-row", "nan-score", "top-k"]))
+        if kind == "negative-row":
+            candidate_rows[0, 0] = draw(st.integers(-(2**62), -2))
+        elif kind == "huge-row":
+            candidate_rows[0, 0] = draw(st.integers(10**7, 2**62))
+        elif kind == "nan-score":
+            candidate_rows[0, 0] = 0
+            scores[0, 0] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        else:
+            top_k = draw(st.one_of(st.integers(-(2**31), 0), st.integers(101, 2**31 - 1)))
+            inputs[contract.TOP_K] = np.full((rows, 1), top_k, np.int32)
+    elif draw(st.booleans()):
+        inputs[contract.TOP_K] = np.full((rows, 1), draw(st.integers(-5, 120)), np.int32)
+    return inputs
+
+
+@st.composite
+def search_inputs(draw, bad: bool) -> Inputs:
+    if bad:
+        kind = draw(st.sampled_from(["blank", "invisible", "too-long", "utf8", "top-k"]))
+        query = {
+            "blank": b" \t ",
+            "invisible": "\u200b\x00\ufeff".encode(),
+            "too-long": b"y" * (contract.MAX_QUERY_BYTES + draw(st.integers(1, 10**4))),
+            "utf8": b"mouse \xc3\x28",
+            "top-k": b"mouse",
+        }[kind]
+        inputs = {contract.QUERY: texts(query)}
+        if kind == "top-k":
+            top_k = draw(st.one_of(st.integers(-(2**31), 0), st.integers(101, 2**31 - 1)))
+            inputs[contract.TOP_K] = np.array([[top_k]], np.int32)
+        return inputs
+    query = draw(queries())
+    inputs = {contract.QUERY: query}
+    if draw(st.booleans()):
+        inputs[contract.TOP_K] = np.full((len(query), 1), draw(st.integers(-3, 120)), np.int32)
+    return inputs
+
+
+STRATEGIES = {
+    contract.SEARCH_MODEL: search_inputs,
+    contract.PREPROCESS_MODEL: lambda bad: (
+        search_inputs(bad).map(lambda i: {contract.QUERY: i[contract.QUERY]})
+        if not bad
+        else st.sampled_from([b"", b"\x00\x00", "\u200b".encode(), b"\xff", b"z" * 3000]).map(
+            lambda q: {contract.QUERY: texts(q)}
+        )
+    ),
+    contract.ENCODER_MODEL: encoder_inputs,
+    contract.RETRIEVE_MODEL: retrieve_inputs,
+    contract.RANKER_MODEL: ranker_inputs,
+    contract.SELECT_MODEL: select_inputs,
+}
+
+
+@pytest.mark.parametrize("model", sorted(STRATEGIES))
+def test_bad_requests_get_invalid_argument_and_neighbours_are_served(grpc_url, pool, model):
+    @SETTINGS
+    @given(inputs=STRATEGIES[model](True))
+    def check(inputs: Inputs) -> None:
+        outcome = send_with_neighbours(pool, grpc_url, model, inputs)
+        assert outcome.status == INVALID_ARGUMENT and outcome.message, outcome
+
+    check()
+    assert_server_ready(grpc_url)
+
+
+@pytest.mark.parametrize("model", sorted(STRATEGIES))
+def test_any_request_is_answered_or_refused_as_invalid_never_an_internal_error(
+    grpc_url, pool, model
+):
+    @SETTINGS
+    @given(inputs=STRATEGIES[model](False))
+    def check(inputs: Inputs) -> None:
+        outcome = send_with_neighbours(pool, grpc_url, model, inputs)
+        assert outcome.status in (None, INVALID_ARGUMENT), outcome
+
+    check()
+    assert_server_ready(grpc_url)
