@@ -104,16 +104,25 @@ COPY --from=artefacts /src/model_repository/ /models/
 RUN test "$(id -u triton-server):$(id -g triton-server)" = "1000:1000"
 USER 1000:1000
 
-# HTTP/REST, gRPC, Prometheus metrics.
-EXPOSE 8000 8001 8002
+# gRPC (the search API) and the launcher's metrics and health port. Triton's HTTP/REST API is
+# off, because tritonserver 2.51's HTTP servers crash on a ~4 MiB form-urlencoded body; see
+# docs/security.md for serving it behind a proxy.
+EXPOSE 8001 8002
 
-# Ready means every model loaded (strict readiness is tritonserver's default). The start period
-# covers CUDA initialisation and moving the index to each GPU. Docker defines only exit codes 0
-# (healthy) and 1 (unhealthy) and reserves 2; curl fails with 7, 22, 28..., hence `|| exit 1`.
+# Ready means every model loaded and every model instance's process alive (the launcher's
+# readiness; strict readiness is on). The start period covers CUDA initialisation and moving
+# the index to each GPU. Docker defines only exit codes 0 (healthy) and 1 (unhealthy) and
+# reserves 2; curl fails with 7, 22, 28..., hence `|| exit 1`.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["sh", "-c", "curl -fsS -o /dev/null http://localhost:8000/v2/health/ready || exit 1"]
+    CMD ["sh", "-c", "curl -fsS -o /dev/null http://localhost:8002/v2/health/ready || exit 1"]
 
 # The base image's ENTRYPOINT (/opt/nvidia/nvidia_entrypoint.sh) stays: it warns about a missing
-# driver or a small /dev/shm, then execs this command. CMD rather than ENTRYPOINT so that a
-# CPU-only host can run the same image with the default configs (docs/container.md).
-CMD ["tritonserver", "--model-repository=/models", "--model-config-name=gpu"]
+# driver or a small /dev/shm, then execs this command. `ecomsearch serve` runs the image's own
+# tritonserver (native ONNX Runtime backend) with the project's safe defaults: gRPC on every
+# interface of the container, HTTP off, the admin protocols behind a key (give it through
+# ECOMSEARCH_ADMIN_KEY, say from a Kubernetes Secret, or it is random and only the launcher has
+# it), a watchdog that replaces a model instance whose process died, and nothing left behind in
+# /dev/shm when the server ends. CMD rather than ENTRYPOINT so that a CPU-only host can run the
+# same image with the default configs (docs/container.md).
+CMD ["ecomsearch", "serve", "--tritonserver=/opt/tritonserver/bin/tritonserver", \
+     "--model-repository=/models", "--model-config-name=gpu", "--address=0.0.0.0"]

@@ -30,11 +30,18 @@ _BY_STATUS: dict[str, type[SearchError]] = {
 }
 
 
+# tritonserver answers INTERNAL for a request that reached a model instance whose process had
+# died; the server replaces the instance within seconds, so a retry may well succeed.
+_DEAD_INSTANCE = "is not healthy"
+
+
 def from_server_exception(error: Exception) -> SearchError:
     """Maps a tritonclient InferenceServerException to the matching SearchError."""
     status = getattr(error, "status", lambda: None)()
     message = getattr(error, "message", lambda: None)() or str(error)
     kind = _BY_STATUS.get(str(status), SearchError)
+    if str(status) == "StatusCode.INTERNAL" and _DEAD_INSTANCE in message:
+        kind = ServiceUnavailableError
     wrapped = kind(f"{message} ({status})" if status else message)
     wrapped.__cause__ = error
     return wrapped

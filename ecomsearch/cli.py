@@ -289,6 +289,16 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if failures == 0 else 1
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.chaos import chaos_markdown, run_chaos
+    from ecomsearch.workspace import catalog_repository
+
+    repository, _ = catalog_repository(args.catalog, args.cache_dir, _layout(args).root)
+    report = run_chaos(repository, args.catalog, args.out)
+    _write_report(args.out, "chaos", report, chaos_markdown(report))
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from ecomsearch.loadtest.runner import run_loadtest
 
@@ -590,6 +600,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     soak.add_argument("--sample-every-s", type=float, default=30.0, help="memory sampling interval")
     soak.set_defaults(handler=cmd_soak)
+
+    chaos = command(
+        "chaos",
+        "bad input to every model, killed processes, interrupted builds, admin access: a report",
+    )
+    chaos.add_argument("--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok)")
+    chaos.add_argument(
+        "--out", type=Path, default=Path("results/chaos"), help="where the report goes"
+    )
+    _add_cache_dir(chaos)
+    _add_model_repository(chaos)
+    chaos.set_defaults(handler=cmd_chaos)
 
     scaling = command(
         "bench-scaling", "vector search cost and recall as the catalog grows (synthetic)"

@@ -53,9 +53,15 @@ class StubWatchdog(threading.Thread):
     def _live_stubs(self) -> list[StubInstance]:
         return [s for s in stubs(group_members(self.group)) if s.alive]
 
+    def start(self) -> None:
+        # The healthy set is read before start() returns, so a stub that dies right after the
+        # server is ready is already one the watchdog expects.
+        self._expected = {s.pid: s for s in self._live_stubs()}
+        log.info("watchdog: %d Python-backend stub processes", len(self._expected))
+        super().start()
+
     def run(self) -> None:
-        expected = {s.pid: s for s in self._live_stubs()}
-        log.info("watchdog: %d Python-backend stub processes", len(expected))
+        expected = self._expected
         while not self._stopping.wait(self.poll_interval_s):
             live = {s.pid for s in self._live_stubs()}
             dead = [stub for pid, stub in expected.items() if pid not in live]

@@ -6,11 +6,9 @@ without their key, the request that crashes tritonserver 2.51's HTTP servers.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,29 +21,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from ecomsearch import contract
-from ecomsearch.client import SearchClient, SearchError
+from ecomsearch.client import SearchClient
+from ecomsearch.loadtest.chaos import STUB_MODELS, SearchLoad, http_status, send_form_body
 from ecomsearch.server.launcher import TritonServer
 from ecomsearch.server.processes import SHM_DIR, group_members, shm_regions, stubs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# Every model served by a Python-backend stub (the drop-in onnxruntime backend included).
-STUB_MODELS = (
-    contract.PREPROCESS_MODEL,
-    contract.ENCODER_MODEL,
-    contract.RETRIEVE_MODEL,
-    contract.RANKER_MODEL,
-    contract.SELECT_MODEL,
-)
 RESTART_TIMEOUT_S = 60.0
-
-
-def status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return reply.status
-    except urllib.error.HTTPError as e:
-        return e.code
 
 
 @pytest.fixture(scope="module")
@@ -54,39 +37,6 @@ def chaos_server(model_repository, tmp_path_factory) -> Iterator[TritonServer]:
     log_path = tmp_path_factory.mktemp("chaos") / "tritonserver.log"
     with TritonServer.local(model_repository, log_path) as server:
         yield server
-
-
-class SearchLoad:
-    """Two clients searching back to back in threads, counting what they get; each error with
-    the time its request was sent."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.outcomes: Counter[str] = Counter()
-        self.errors: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
-
-    def _run(self) -> None:
-        with SearchClient(self.url, timeout_s=10) as client:
-            while not self._stop.is_set():
-                sent_at = time.monotonic()
-                try:
-                    client.search("wireless gaming mouse", k=5)
-                    self.outcomes["ok"] += 1
-                except SearchError as e:
-                    self.outcomes[type(e).__name__] += 1
-                    self.errors.append((sent_at, str(e)))
-
-    def __enter__(self) -> SearchLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("model", STUB_MODELS)
@@ -102,7 +52,7 @@ def test_a_killed_model_instance_is_replaced_and_searches_succeed_again(chaos_se
         os.kill(victim.pid, signal.SIGKILL)
         deadline = killed_at + RESTART_TIMEOUT_S
         while len(server.watchdog.restarts) == restarts and time.monotonic() < deadline:
-            ready_seen.add(status(f"{server.ops_url}/v2/health/ready"))
+            ready_seen.add(http_status(f"{server.ops_url}/v2/health/ready"))
             time.sleep(0.05)
         assert len(server.watchdog.restarts) > restarts, f"{model} was not restarted"
         replaced_at = time.monotonic()
@@ -110,7 +60,7 @@ def test_a_killed_model_instance_is_replaced_and_searches_succeed_again(chaos_se
     restarted_model, degraded_s = server.watchdog.restarts[-1]
     assert restarted_model == model
     assert 503 in ready_seen  # readiness said so while the instance was being replaced
-    assert status(f"{server.ops_url}/v2/health/ready") == 200
+    assert http_status(f"{server.ops_url}/v2/health/ready") == 200
     # Only requests sent before the replacement fail (some already in flight on the dead
     # instance fail seconds later, when tritonserver notices): none sent after it.
     late = [(round(at - killed_at, 2), m) for at, m in load.errors if at > replaced_at]
@@ -140,6 +90,7 @@ def test_stopping_after_chaos_leaves_no_shared_memory(model_repository, tmp_path
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while not server.watchdog.restarts and time.monotonic() < deadline:
             time.sleep(0.1)
+        assert server.watchdog.restarts, "the dead stub was not replaced"
         regions = shm_regions(group_members(group)) | {victim.shm_region}
     finally:
         server.stop()
@@ -185,28 +136,12 @@ def test_http_is_off_by_default(triton_server) -> None:
         socket.create_connection(("127.0.0.1", triton_server.ports.http), timeout=5).close()
 
 
-def send_form_body(port: int, size: int) -> bytes:
-    """The request that crashes tritonserver 2.51's HTTP servers (the metrics port's too)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-        connection.sendall(
-            b"POST /v2/models/search/infer HTTP/1.1\r\nHost: localhost\r\n"
-            b"Content-Type: application/x-www-form-urlencoded\r\n"
-            b"Content-Length: %d\r\n\r\n" % size
-        )
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            connection.sendall(b"q=" + b"x" * (size - 2))  # may be refused part-way
-        try:
-            return connection.recv(64)
-        except (ConnectionResetError, TimeoutError):
-            return b""
-
-
 def test_a_four_mib_form_body_to_the_metrics_port_leaves_the_server_ready(triton_server) -> None:
     reply = send_form_body(triton_server.ports.metrics, 4 << 20)
-    assert reply.startswith(b"HTTP/1.1 405"), reply  # refused unread by the ops endpoint
+    assert reply.startswith("HTTP/1.1 405"), reply  # refused unread by the ops endpoint
     time.sleep(1)
     assert triton_server.process.poll() is None
-    assert status(f"{triton_server.ops_url}/v2/health/ready") == 200
+    assert http_status(f"{triton_server.ops_url}/v2/health/ready") == 200
     with SearchClient(triton_server.grpc_url) as client:
         assert client.search("mouse", k=1)
 
@@ -226,4 +161,14 @@ def test_http_when_enabled_listens_on_loopback_only(model_repository, tmp_path: 
         assert listening[server.ports.http] == "127.0.0.1"
         assert server.ports.metrics not in listening  # the ops endpoint is the launcher's
         with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=5) as reply:
+            assert reply.status == 200
+        index_url = f"{server.http_url}/v2/repository/index"
+        refused = urllib.request.Request(index_url, data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(refused, timeout=5)
+        assert "restricted" in error.value.read().decode()
+        allowed = urllib.request.Request(
+            index_url, data=b"{}", method="POST", headers={"admin-key": server.admin_key}
+        )
+        with urllib.request.urlopen(allowed, timeout=5) as reply:
             assert reply.status == 200

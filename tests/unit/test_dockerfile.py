@@ -1,5 +1,5 @@
 """The Dockerfile, checked without a Docker engine: hadolint, then what docs/container.md promises
-about the image (a pinned Triton base, a non-root user, Triton's ports, a readiness health check,
+about the image (a pinned Triton base, a non-root user, the served ports, a readiness health check,
 the GPU configs). Each check is also run on a broken copy of the Dockerfile, to show it can fail."""
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ HADOLINT = Path(sys.executable).parent / "hadolint"
 HADOLINT_TIMEOUT_S = 60
 
 TRITON_BASE_IMAGE = re.compile(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3")
-TRITON_PORTS = {8000, 8001, 8002}
-READINESS_URL = re.compile(r"http://(localhost|127\.0\.0\.1):8000/v2/health/ready\b")
+# gRPC and the launcher's metrics and health port; HTTP/REST (8000) is off (docs/security.md).
+SERVED_PORTS = {8001, 8002}
+READINESS_URL = re.compile(r"http://(localhost|127\.0\.0\.1):8002/v2/health/ready\b")
 ROOT_USERS = {"root", "0"}
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
@@ -126,8 +127,7 @@ def check_exposed_ports(instructions: list[Instruction]) -> None:
         for token in instruction.arguments.split():
             first, _, end = token.split("/")[0].partition("-")
             exposed.update(range(int(first), int(end or first) + 1))
-    missing = TRITON_PORTS - exposed
-    assert not missing, f"EXPOSE lacks Triton's port(s) {sorted(missing)} (has {sorted(exposed)})"
+    assert exposed == SERVED_PORTS, f"EXPOSE has {sorted(exposed)}, not {sorted(SERVED_PORTS)}"
 
 
 def check_healthcheck(instructions: list[Instruction]) -> None:
@@ -138,7 +138,7 @@ def check_healthcheck(instructions: list[Instruction]) -> None:
     )
     assert READINESS_URL.search(healthcheck.arguments), (
         f"line {healthcheck.line}: HEALTHCHECK does not probe "
-        f"http://localhost:8000/v2/health/ready: {healthcheck.arguments!r}"
+        f"http://localhost:8002/v2/health/ready: {healthcheck.arguments!r}"
     )
 
 
@@ -148,9 +148,14 @@ def check_server_command(instructions: list[Instruction]) -> None:
         *(command_argv(e) if (e := last(stage, "ENTRYPOINT")) else []),
         *(command_argv(c) if (c := last(stage, "CMD")) else []),
     ]
-    assert any(Path(arg).name == "tritonserver" for arg in argv), f"no tritonserver in {argv}"
+    # The launcher (its watchdog, reaper, ops endpoint and locked-down flags) over the image's
+    # own tritonserver.
+    assert argv[:2] == ["ecomsearch", "serve"], f"the server is not started by the launcher: {argv}"
+    assert "--tritonserver=/opt/tritonserver/bin/tritonserver" in argv, argv
     assert "--model-repository=/models" in argv, f"the server does not serve /models: {argv}"
     assert "--model-config-name=gpu" in argv, f"the server does not select configs/gpu: {argv}"
+    assert "--address=0.0.0.0" in argv, f"gRPC would not be reachable from outside: {argv}"
+    assert "--http" not in argv, f"HTTP must stay off in the image: {argv}"
 
 
 STRUCTURAL_CHECKS = [
@@ -169,10 +174,13 @@ BREAKAGES = [
     (check_non_root_user, r"(?m)^USER .*$", "USER 0:0"),
     (check_non_root_user, r"(?m)^USER .*\n", ""),
     (check_exposed_ports, r"(?m)^(EXPOSE\b.*?)\s*\b8002\b", r"\1"),
+    (check_exposed_ports, r"(?m)^EXPOSE 8001", "EXPOSE 8000 8001"),
     (check_healthcheck, r"/v2/health/ready", "/v2/health/live"),
     (check_healthcheck, r"(?m)^HEALTHCHECK\b", "# HEALTHCHECK"),
     (check_server_command, r"--model-config-name=gpu", "--model-config-name=cpu"),
     (check_server_command, r"--model-repository=/models", "--model-repository=/opt/models"),
+    (check_server_command, r'"--address=0.0.0.0"\]', '"--address=0.0.0.0", "--http"]'),
+    (check_server_command, r'\["ecomsearch", "serve",', '["tritonserver",'),
 ]
 
 
