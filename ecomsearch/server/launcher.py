@@ -229,7 +229,7 @@ class TritonServer:
 
     def command(self, backend_dir: Path | None, binary: Path) -> list[str]:
         if self._private_metrics_port is None:
-            self._private_metrics_port = free_port()
+            self._private_metrics_port = self._free_private_port()
         admin = f"{','.join(ADMIN_PROTOCOLS)}:{ADMIN_KEY_NAME}={self.admin_key}"
         command = [
             str(binary),
@@ -285,7 +285,7 @@ class TritonServer:
             self._backend_dir = tempfile.mkdtemp(prefix="ecomsearch-backends-")
             backend_dir = Path(self._backend_dir)
             installation.populate_backend_directory(backend_dir)
-        self._private_metrics_port = free_port()
+        self._private_metrics_port = self._free_private_port()
         try:
             # First, so a port already in use fails before tritonserver starts.
             self._ops = OpsEndpoint(
@@ -322,6 +322,14 @@ class TritonServer:
             self.model_repository,
         )
         return self
+
+    def _free_private_port(self) -> int:
+        """A loopback port for tritonserver's own metrics, free now and none of the public
+        ports (which may be free now too, when they were picked but not yet bound)."""
+        public = {self.ports.http, self.ports.grpc, self.ports.metrics}
+        while (port := free_port()) in public:
+            pass
+        return port
 
     def _start_reaper(self, group: int) -> subprocess.Popen:
         command = [

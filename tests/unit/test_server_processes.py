@@ -320,3 +320,16 @@ def test_http_when_asked_is_loopback_only_and_restricted_too(tmp_path: Path) -> 
     assert command["--http-restricted-api"][0].endswith(":admin-key=k")
     assert "--backend-directory" not in command  # a system installation finds its own
     assert server.admin_headers == {"triton-grpc-protocol-admin-key": "k"}
+
+
+def test_the_private_metrics_port_is_never_a_public_one(monkeypatch, tmp_path: Path) -> None:
+    from ecomsearch.server import launcher
+    from ecomsearch.server.launcher import ServerPorts, TritonServer
+
+    # free_port() hands out the ports picked for the public ones first, as it can when they
+    # are not bound yet (a CI run failed this way: gRPC and metrics on one port).
+    offers = iter([2, 3, 1, 4])
+    monkeypatch.setattr(launcher, "free_port", lambda host="127.0.0.1": next(offers))
+    server = TritonServer(tmp_path, ServerPorts(http=1, grpc=2, metrics=3))
+    command = flags(server.command(None, Path("/bin/tritonserver")))
+    assert command["--metrics-port"] == ["4"]
