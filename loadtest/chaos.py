@@ -76,7 +76,8 @@ def _candidates(rows: list[int], scores: list[float], top_k: int | None = None) 
     return inputs
 
 
-GOOD = {
+# A well-formed request for each model, sent beside the bad ones.
+WELL_FORMED = {
     contract.SEARCH_MODEL: {contract.QUERY: _texts(b"wireless gaming mouse")},
     contract.PREPROCESS_MODEL: {contract.QUERY: _texts(b"wireless gaming mouse")},
     contract.ENCODER_MODEL: _tokens([101, 7403, 5541, 102]),
@@ -129,7 +130,8 @@ BAD_INPUTS: list[tuple[str, str, dict[str, np.ndarray]]] = [
 ]
 
 
-def _infer(url: str, model: str, inputs: dict[str, np.ndarray]) -> tuple[str, str]:
+def infer_raw(url: str, model: str, inputs: dict[str, np.ndarray]) -> tuple[str, str]:
+    """One request of any tensors: ("OK", "") or the gRPC status name and the message."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -166,9 +168,9 @@ def bad_inputs(server: TritonServer) -> list[Row]:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for what, model, inputs in BAD_INPUTS:
             neighbours = [
-                pool.submit(_infer, server.grpc_url, model, GOOD[model]) for _ in range(3)
+                pool.submit(infer_raw, server.grpc_url, model, WELL_FORMED[model]) for _ in range(3)
             ]
-            probe = pool.submit(_infer, server.grpc_url, model, inputs)
+            probe = pool.submit(infer_raw, server.grpc_url, model, inputs)
             status, message = probe.result()
             answered = sum(f.result()[0] == "OK" for f in neighbours)
             rows.append(

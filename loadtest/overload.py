@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ecomsearch import contract
+from ecomsearch.client import protocol
 
 OK = "ok"
 SHED = "shed"  # UNAVAILABLE from the server: admission control at work
@@ -85,14 +86,6 @@ def _classify(error: Exception) -> str:
     return ERROR
 
 
-def _inputs(grpc_module, query: str, top_k: int) -> list:
-    text = grpc_module.InferInput(contract.QUERY, [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[query.encode()]], dtype=np.object_))
-    k = grpc_module.InferInput(contract.TOP_K, [1, 1], "INT32")
-    k.set_data_from_numpy(np.array([[top_k]], dtype=np.int32))
-    return [text, k]
-
-
 async def _open_loop(
     url: str,
     queries: Sequence[str],
@@ -116,7 +109,8 @@ async def _open_loop(
     async def one(query: str, second: int) -> None:
         sent = time.perf_counter()
         try:
-            await client.infer(model, _inputs(grpc_module, query, top_k), client_timeout=timeout_s)
+            inputs = protocol.build_inputs(grpc_module, [query], top_k)
+            await client.infer(model, inputs, client_timeout=timeout_s)
             outcome = OK
         except Exception as e:  # every failure is sorted and counted
             outcome = _classify(e)

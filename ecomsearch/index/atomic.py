@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ecomsearch.pids import process_alive
+
 log = logging.getLogger(__name__)
 
 SCRATCH = "building"  # a version being written
@@ -43,24 +45,6 @@ LINK = "linking"  # a symlink to a new version, about to be renamed onto `index`
 # it was killed between its two renames: `.index.retired-<pid>`, `.index.building-<pid>`.
 RETIRED = "retired"
 _KINDS = (SCRATCH, VERSION, LINK, RETIRED)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists, as far as this process can see.
-
-    A build in another PID namespace (another container sharing the directory) looks dead: its
-    scratch directory would be removed and that build fail, loudly, when it renames it."""
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: the existence and permission checks only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
 
 
 def _name_pattern(index_dir: Path) -> re.Pattern[str]:

@@ -17,7 +17,7 @@ import numpy as np
 from ecomsearch.catalog import Product, product_text, read_catalog
 from ecomsearch.encoder import OnnxEncoder
 from ecomsearch.fingerprint import file_sha256, texts_sha256
-from ecomsearch.index.atomic import process_alive, publish_index_dir, remove_abandoned
+from ecomsearch.index.atomic import publish_index_dir, remove_abandoned
 from ecomsearch.index.manifest import (
     FAISS_FILE,
     IDS_FILE,
@@ -29,6 +29,7 @@ from ecomsearch.index.manifest import (
 )
 from ecomsearch.lexical import LexicalIndex
 from ecomsearch.paths import ModelRepositoryLayout
+from ecomsearch.pids import process_alive
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ Linux only, like the server. Everything here tolerates processes vanishing while
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import signal
 from collections.abc import Iterable
@@ -102,21 +101,6 @@ def remove_shm_regions(names: Iterable[str]) -> list[str]:
             continue
         removed.append(name)
     return removed
-
-
-def is_alive(pid: int) -> bool:
-    """Whether `pid` runs: a zombie (dead, its parent not having collected it yet) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    try:
-        state = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:

@@ -23,7 +23,8 @@ import signal
 import sys
 import time
 
-from ecomsearch.server.processes import group_members, is_alive, remove_shm_regions, shm_regions
+from ecomsearch.pids import process_alive
+from ecomsearch.server.processes import group_members, remove_shm_regions, shm_regions
 
 POLL_INTERVAL_S = 0.5
 
@@ -37,7 +38,7 @@ def reap(group: int, owner: int, directories: list[str], poll_interval_s: float)
         regions |= shm_regions(members)
         if not any(m.alive for m in members):
             break
-        if not is_alive(owner):
+        if not process_alive(owner):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGKILL)
         time.sleep(poll_interval_s)
