@@ -459,7 +459,7 @@ class TritonServer:
         if self._log_stream is not None:
             self._log_stream.close()
             self._log_stream = None
-        if self._backend_dir is not None:
+        if self._backend_dir is not None:  # the reaper removed it, unless it had to be killed
             shutil.rmtree(self._backend_dir, ignore_errors=True)
             self._backend_dir = None
 
