@@ -25,6 +25,7 @@ ENCODER_MODEL: Final = "query_encoder"
 RETRIEVE_MODEL: Final = "retrieve"
 RANKER_MODEL: Final = "ranker"
 SELECT_MODEL: Final = "select"
+CATALOG_MODEL: Final = "catalog"  # writes to the live catalog: upserts and deletes
 
 # Inputs and outputs of the `search` ensemble.
 QUERY: Final = "query"  # BYTES [batch, 1], UTF-8
@@ -32,6 +33,32 @@ TOP_K: Final = "top_k"  # INT32 [batch, 1], optional
 PRODUCT_IDS: Final = "product_ids"  # BYTES [batch, k]
 SCORES: Final = "scores"  # FP32 [batch, k], higher is better
 TITLES: Final = "titles"  # BYTES [batch, k]
+PRICES: Final = "prices"  # FP32 [batch, k], NaN when the product has no price
+IN_STOCK: Final = "in_stock"  # BOOL [batch, k]
+
+# Optional filters of `search` and `search_unranked`, one value per query ([batch, 1]); an
+# absent input, an empty string or a NaN bound means no filter of that kind. Exact: a result
+# never fails a filter, and a search returns k results whenever k products pass them.
+FILTER_CATEGORY: Final = "category"  # BYTES: a prefix of the category path, "Components > SSD"
+FILTER_BRAND: Final = "brand"  # BYTES: the brand, compared case-insensitively
+FILTER_MIN_PRICE: Final = "min_price"  # FP32: price >= this (products without a price fail)
+FILTER_MAX_PRICE: Final = "max_price"  # FP32: price <= this
+FILTER_IN_STOCK: Final = "in_stock_only"  # BOOL: only products in stock
+FILTER_INPUTS: Final = (
+    FILTER_CATEGORY,
+    FILTER_BRAND,
+    FILTER_MIN_PRICE,
+    FILTER_MAX_PRICE,
+    FILTER_IN_STOCK,
+)
+# The separator of category path levels in a category filter and in search results.
+CATEGORY_SEPARATOR: Final = " > "
+
+# Inputs and outputs of the `catalog` model: one request is one write (a transaction).
+PRODUCTS: Final = "products"  # BYTES [n]: one JSON object per product to upsert
+DELETE_IDS: Final = "delete_ids"  # BYTES [n]: ids of products to delete
+SEQUENCE_NUMBER: Final = "sequence_number"  # INT64 [1]: the catalog's change number after it
+CHANGED: Final = "changed"  # INT64 [1]: products written (deletes of unknown ids do not count)
 
 # Tensors between the composing models.
 INPUT_IDS: Final = "input_ids"  # INT64 [batch, sequence]
@@ -59,3 +86,14 @@ MAX_CANDIDATES: Final = 1024
 # Longest token sequence the encoder accepts from a direct caller (preprocess sends at most
 # MAX_QUERY_TOKENS plus padding); BERT-class position tables end at 512.
 MAX_SEQUENCE_LENGTH: Final = 512
+# Product text is embedded at up to this many tokens (title first, so it survives truncation);
+# `preprocess` accepts it as an optional `max_tokens` from the catalog writer.
+PRODUCT_MAX_TOKENS: Final = 128
+MAX_TOKENS: Final = "max_tokens"  # INT32 [batch, 1], optional input of `preprocess`
+# Writes: products a request may carry, and the size of one product's JSON.
+MAX_PRODUCTS_PER_WRITE: Final = 1000
+MAX_PRODUCT_JSON_BYTES: Final = 32 * 1024
+MAX_PRODUCT_ID_BYTES: Final = 256
+MAX_TITLE_BYTES: Final = 1024
+# Filter values are short names; anything longer is not a category or a brand.
+MAX_FILTER_BYTES: Final = 512

@@ -7,6 +7,7 @@ plurals, and scores with BM25 over the title alone and over all text fields.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ _UNITS = {
 _STOPWORDS = frozenset(["a", "an", "and", "the", "for", "with", "of", "to", "on", "by", "or"])
 
 FIELDS = ("title", "text")
+# Beside each field's bm25s files: what bm25s does not save but scoring a new document with the
+# same statistics needs (ecomsearch.live.catalog scores the live catalog's new products).
+STATS_FILE = "stats.json"
 
 
 def _normalise(token: str) -> str:
@@ -74,8 +78,9 @@ class QueryTerms:
 class LexicalIndex:
     """One bm25s index per field, with row-aligned documents (row = FAISS row)."""
 
-    def __init__(self, retrievers: dict) -> None:
+    def __init__(self, retrievers: dict, average_lengths: dict[str, float]) -> None:
         self.retrievers = retrievers
+        self.average_lengths = average_lengths
         self.count = int(next(iter(retrievers.values())).scores["num_docs"])
         for retriever in retrievers.values():
             _sort_postings(retriever.scores)
@@ -84,18 +89,28 @@ class LexicalIndex:
     def build(cls, products: Sequence[Product]) -> LexicalIndex:
         import bm25s
 
-        retrievers = {}
+        retrievers, average_lengths = {}, {}
         texts = [field_texts(p) for p in products]
         for field in FIELDS:
             retriever = bm25s.BM25()
+            tokens = [tokenize(t[field]) for t in texts]
             # create_empty_token keeps a document without tokens in its row.
-            retriever.index([tokenize(t[field]) for t in texts], show_progress=False)
+            retriever.index(tokens, show_progress=False)
             retrievers[field] = retriever
-        return cls(retrievers)
+            average_lengths[field] = sum(map(len, tokens)) / max(len(tokens), 1)
+        return cls(retrievers, average_lengths)
 
     def save(self, directory: Path) -> None:
         for field, retriever in self.retrievers.items():
             retriever.save(str(directory / field), show_progress=False)
+        stats = {"average_lengths": self.average_lengths}
+        (directory / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+
+    def parameters(self, field: str) -> tuple[float, float, float]:
+        """(k1, b, average document length) of a field's BM25."""
+        retriever = self.retrievers[field]
+        # bm25s divides by the average length; a catalog of empty titles has none.
+        return float(retriever.k1), float(retriever.b), max(self.average_lengths[field], 1e-9)
 
     @classmethod
     def load(cls, directory: Path) -> LexicalIndex:
@@ -108,7 +123,9 @@ class LexicalIndex:
         counts = {int(r.scores["num_docs"]) for r in retrievers.values()}
         if len(counts) != 1:
             raise ValueError(f"lexical fields disagree on the document count: {counts}")
-        return cls(retrievers)
+        stats = json.loads((directory / STATS_FILE).read_text())
+        average_lengths = {field: float(stats["average_lengths"][field]) for field in FIELDS}
+        return cls(retrievers, average_lengths)
 
     def terms(self, query: str) -> QueryTerms:
         tokens = tuple(dict.fromkeys(tokenize(query)))

@@ -115,6 +115,13 @@ class ModelRepositoryLayout:
     def ranker_card(self) -> Path:
         return self.model_dir(contract.RANKER_MODEL) / RANKER_CARD_FILE
 
+    @property
+    def catalog_store_path(self) -> Path:
+        """The default catalog store, a SQLite file in the data directory beside the repository
+        (`var/`), named after it: outside the repository, so tritonserver never sees it, and
+        one per repository, so evaluation workspaces do not share a catalog."""
+        return self.root.parent / "var" / f"{self.root.name}.catalog.sqlite3"
+
     def generated(self) -> list[Path]:
         """Artefacts made by export-encoder and build-index (never checked in or packaged)."""
         return [self.encoder_onnx, self.encoder_info, self.tokenizer_dir, self.index_dir]

@@ -30,7 +30,6 @@ class InProcessPipeline:
         )
         check_ranker_features(layout.ranker_info)
         self.retriever = open_retriever(layout.index_dir, layout.encoder_onnx)
-        self.index = self.retriever.index
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         self.ranker = ort.InferenceSession(
@@ -47,7 +46,7 @@ class InProcessPipeline:
             [contract.RANKING_SCORES], {contract.CANDIDATE_FEATURES: candidates.features}
         )
         rows, scores = top_k_rows(candidates.rows, scores, k)
-        ids, _ = self.index.labels(rows)
+        ids = self.retriever.catalog.product_ids_of_keys(rows)
         return [
             [
                 (product_id.decode("utf-8"), float(score))

@@ -1,8 +1,9 @@
 """Shared test helpers: the fake Python-backend module, loading model.py files, the `args`
-tritonserver passes to initialize, tiny index directories and tiny model repositories.
+tritonserver passes to initialize, tiny index directories, tiny model repositories and a real
+PostgreSQL server.
 
 Test modules reach these through fixtures (`pb_utils`, `triton`, `tiny_index_factory`,
-`tiny_repository_factory`) rather than by importing conftest."""
+`tiny_repository_factory`, `postgres_server`) rather than by importing conftest."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import importlib.util
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -26,6 +27,7 @@ from ecomsearch.catalog import Product
 from ecomsearch.index.manifest import IndexManifest
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.ranking.features import FEATURE_NAMES
+from tests.postgres import PostgresNotInstalledError, PostgresServer
 from tests.project import MODEL_REPOSITORY
 
 FAKE_PB_UTILS = Path(__file__).resolve().parent / "fakes" / "triton_python_backend_utils.py"
@@ -285,7 +287,7 @@ def write_tiny_index(
 
     By default `rows` random unit vectors for `tiny_catalog(rows)`; pass `products` and/or
     `embeddings` (row-aligned, unit length) to choose them."""
-    from ecomsearch.index.builder import _write_index_dir, make_faiss_index
+    from ecomsearch.index.builder import CatalogSnapshot, write_index
 
     if products is None:
         products = tiny_catalog(rows if embeddings is None else len(embeddings))
@@ -294,19 +296,15 @@ def write_tiny_index(
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if len(embeddings) != len(products):
         raise ValueError(f"{len(embeddings)} embeddings for {len(products)} products")
-    faiss_index, params = make_faiss_index(embeddings, "flat")
-    manifest = IndexManifest(
+    # A frozen catalog (no store): keys are the rows, so tests can read candidates as rows.
+    snapshot = CatalogSnapshot(
+        products=list(products),
+        keys=np.arange(len(products), dtype=np.int64),
+        embeddings=embeddings,
         encoder_fingerprint=encoder_fingerprint,
-        dimension=embeddings.shape[1],
-        count=len(products),
-        index_type="flat",
-        index_params=params,
         catalog_sha256=hashlib.sha256(b"tiny catalog").hexdigest(),
-        text_max_tokens=128,
-        built_at="2024-01-01T00:00:00+00:00",
-        build_seconds=0.0,
     )
-    _write_index_dir(index_dir, faiss_index, products, manifest)
+    write_index(index_dir, snapshot)
     return TinyIndex(index_dir, IndexManifest.read(index_dir), embeddings, products)
 
 
@@ -390,3 +388,16 @@ def tiny_repository_factory(tmp_path: Path) -> Callable[..., TinyRepository]:
         return write_tiny_repository(tmp_path / "model_repository", **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests/postgres.py); each test makes its own
+    database with `postgres_server.create_database()`. Fails, never skips, when PostgreSQL is
+    not installed: a skipped PostgreSQL test would hide a broken store."""
+    try:
+        server = PostgresServer()
+    except PostgresNotInstalledError as e:
+        pytest.fail(str(e))
+    with server:
+        yield server

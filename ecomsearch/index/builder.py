@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 
 from ecomsearch.catalog import Product, product_text, read_catalog
+from ecomsearch.contract import PRODUCT_MAX_TOKENS
 from ecomsearch.encoder import OnnxEncoder
 from ecomsearch.fingerprint import file_sha256, texts_sha256
 from ecomsearch.index.atomic import publish_index_dir, remove_abandoned
 from ecomsearch.index.manifest import (
     FAISS_FILE,
     IDS_FILE,
+    KEYS_FILE,
     LEXICAL_DIR,
     MANIFEST_FILE,
     METADATA_FILE,
@@ -28,14 +30,14 @@ from ecomsearch.index.manifest import (
     IndexManifest,
 )
 from ecomsearch.lexical import LexicalIndex
+from ecomsearch.live.location import STORE_URL_ENV
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.pids import process_alive
 
 log = logging.getLogger(__name__)
 
-# Product texts carry a title, a category and a spec-like description; 128 tokens keeps all
-# of a title and most descriptions while bounding the quadratic attention cost.
-PRODUCT_MAX_TOKENS = 128
+# Product texts carry a title, a category and a spec-like description; PRODUCT_MAX_TOKENS (128)
+# keeps all of a title and most descriptions while bounding the quadratic attention cost.
 EMBEDDING_BATCH_SIZE = 64
 
 # Exact inner-product search (IndexFlatIP) up to this many products, HNSW above. Measured with
@@ -146,7 +148,11 @@ class EmbeddingCache:
 
 
 def _write_index_files(
-    directory: Path, faiss_index: Any, products: list[Product], manifest: IndexManifest
+    directory: Path,
+    faiss_index: Any,
+    products: list[Product],
+    keys: np.ndarray,
+    manifest: IndexManifest,
 ) -> None:
     """The index's files in `directory`; the manifest, with every other file's checksum, last."""
     import faiss
@@ -154,6 +160,7 @@ def _write_index_files(
     faiss.write_index(faiss_index, str(directory / FAISS_FILE))
     LexicalIndex.build(products).save(directory / LEXICAL_DIR)
     (directory / IDS_FILE).write_text(json.dumps([p.id for p in products]), encoding="utf-8")
+    np.save(directory / KEYS_FILE, np.asarray(keys, dtype=np.int64), allow_pickle=False)
     with open(directory / METADATA_FILE, "w", encoding="utf-8") as stream:
         for product in products:
             stream.write(json.dumps(product.metadata(), ensure_ascii=False) + "\n")
@@ -166,51 +173,34 @@ def _write_index_files(
     (directory / MANIFEST_FILE).write_text(manifest.to_json())
 
 
-def _write_index_dir(
-    target: Path, faiss_index: Any, products: list[Product], manifest: IndexManifest
-) -> None:
-    """Writes the index as a new version of `target` and switches `target` (a symlink) to it
-    in one atomic step, so readers never see half of it (ecomsearch.index.atomic)."""
-    publish_index_dir(
-        target, lambda directory: _write_index_files(directory, faiss_index, products, manifest)
-    )
+@dataclass(frozen=True)
+class CatalogSnapshot:
+    """Everything an index is built from: products, their store keys and embeddings, and
+    where they came from."""
+
+    products: list[Product]
+    keys: np.ndarray  # int64 [n]
+    embeddings: np.ndarray  # float32 [n, dimension]
+    encoder_fingerprint: str
+    catalog_sha256: str  # of the catalog file last loaded into the store
+    store_url: str | None = None
+    store_id: str | None = None
+    seq: int | None = None  # the store's change sequence number the products are at
 
 
-def build_index(
-    catalog_path: Path,
-    layout: ModelRepositoryLayout,
-    cache_dir: Path,
-    index_dir: Path | None = None,
-    force: bool = False,
+def write_index(
+    index_dir: Path,
+    snapshot: CatalogSnapshot,
     exact_max_products: int = EXACT_SEARCH_MAX_PRODUCTS,
-) -> BuildResult:
-    started = time.perf_counter()
-    index_dir = index_dir or layout.index_dir
-    remove_abandoned(index_dir)  # even when the index turns out up to date
-    encoder = OnnxEncoder(layout.encoder_onnx, layout.tokenizer_dir, PRODUCT_MAX_TOKENS)
-    catalog_sha256 = file_sha256(catalog_path)
-
-    if not force:
-        try:
-            existing = IndexManifest.read(index_dir)
-        except IndexLoadError:
-            existing = None
-        if (
-            existing is not None
-            and existing.encoder_fingerprint == encoder.fingerprint
-            and existing.catalog_sha256 == catalog_sha256
-            and existing.text_max_tokens == PRODUCT_MAX_TOKENS
-            and existing.index_type == choose_index_type(existing.count, exact_max_products)
-        ):
-            log.info("index at %s is up to date (same catalog and encoder)", index_dir)
-            return BuildResult(existing, index_dir, reused=True)
-
-    products = read_catalog(catalog_path)
-    log.info("catalog %s: %d products", catalog_path, len(products))
-    texts = [product_text(p) for p in products]
-    embeddings = EmbeddingCache(cache_dir).get_or_compute(encoder, texts, PRODUCT_MAX_TOKENS)
-
-    index_type = choose_index_type(len(products), exact_max_products)
+    started: float | None = None,
+) -> IndexManifest:
+    """Builds the FAISS and BM25 indexes of a snapshot and publishes them as the new version of
+    `index_dir` in one atomic step (ecomsearch.index.atomic); returns the manifest written."""
+    started = time.perf_counter() if started is None else started
+    if not snapshot.products:
+        raise ValueError("the catalog is empty: nothing to index")
+    embeddings = np.ascontiguousarray(snapshot.embeddings, dtype=np.float32)
+    index_type = choose_index_type(len(snapshot.products), exact_max_products)
     faiss_index, params = make_faiss_index(embeddings, index_type)
     recall = None
     if index_type != "flat":
@@ -223,24 +213,158 @@ def build_index(
             recall,
         )
     manifest = IndexManifest(
-        encoder_fingerprint=encoder.fingerprint,
-        dimension=encoder.dimension,
-        count=len(products),
+        encoder_fingerprint=snapshot.encoder_fingerprint,
+        dimension=int(embeddings.shape[1]),
+        count=len(snapshot.products),
         index_type=index_type,
         index_params=params,
-        catalog_sha256=catalog_sha256,
+        catalog_sha256=snapshot.catalog_sha256,
         text_max_tokens=PRODUCT_MAX_TOKENS,
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         build_seconds=round(time.perf_counter() - started, 3),
         recall_at_100=recall,
+        catalog_store=snapshot.store_url,
+        catalog_store_id=snapshot.store_id,
+        catalog_seq=snapshot.seq,
     )
-    _write_index_dir(index_dir, faiss_index, products, manifest)
+    publish_index_dir(
+        index_dir,
+        lambda directory: _write_index_files(
+            directory, faiss_index, snapshot.products, snapshot.keys, manifest
+        ),
+    )
     log.info(
-        "index: %d products, %s, dimension %d, built in %.1f s -> %s",
+        "index: %d products, %s, dimension %d, at change %s, built in %.1f s -> %s",
         manifest.count,
         index_type,
         manifest.dimension,
-        manifest.build_seconds,
+        manifest.catalog_seq,
+        time.perf_counter() - started,
         index_dir,
     )
-    return BuildResult(IndexManifest.read(index_dir), index_dir, reused=False)
+    return IndexManifest.read(index_dir)
+
+
+def store_snapshot(store: Any, catalog_sha256: str) -> CatalogSnapshot:
+    """Every live product of a catalog store, with its embedding, at one change number."""
+    from ecomsearch.live.catalog import stored_product
+
+    seq, records = store.snapshot(with_embeddings=True)
+    if not records:
+        raise ValueError(f"the catalog store {store.url} has no products")
+    return CatalogSnapshot(
+        products=[stored_product(r) for r in records],
+        keys=np.array([r.key for r in records], dtype=np.int64),
+        embeddings=np.stack([r.embedding for r in records]).astype(np.float32, copy=False),
+        encoder_fingerprint=store.encoder_fingerprint,
+        catalog_sha256=catalog_sha256,
+        store_url=store.url,
+        store_id=store.store_id,
+        seq=seq,
+    )
+
+
+def product_write(product: Product) -> Any:
+    from ecomsearch.store import ProductWrite
+
+    return ProductWrite(
+        id=product.id,
+        title=product.title,
+        brand=product.brand,
+        category_path=product.category_path,
+        description=product.description,
+        price=product.price,
+        in_stock=product.in_stock,
+        attributes=product.attributes,
+    )
+
+
+# The store remembers the catalog file it was last loaded from, so serving the same file again
+# (`make serve` twice) keeps the live changes made since instead of loading the file over them.
+LOADED_CATALOG_META = "loaded_catalog_sha256"
+
+
+def load_catalog_into_store(
+    store: Any, catalog_path: Path, encoder: OnnxEncoder, cache: EmbeddingCache
+) -> bool:
+    """Makes the store's catalog the file's, as changes (upserts of every product, deletes of
+    products the file lacks), unless the store was last loaded from this very file; re-embeds
+    stored products first if the store's embeddings come from another encoder. Returns whether
+    the store changed."""
+    changed = False
+    if store.encoder_fingerprint not in (None, encoder.fingerprint):
+        seq, records = store.snapshot(with_embeddings=False)
+        embeddings_by_key: dict[int, np.ndarray] = {}
+        if records:
+            from ecomsearch.live.catalog import stored_product
+
+            texts = [product_text(stored_product(r)) for r in records]
+            embeddings = cache.get_or_compute(encoder, texts, PRODUCT_MAX_TOKENS)
+            embeddings_by_key = {r.key: e for r, e in zip(records, embeddings, strict=True)}
+        log.info("store %s: re-embedding %d products", store.url, len(records))
+        # Even with no live product left: the store refuses writes from another encoder until
+        # its recorded encoder is this one.
+        store.reembed(encoder.fingerprint, embeddings_by_key, at_seq=seq)
+        changed = True
+    catalog_sha256 = file_sha256(catalog_path)
+    if store.get_meta(LOADED_CATALOG_META) == catalog_sha256:
+        return changed
+    products = read_catalog(catalog_path)
+    log.info("catalog %s: %d products, loading into %s", catalog_path, len(products), store.url)
+    embeddings = cache.get_or_compute(
+        encoder, [product_text(p) for p in products], PRODUCT_MAX_TOKENS
+    )
+    store.upsert([product_write(p) for p in products], embeddings, encoder.fingerprint)
+    file_ids = {p.id for p in products}
+    _, records = store.snapshot(with_embeddings=False)
+    gone = [r.id for r in records if r.id not in file_ids]
+    if gone:
+        store.delete(gone)
+    store.set_meta(LOADED_CATALOG_META, catalog_sha256)
+    return True
+
+
+def build_index(
+    catalog_path: Path,
+    layout: ModelRepositoryLayout,
+    cache_dir: Path,
+    index_dir: Path | None = None,
+    force: bool = False,
+    exact_max_products: int = EXACT_SEARCH_MAX_PRODUCTS,
+    store_url: str | None = None,
+) -> BuildResult:
+    """Loads a catalog file into the catalog store (see load_catalog_into_store) and builds the
+    served index from the store, recording the change number it is at; skips the work when the
+    index already matches the store, the encoder and the index type."""
+    from ecomsearch.store import open_store
+
+    started = time.perf_counter()
+    index_dir = index_dir or layout.index_dir
+    remove_abandoned(index_dir)  # even when the index turns out up to date
+    encoder = OnnxEncoder(layout.encoder_onnx, layout.tokenizer_dir, PRODUCT_MAX_TOKENS)
+    store_url = store_url or default_store_url(layout)
+    with open_store(store_url) as store:
+        load_catalog_into_store(store, catalog_path, encoder, EmbeddingCache(cache_dir))
+        if not force:
+            try:
+                existing = IndexManifest.read(index_dir)
+            except IndexLoadError:
+                existing = None
+            if (
+                existing is not None
+                and existing.encoder_fingerprint == encoder.fingerprint
+                and existing.catalog_store_id == store.store_id
+                and existing.catalog_seq == store.head()
+                and existing.text_max_tokens == PRODUCT_MAX_TOKENS
+                and existing.index_type == choose_index_type(existing.count, exact_max_products)
+            ):
+                log.info("index at %s is up to date with %s", index_dir, store.url)
+                return BuildResult(existing, index_dir, reused=True)
+        snapshot = store_snapshot(store, store.get_meta(LOADED_CATALOG_META) or "")
+    manifest = write_index(index_dir, snapshot, exact_max_products, started)
+    return BuildResult(manifest, index_dir, reused=False)
+
+
+def default_store_url(layout: ModelRepositoryLayout) -> str:
+    """`$ECOMSEARCH_STORE_URL`, else the SQLite file of the repository's data directory."""
+    return os.environ.get(STORE_URL_ENV) or f"sqlite:///{layout.catalog_store_path.resolve()}"

@@ -7,14 +7,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: BM25 fields in lexical/
+# 2: BM25 fields in lexical/; 3: store keys (keys.npy), BM25 statistics, the catalog store
+FORMAT_VERSION = 3
 
 MANIFEST_FILE = "manifest.json"
 FAISS_FILE = "index.faiss"
 IDS_FILE = "ids.json"
+KEYS_FILE = "keys.npy"  # int64 [count]: each row's product key in the catalog store
 METADATA_FILE = "metadata.jsonl"
 LEXICAL_DIR = "lexical"
-DATA_FILES = (FAISS_FILE, IDS_FILE, METADATA_FILE)
+DATA_FILES = (FAISS_FILE, IDS_FILE, KEYS_FILE, METADATA_FILE)
 
 
 class IndexLoadError(RuntimeError):
@@ -34,6 +36,12 @@ class IndexManifest:
     index_params: dict[str, Any] = field(default_factory=dict)
     recall_at_100: float | None = None
     file_sha256: dict[str, str] = field(default_factory=dict)
+    # The catalog store the index was built from (its URL without a password, and its id), and
+    # the change sequence number it was built at: a server applies the store's changes after it.
+    # None for an index built without a store (a frozen catalog: tests and benchmarks).
+    catalog_store: str | None = None
+    catalog_store_id: str | None = None
+    catalog_seq: int | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -14,6 +14,7 @@ from ecomsearch.index.manifest import (
     DATA_FILES,
     FAISS_FILE,
     IDS_FILE,
+    KEYS_FILE,
     LEXICAL_DIR,
     METADATA_FILE,
     IndexLoadError,
@@ -26,6 +27,7 @@ class CatalogIndex:
     manifest: IndexManifest
     faiss_index: Any  # None when loaded without vectors
     ids: np.ndarray  # object array of UTF-8 bytes, row-aligned with the FAISS index
+    keys: np.ndarray  # int64: each row's product key in the catalog store
     titles: np.ndarray  # object array of UTF-8 bytes
     metadata: list[dict[str, Any]]
     index_dir: Path  # the directory the files were read from (symlinks resolved)
@@ -110,6 +112,12 @@ class CatalogIndex:
             except RuntimeError as e:
                 raise IndexLoadError(f"{index_dir / FAISS_FILE} is corrupt: {e}") from e
         try:
+            keys = np.load(files / KEYS_FILE, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise IndexLoadError(f"{index_dir / KEYS_FILE} is corrupt: {e}") from e
+        if keys.dtype != np.int64 or keys.ndim != 1 or len(np.unique(keys)) != len(keys):
+            raise IndexLoadError(f"{index_dir / KEYS_FILE} is corrupt: keys must be distinct int64")
+        try:
             ids = json.loads((files / IDS_FILE).read_text(encoding="utf-8"))
             with open(files / METADATA_FILE, encoding="utf-8") as stream:
                 metadata = [json.loads(line) for line in stream]
@@ -123,7 +131,12 @@ class CatalogIndex:
                 "needs a title"
             )
 
-        counts = {"manifest": manifest.count, IDS_FILE: len(ids), METADATA_FILE: len(metadata)}
+        counts = {
+            "manifest": manifest.count,
+            IDS_FILE: len(ids),
+            KEYS_FILE: len(keys),
+            METADATA_FILE: len(metadata),
+        }
         if faiss_index is not None:
             counts[FAISS_FILE] = int(faiss_index.ntotal)
         if len(set(counts.values())) != 1:
@@ -141,6 +154,7 @@ class CatalogIndex:
             manifest=manifest,
             faiss_index=faiss_index,
             ids=_bytes_array(ids),
+            keys=keys,
             titles=_bytes_array(record["title"] for record in metadata),
             metadata=metadata,
             index_dir=files,  # load_lexical reads the same version

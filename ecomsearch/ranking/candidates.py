@@ -10,7 +10,9 @@ import numpy as np
 
 from ecomsearch.fingerprint import file_sha256
 from ecomsearch.index.store import CatalogIndex
-from ecomsearch.lexical import FIELDS, LexicalIndex
+from ecomsearch.lexical import FIELDS
+from ecomsearch.live.catalog import LiveCatalog
+from ecomsearch.live.filters import NO_FILTER, SearchFilter
 from ecomsearch.ranking.features import (
     FEATURE_COUNT,
     FEATURE_NAMES,
@@ -48,57 +50,73 @@ def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
 
 class HybridRetriever:
     """The retrieval stage: the vector top-N and the BM25 top-N of each query, merged, with the
-    ranking features of every candidate. `retrieve` takes a whole batch of queries."""
+    ranking features of every candidate. `retrieve` takes a whole batch of queries, each with
+    its own filters, over a LiveCatalog (a built index plus the live changes since).
+
+    Candidates are restricted to the rows a query's filters allow before either search, so the
+    lists are as long as they would be unfiltered whenever enough products pass."""
 
     def __init__(
         self,
-        index: CatalogIndex,
-        lexical: LexicalIndex,
+        catalog: LiveCatalog,
         vector_pool: int = VECTOR_POOL,
         lexical_pool: int = LEXICAL_POOL,
     ) -> None:
-        if lexical.count != index.count:
-            raise ValueError(
-                f"lexical index has {lexical.count} documents, the vector index {index.count}"
-            )
-        self.index = index
-        self.lexical = lexical
+        self.catalog = catalog  # replaced whole when a compacted index is switched in
         self.vector_pool = vector_pool
         self.lexical_pool = lexical_pool
         self.width = vector_pool + lexical_pool
 
-    def retrieve(self, queries: Sequence[str], embeddings: np.ndarray) -> CandidateBatch:
+    def retrieve(
+        self,
+        queries: Sequence[str],
+        embeddings: np.ndarray,
+        filters: Sequence[SearchFilter] | None = None,
+    ) -> CandidateBatch:
+        """Candidates of each query; their `rows` are the products' store keys."""
+        catalog = self.catalog
         batch = len(queries)
+        filters = [NO_FILTER] * batch if filters is None else filters
         rows = np.full((batch, self.width), -1, dtype=np.int64)
         features = np.zeros((batch, self.width, FEATURE_COUNT), dtype=np.float32)
         retrieval_scores = np.full((batch, self.width), -np.inf, dtype=np.float32)
-        vector_scores, vector_rows = self.index.search(embeddings, self.vector_pool)
-        for i, query in enumerate(queries):
-            candidates, terms, bm25 = self._query_candidates(
-                query, embeddings[i], vector_rows[i], vector_scores[i]
+        groups: dict[SearchFilter, list[int]] = {}
+        for i, search_filter in enumerate(filters):
+            groups.setdefault(search_filter, []).append(i)
+        for search_filter, members in groups.items():
+            allowed = catalog.allowed(search_filter)
+            vector_scores, vector_rows = catalog.search(
+                embeddings[members], self.vector_pool, allowed
             )
-            count = len(candidates.rows)
-            rows[i, :count] = candidates.rows
-            features[i, :count] = compute_features(
-                candidates, terms, bm25, self.lexical, self.vector_pool, self.lexical_pool
-            )
-            retrieval_scores[i, :count] = features[i, :count, _FUSED]
-        return CandidateBatch(rows, features, retrieval_scores)
+            for j, i in enumerate(members):
+                candidates, terms, bm25 = self._query_candidates(
+                    catalog, queries[i], embeddings[i], vector_rows[j], vector_scores[j], allowed
+                )
+                count = len(candidates.rows)
+                rows[i, :count] = candidates.rows
+                features[i, :count] = compute_features(
+                    candidates, terms, bm25, catalog.lexical, self.vector_pool, self.lexical_pool
+                )
+                retrieval_scores[i, :count] = features[i, :count, _FUSED]
+        return CandidateBatch(catalog.keys_of(rows), features, retrieval_scores)
 
-    def _query_candidates(self, query, embedding, vector_rows, vector_scores):
-        terms = self.lexical.terms(query)
-        bm25 = {field: self.lexical.scores(terms, field) for field in FIELDS}
+    def _query_candidates(self, catalog, query, embedding, vector_rows, vector_scores, allowed):
+        lexical = catalog.lexical
+        terms = lexical.terms(query)
+        bm25 = {field: lexical.scores(terms, field) for field in FIELDS}
         found = vector_rows >= 0
         vector_rows, vector_scores = vector_rows[found], vector_scores[found]
-        lexical_rows = top_rows(bm25["text"], self.lexical_pool)
+        text_scores = bm25["text"] if allowed is None else np.where(allowed, bm25["text"], 0)
+        lexical_rows = top_rows(text_scores, self.lexical_pool)
         lexical_only = lexical_rows[~np.isin(lexical_rows, vector_rows)]
         rows = np.concatenate([vector_rows, lexical_only]).astype(np.int64)
 
         cosine = np.empty(len(rows), dtype=np.float32)
         cosine[: len(vector_rows)] = vector_scores
         if len(lexical_only):
-            vectors = self.index.faiss_index.reconstruct_batch(lexical_only)
-            cosine[len(vector_rows) :] = vectors @ embedding.astype(np.float32)
+            cosine[len(vector_rows) :] = catalog.vectors(lexical_only) @ embedding.astype(
+                np.float32
+            )
 
         vector_rank = np.full(len(rows), self.vector_pool, dtype=np.int64)
         vector_rank[: len(vector_rows)] = np.arange(len(vector_rows))
@@ -120,7 +138,8 @@ def open_retriever(
     dimension: int | None = None,
 ) -> HybridRetriever:
     """The retrieval stage over a built index, which must have been embedded by `encoder_onnx`
-    (the served encoder) and, when given, have `dimension`; raises IndexLoadError otherwise."""
+    (the served encoder) and, when given, have `dimension`; raises IndexLoadError otherwise.
+    The catalog is as built: the caller applies live changes (ecomsearch.live.follower)."""
     if not encoder_onnx.is_file():
         raise FileNotFoundError(
             f"encoder {encoder_onnx} not found; run `ecomsearch export-encoder`"
@@ -128,4 +147,4 @@ def open_retriever(
     index = CatalogIndex.load(
         index_dir, encoder_fingerprint=file_sha256(encoder_onnx), dimension=dimension
     )
-    return HybridRetriever(index, index.load_lexical(), vector_pool, lexical_pool)
+    return HybridRetriever(LiveCatalog.load(index), vector_pool, lexical_pool)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,7 +57,7 @@ def build_examples(
     judgments: Judgments,
     encoder: OnnxEncoder,
     retriever: HybridRetriever,
-    ids: np.ndarray,
+    ids: Mapping[int, bytes],
     progress: bool = True,
 ) -> ExampleSet:
     """Runs the serving pipeline's candidate stage in-process for each query."""
@@ -100,7 +100,7 @@ def ndcg_at_10(scores: np.ndarray, examples: ExampleSet) -> float:
 
 
 def served_rankings(
-    scores: np.ndarray, examples: ExampleSet, ids: np.ndarray, k: int
+    scores: np.ndarray, examples: ExampleSet, ids: Mapping[int, bytes], k: int
 ) -> dict[str, list[str]]:
     """query -> top-k product ids, as the `select` model returns them."""
     rows, _ = top_k_rows(examples.rows, scores, k)
@@ -185,7 +185,7 @@ def train(
     return model, report
 
 
-def compare_on(examples: ExampleSet, model, judgments: Judgments, ids: np.ndarray) -> dict:
+def compare_on(examples: ExampleSet, model, judgments: Judgments, ids: Mapping[int, bytes]) -> dict:
     """Retrieval-order and ranked metrics on `examples` with the real metric code."""
     import torch
 
@@ -228,13 +228,16 @@ def train_and_export(
     and the model card. `data_description` says what the training data is, for the card."""
     from ecomsearch.evaluation.metrics import read_judgments
     from ecomsearch.index.store import CatalogIndex
+    from ecomsearch.live.catalog import LiveCatalog
     from ecomsearch.ranking.card import write_model_card
     from ecomsearch.workspace import catalog_repository
 
     repository, _ = catalog_repository(catalog, cache_dir, source=layout.root)
     workspace = ModelRepositoryLayout(repository)
     index = CatalogIndex.load(workspace.index_dir)
-    retriever = HybridRetriever(index, index.load_lexical())
+    retriever = HybridRetriever(LiveCatalog.load(index))
+    # Candidates come back as store keys; the evaluation wants product ids.
+    ids = dict(zip(index.keys.tolist(), index.ids, strict=True))
     encoder = OnnxEncoder(
         workspace.encoder_onnx, workspace.tokenizer_dir, max_length=contract.MAX_QUERY_TOKENS
     )
@@ -250,7 +253,7 @@ def train_and_export(
         len(validation_queries),
     )
     all_queries = fit_queries + early_stop_queries + validation_queries
-    examples = build_examples(all_queries, judgments, encoder, retriever, index.ids)
+    examples = build_examples(all_queries, judgments, encoder, retriever, ids)
     side = np.array(
         [0] * len(fit_queries) + [1] * len(early_stop_queries) + [2] * len(validation_queries)
     )
@@ -259,7 +262,7 @@ def train_and_export(
     model, report = train(
         fit_set, early_set, seed, relevant_gain=judgments.relevant_gain, recall_weight=recall_weight
     )
-    validation = compare_on(validation_set, model, judgments, index.ids)
+    validation = compare_on(validation_set, model, judgments, ids)
     for name, metrics in validation.items():
         log.info(
             "validation (%d queries, in-process) %s: NDCG@10 %.4f, Recall@100 %.4f, MRR@10 %.4f",

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecomsearch import contract
+from ecomsearch.live.location import STORE_URL_ENV
 from ecomsearch.server.ops import OpsEndpoint
 from ecomsearch.server.processes import die_with_parent
 from ecomsearch.server.watchdog import StubWatchdog
@@ -164,8 +165,12 @@ class TritonServer:
         admin_key: str | None = None,
         tritonserver: Path | str | None = None,
         restart_dead_stubs: bool = True,
+        store_url: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
+        # The catalog store the models follow and write to; None: the one the served index
+        # was built from (its manifest says), which is right unless credentials differ.
+        self.store_url = store_url
         self.ports = ports or ServerPorts()
         self.model_config_name = model_config_name
         self.bind_address = bind_address
@@ -272,6 +277,8 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 p for p in (str(installation.library_dir), env.get("LD_LIBRARY_PATH", "")) if p
             )
+        if self.store_url:
+            env[STORE_URL_ENV] = self.store_url
         return env
 
     def start(self, timeout_s: float = 180.0) -> TritonServer:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ecomsearch import contract
+from ecomsearch.fingerprint import file_sha256
+from ecomsearch.index.store import CatalogIndex
+from ecomsearch.live.catalog import LiveCatalog
+from ecomsearch.live.filters import SearchFilter
+from ecomsearch.live.location import served_store_url
+from ecomsearch.live.served import COMPACT_DELTA_ROWS, LiveRetriever
 from ecomsearch.paths import INDEX_DIR, ModelRepositoryLayout
 from ecomsearch.query import decode_queries, queries_array
-from ecomsearch.ranking.candidates import LEXICAL_POOL, VECTOR_POOL, HybridRetriever, open_retriever
+from ecomsearch.ranking.candidates import LEXICAL_POOL, VECTOR_POOL, HybridRetriever
 from ecomsearch.ranking.features import check_ranker_features
 from ecomsearch.serving.base import (
     BatchedModel,
@@ -20,6 +28,7 @@ from ecomsearch.serving.base import (
     int_parameter,
     model_config,
 )
+from ecomsearch.store import redact
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,10 @@ class RetrieveSettings:
     # queries of a dynamic batch (54k-product flat search: 8 ms with 2 threads, 3.5 ms with 1),
     # and the encoder needs the other core.
     faiss_omp_threads: int = 1
+    # How often each instance asks the catalog store for changes (see ecomsearch.live.follower).
+    catalog_poll_interval_ms: int = 50
+    # Delta rows that start a compaction (see ecomsearch.live.served).
+    compact_delta_rows: int = COMPACT_DELTA_ROWS
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RetrieveSettings:
@@ -39,14 +52,28 @@ class RetrieveSettings:
             vector_pool=int_parameter(config, "vector_pool", cls.vector_pool, 1),
             lexical_pool=int_parameter(config, "lexical_pool", cls.lexical_pool, 1),
             faiss_omp_threads=int_parameter(config, "faiss_omp_threads", cls.faiss_omp_threads, 1),
+            catalog_poll_interval_ms=int_parameter(
+                config, "catalog_poll_interval_ms", cls.catalog_poll_interval_ms, 1
+            ),
+            compact_delta_rows=int_parameter(
+                config, "compact_delta_rows", cls.compact_delta_rows, 1
+            ),
         )
 
 
-def place_on_device(faiss_index: Any, instance_kind: str, device_id: int, faiss_module: Any):
+def place_on_device(
+    faiss_index: Any,
+    instance_kind: str,
+    device_id: int,
+    faiss_module: Any,
+    resources: Any = None,
+):
     """Moves the index to this instance's own GPU for KIND_GPU instances.
 
-    Returns (index, gpu_resources); the resources must outlive the index. Graph indexes (HNSW)
-    have no FAISS GPU implementation and stay on the CPU.
+    Returns (index, gpu_resources); the resources must outlive the index. Pass the resources of
+    the index this one replaces to share them: each StandardGpuResources reserves its own
+    scratch memory on the device. Graph indexes (HNSW) have no FAISS GPU implementation and
+    stay on the CPU.
     """
     if instance_kind != "GPU":
         return faiss_index, None
@@ -57,17 +84,64 @@ def place_on_device(faiss_index: Any, instance_kind: str, device_id: int, faiss_
         )
     if isinstance(faiss_index, faiss_module.IndexHNSWFlat):
         return faiss_index, None
-    resources = faiss_module.StandardGpuResources()
+    resources = resources or faiss_module.StandardGpuResources()
     return faiss_module.index_cpu_to_gpu(resources, device_id, faiss_index), resources
 
 
+def parse_filters(pb_utils, request, batch: int) -> np.ndarray:
+    """One SearchFilter per query (an object array [batch]) from the optional filter inputs."""
+    values: dict[str, list[Any]] = {}
+    for name in contract.FILTER_INPUTS:
+        raw = input_array(pb_utils, request, name)
+        if raw is None:
+            continue
+        if raw.shape != (batch, 1):
+            raise RequestError(f"input {name!r} must have shape [{batch}, 1], got {raw.shape}")
+        column = raw[:, 0]
+        if name in (contract.FILTER_CATEGORY, contract.FILTER_BRAND):
+            try:
+                values[name] = [
+                    v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in column
+                ]
+            except UnicodeDecodeError:
+                raise RequestError(f"input {name!r} must be UTF-8") from None
+        elif name == contract.FILTER_IN_STOCK:
+            values[name] = [bool(v) for v in column]
+        else:
+            values[name] = [float(v) for v in column]
+    filters = np.empty(batch, dtype=object)
+    for i in range(batch):
+        filters[i] = SearchFilter.parse(
+            category=values.get(contract.FILTER_CATEGORY, [None] * batch)[i],
+            brand=values.get(contract.FILTER_BRAND, [None] * batch)[i],
+            min_price=values.get(contract.FILTER_MIN_PRICE, [None] * batch)[i],
+            max_price=values.get(contract.FILTER_MAX_PRICE, [None] * batch)[i],
+            in_stock_only=values.get(contract.FILTER_IN_STOCK, [False] * batch)[i],
+        )
+    return filters
+
+
+# The per-query filters travel between parse and run as an object array of SearchFilter.
+FILTERS = "filters"
+
+
 class RetrieveModel(BatchedModel):
-    def __init__(self, pb_utils, retriever: HybridRetriever, gpu_resources: Any = None) -> None:
+    def __init__(
+        self,
+        pb_utils,
+        retriever: HybridRetriever,
+        gpu_resources: Any = None,
+        lock: threading.Lock | None = None,
+    ) -> None:
         super().__init__(pb_utils)
         self.retriever = retriever
-        self.dimension = retriever.index.manifest.dimension
+        self.dimension = retriever.catalog.dimension
         # faiss.StandardGpuResources of an index moved to a GPU: it must live as long as it.
         self.gpu_resources = gpu_resources
+        # Held around every search and every change applied by the follower (see
+        # ecomsearch.live.served): a search sees a whole batch of changes or none of it.
+        self.lock = lock or threading.Lock()
+        self.live: LiveRetriever | None = None
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> RetrieveModel:
@@ -78,20 +152,33 @@ class RetrieveModel(BatchedModel):
         layout, version_dir = ModelRepositoryLayout.of_triton_model(args)
         ranker_info = check_ranker_features(layout.ranker_info)
         (embedding_config,) = [i for i in config["input"] if i["name"] == contract.EMBEDDING]
-        retriever = open_retriever(
-            version_dir / INDEX_DIR,
-            layout.encoder_onnx,
-            vector_pool=settings.vector_pool,
-            lexical_pool=settings.lexical_pool,
-            dimension=int(embedding_config["dims"][-1]),
-        )
+        dimension = int(embedding_config["dims"][-1])
         faiss.omp_set_num_threads(settings.faiss_omp_threads)
-        index = retriever.index
-        index.faiss_index, gpu_resources = place_on_device(
-            index.faiss_index,
-            args["model_instance_kind"],
-            int(args["model_instance_device_id"]),
-            faiss,
+        # One StandardGpuResources for every base version this instance loads (compactions
+        # switch bases): a new one per version would leave each one's device memory behind.
+        gpu: dict[str, Any] = {"resources": None}
+
+        def load_base(index_dir: Path) -> CatalogIndex:
+            index = CatalogIndex.load(
+                index_dir, encoder_fingerprint=file_sha256(layout.encoder_onnx), dimension=dimension
+            )
+            index.faiss_index, resources = place_on_device(
+                index.faiss_index,
+                args["model_instance_kind"],
+                int(args["model_instance_device_id"]),
+                faiss,
+                gpu["resources"],
+            )
+            gpu["resources"] = resources or gpu["resources"]  # kept for the model's lifetime
+            return index
+
+        index_dir = version_dir / INDEX_DIR
+        if not layout.encoder_onnx.is_file():
+            raise FileNotFoundError(
+                f"encoder {layout.encoder_onnx} not found; run `ecomsearch export-encoder`"
+            )
+        retriever = HybridRetriever(
+            LiveCatalog.load(load_base(index_dir)), settings.vector_pool, settings.lexical_pool
         )
         trained_pools = ranker_info.get("candidate_pools")
         served_pools = {"vector": retriever.vector_pool, "lexical": retriever.lexical_pool}
@@ -101,13 +188,44 @@ class RetrieveModel(BatchedModel):
                 f"retrieve: candidate pools {served_pools} differ from the ranker's training "
                 f"pools {trained_pools}; rank features will be off its training distribution"
             )
-        manifest = index.manifest
+        model = cls(pb_utils, retriever, gpu["resources"])
+        manifest = retriever.catalog.base.manifest
+        store_url = served_store_url(layout, manifest)
+        if store_url is None:
+            pb_utils.Logger.log_warn(
+                f"retrieve: the index at {index_dir} was built without a catalog store; "
+                "serving it as built (rebuild it with `ecomsearch build-index` for a live catalog)"
+            )
+        else:
+            model.live = LiveRetriever(
+                retriever,
+                index_dir,
+                store_url,
+                model.lock,
+                pb_utils.Logger.log_warn,
+                load_base,
+                interval_s=settings.catalog_poll_interval_ms / 1000,
+                compact_delta_rows=settings.compact_delta_rows,
+            )
+            model.live.check_store()
+            # The catalog as the store has it now, before the model reports ready.
+            model.live.follower.catch_up(model.live.follower.store())
+            with model.lock:
+                model.live.drain()
+            model.live.start()
+        catalog = retriever.catalog
         pb_utils.Logger.log_info(
-            f"retrieve: {manifest.count} products, {manifest.index_type} index + BM25, "
+            f"retrieve: {catalog.live_count} products ({manifest.count} in the "
+            f"{manifest.index_type} index + BM25 at change {manifest.catalog_seq}, "
+            f"{catalog.delta_rows} applied since from {redact(store_url or 'no store')}), "
             f"{retriever.width} candidates a query, instance {args['model_instance_name']} on "
             f"{args['model_instance_kind']} {args['model_instance_device_id']}"
         )
-        return cls(pb_utils, retriever, gpu_resources)
+        return model
+
+    def finalize(self) -> None:
+        if self.live is not None:
+            self.live.stop()
 
     def parse(self, request) -> Tensors:
         embeddings = input_array(self.pb_utils, request, contract.EMBEDDING)
@@ -127,12 +245,16 @@ class RetrieveModel(BatchedModel):
         return {
             contract.QUERY: queries_array(queries),
             contract.EMBEDDING: embeddings.astype(np.float32, copy=False),
+            FILTERS: parse_filters(self.pb_utils, request, len(queries)),
         }
 
     def run(self, inputs: Tensors) -> Tensors:
-        candidates = self.retriever.retrieve(
-            list(inputs[contract.QUERY]), inputs[contract.EMBEDDING]
-        )
+        with self.lock:
+            if self.live is not None:
+                self.live.drain()  # the changes and the base version read since the last run
+            candidates = self.retriever.retrieve(
+                list(inputs[contract.QUERY]), inputs[contract.EMBEDDING], list(inputs[FILTERS])
+            )
         return {
             contract.CANDIDATE_ROWS: candidates.rows,
             contract.CANDIDATE_FEATURES: candidates.features,

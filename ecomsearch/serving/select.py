@@ -5,16 +5,29 @@ Fed the ranker's scores in `search`, and the retrieval stage's own scores in `se
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
 
 from ecomsearch import contract
+from ecomsearch.index.manifest import IndexManifest
 from ecomsearch.index.store import CatalogIndex
+from ecomsearch.live.follower import DEFAULT_POLL_INTERVAL_S, ChangeFollower
+from ecomsearch.live.labels import ProductLabels
+from ecomsearch.live.location import served_store_url
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.ranking.selection import top_k_rows
-from ecomsearch.serving.base import BatchedModel, RequestError, Tensors, input_array
+from ecomsearch.serving.base import (
+    BatchedModel,
+    RequestError,
+    Tensors,
+    input_array,
+    int_parameter,
+    model_config,
+)
+from ecomsearch.store import redact
 
 
 def parse_top_k(raw: np.ndarray | None, batch: int) -> int:
@@ -37,17 +50,71 @@ def parse_top_k(raw: np.ndarray | None, batch: int) -> int:
 
 
 class SelectModel(BatchedModel):
-    def __init__(self, pb_utils, index: CatalogIndex) -> None:
+    def __init__(self, pb_utils, labels: ProductLabels, lock: threading.Lock | None = None) -> None:
         super().__init__(pb_utils)
-        self.index = index
+        self.labels = labels
+        self.lock = lock or threading.Lock()
+        self.follower: ChangeFollower | None = None
+        self._catch_up_store: Any = None  # the request thread's own store connection
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> SelectModel:
         layout, _ = ModelRepositoryLayout.of_triton_model(args)
+        config = model_config(args)
+        interval_ms = int_parameter(
+            config, "catalog_poll_interval_ms", round(1000 * DEFAULT_POLL_INTERVAL_S), 1
+        )
         # The index `retrieve` serves: the latest version's, as the ensembles ask for.
-        index = CatalogIndex.load(layout.index_dir, load_vectors=False)
-        pb_utils.Logger.log_info(f"select: {index.count} products from {layout.index_dir}")
-        return cls(pb_utils, index)
+        manifest = IndexManifest.read(layout.index_dir)
+        store_url = served_store_url(layout, manifest)
+        if store_url is None:
+            index = CatalogIndex.load(layout.index_dir, load_vectors=False)
+            model = cls(pb_utils, ProductLabels.from_index(index.keys, index.metadata))
+            pb_utils.Logger.log_info(f"select: {index.count} products from {layout.index_dir}")
+            return model
+        from ecomsearch.store import open_store
+
+        labels = ProductLabels()
+        with open_store(store_url) as store:
+            seq, products = store.snapshot(with_embeddings=False)
+        labels.load(seq, products)
+        model = cls(pb_utils, labels)
+        model.follower = ChangeFollower(
+            store_url,
+            labels.apply,
+            seq,
+            model.lock,
+            interval_ms / 1000,
+            pb_utils.Logger.log_warn,
+            name="select-follower",
+            with_embeddings=False,
+        ).start()
+        pb_utils.Logger.log_info(
+            f"select: {labels.live_count} products at change {seq} from {redact(store_url)}"
+        )
+        return model
+
+    def finalize(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+        if self._catch_up_store is not None:
+            self._catch_up_store.close()
+
+    def follower_drain(self) -> None:
+        """Applies the changes the follower has read; the caller holds the lock."""
+        if self.follower is not None:
+            self.follower.drain()
+
+    def _catch_up(self) -> None:
+        """Applies every committed change now: a candidate named a product this instance has
+        not heard of yet (a `retrieve` instance polled the store first)."""
+        if self.follower is None:
+            return
+        if self._catch_up_store is None:
+            from ecomsearch.store import open_store
+
+            self._catch_up_store = open_store(self.follower.store_url)
+        self.follower.catch_up(self._catch_up_store)
 
     def parse(self, request) -> Tensors:
         rows = input_array(self.pb_utils, request, contract.CANDIDATE_ROWS)
@@ -64,13 +131,18 @@ class SelectModel(BatchedModel):
             raise RequestError(
                 f"{rows.shape[1]} candidates a query; the maximum is {contract.MAX_CANDIDATES}"
             )
-        # -1 pads a query with fewer candidates; any other row must name a product. (A negative
-        # row would index the catalog from its end, or past it.)
-        if rows.min(initial=-1) < -1 or rows.max(initial=-1) >= self.index.count:
-            raise RequestError(
-                f"candidate row out of range: each must be -1 (padding) or one of the "
-                f"{self.index.count} products' rows, from 0"
-            )
+        # -1 pads a query with fewer candidates; any other value must be a product's key.
+        rows = rows.astype(np.int64, copy=False)
+        if not self.labels.known(rows).all():
+            self._catch_up()
+            with self.lock:
+                self.follower_drain()
+                unknown = ~self.labels.known(rows)
+            if unknown.any():
+                raise RequestError(
+                    f"candidate rows must be -1 (padding) or product keys of the catalog; "
+                    f"{int(rows[unknown][0])} is neither"
+                )
         if not np.isfinite(scores[rows >= 0]).all():
             raise RequestError("candidate scores must be finite (NaN or infinity found)")
         top_k = parse_top_k(input_array(self.pb_utils, request, contract.TOP_K), len(rows))
@@ -86,9 +158,22 @@ class SelectModel(BatchedModel):
 
     def run(self, inputs: Tensors) -> Tensors:
         k = int(inputs[contract.TOP_K][0])
-        rows, scores = top_k_rows(
-            inputs[contract.CANDIDATE_ROWS], inputs[contract.CANDIDATE_SCORES], k
-        )
-        ids, titles = self.index.labels(rows)
+        rows, scores = inputs[contract.CANDIDATE_ROWS], inputs[contract.CANDIDATE_SCORES]
+        with self.lock:
+            self.follower_drain()
+            # A product deleted since `retrieve` found it is dropped here, where the freshest
+            # state is read: the window in which a deleted product can show is the shorter.
+            live = self.labels.live(rows)
+            if not live.all():
+                rows = np.where(live, rows, -1)
+                scores = np.where(live, scores, -np.inf).astype(np.float32)
+            top_rows, top_scores = top_k_rows(rows, scores, k)
+            labels = self.labels.labels(top_rows)
         # Fewer candidates than k (a tiny catalog): empty ids that clients skip.
-        return {contract.PRODUCT_IDS: ids, contract.SCORES: scores, contract.TITLES: titles}
+        return {
+            contract.PRODUCT_IDS: labels["ids"],
+            contract.SCORES: top_scores,
+            contract.TITLES: labels["titles"],
+            contract.PRICES: labels["prices"],
+            contract.IN_STOCK: labels["in_stock"],
+        }

@@ -11,6 +11,7 @@ import pytest
 from ecomsearch.catalog import Product
 from ecomsearch.index.store import CatalogIndex
 from ecomsearch.lexical import LexicalIndex
+from ecomsearch.live.catalog import LiveCatalog
 from ecomsearch.ranking.candidates import HybridRetriever, top_rows
 from ecomsearch.ranking.features import FEATURE_COUNT, FEATURE_NAMES
 
@@ -49,7 +50,7 @@ def index(tmp_path: Path, tiny_index_factory, embeddings) -> CatalogIndex:
 
 
 def retriever(index: CatalogIndex, vector_pool: int, lexical_pool: int) -> HybridRetriever:
-    return HybridRetriever(index, index.load_lexical(), vector_pool, lexical_pool)
+    return HybridRetriever(LiveCatalog.load(index), vector_pool, lexical_pool)
 
 
 def query_near(embeddings: np.ndarray, row: int, seed: int) -> np.ndarray:
@@ -172,7 +173,7 @@ def test_queries_of_a_batch_are_independent(index, embeddings) -> None:
 
 def test_a_lexical_index_of_another_catalog_is_refused(index) -> None:
     with pytest.raises(ValueError, match="documents"):
-        HybridRetriever(index, LexicalIndex.build(CATALOG[:3]))
+        LiveCatalog(index, LexicalIndex.build(CATALOG[:3]))
 
 
 def test_in_both_lists_with_unequal_pools(index, embeddings) -> None:

@@ -197,7 +197,6 @@ import numpy as np
 
 from ecomsearch.catalog import Product
 from ecomsearch.index import builder
-from ecomsearch.index.manifest import IndexManifest
 from ecomsearch.lexical import LexicalIndex
 
 
@@ -209,9 +208,10 @@ def save_then_block(self, directory):
 
 LexicalIndex.save = save_then_block
 products = [Product(id="a", title="Cordless drill"), Product(id="b", title="Claw hammer")]
-faiss_index, _ = builder.make_faiss_index(np.eye(2, 8, dtype=np.float32), "flat")
-manifest = IndexManifest("encoder", 8, 2, "flat", "catalog", 128, "2024-01-01", 0.0)
-builder._write_index_dir(Path(sys.argv[1]), faiss_index, products, manifest)
+snapshot = builder.CatalogSnapshot(
+    products, np.arange(2), np.eye(2, 8, dtype=np.float32), "encoder", "catalog"
+)
+builder.write_index(Path(sys.argv[1]), snapshot)
 """
 
 

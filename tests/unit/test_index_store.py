@@ -4,6 +4,7 @@ names the problem."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +18,14 @@ from ecomsearch.index.manifest import (
     FAISS_FILE,
     FORMAT_VERSION,
     IDS_FILE,
+    KEYS_FILE,
     LEXICAL_DIR,
     MANIFEST_FILE,
     METADATA_FILE,
     IndexLoadError,
 )
 from ecomsearch.index.store import CatalogIndex
-from ecomsearch.lexical import FIELDS
+from ecomsearch.lexical import FIELDS, STATS_FILE
 
 ENCODER = hashlib.sha256(b"encoder").hexdigest()
 DIMENSION = 16
@@ -160,8 +162,9 @@ def test_the_manifest_checksums_every_file_including_the_lexical_fields(
     index_dir: Path, tiny
 ) -> None:
     names = lexical_files(index_dir)
-    # One directory of files per BM25 field.
-    assert {Path(name).parts[1] for name in names} == set(FIELDS)
+    # One directory of files per BM25 field, and the statistics bm25s does not save.
+    assert {Path(name).parts[1] for name in names} == {*FIELDS, STATS_FILE}
+    assert f"{LEXICAL_DIR}/{STATS_FILE}" in names
     every_file = {
         str(path.relative_to(index_dir)) for path in index_dir.rglob("*") if path.is_file()
     }
@@ -239,6 +242,51 @@ def test_metadata_with_a_product_missing(index_dir: Path) -> None:
     assert f"'{METADATA_FILE}': {PRODUCTS - 1}" in message and f"'manifest': {PRODUCTS}" in message
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_store_keys_load_as_written(tmp_path: Path, tiny) -> None:
+    from ecomsearch.index.builder import CatalogSnapshot, write_index
+
+    keys = 100 + 3 * np.arange(PRODUCTS)[::-1]  # neither the rows nor ascending
+    snapshot = CatalogSnapshot(tiny.products, keys, tiny.embeddings, ENCODER, "catalog")
+    write_index(tmp_path / "keyed", snapshot)
+
+    index = CatalogIndex.load(tmp_path / "keyed")
+    assert index.keys.dtype == np.int64 and index.keys.tolist() == keys.tolist()
+    assert CatalogIndex.load(tiny.index_dir).keys.tolist() == list(range(PRODUCTS))
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        np.array([*range(PRODUCTS - 1), 0], dtype=np.int64),  # one key twice
+        np.arange(PRODUCTS, dtype=np.float64),
+        np.arange(PRODUCTS, dtype=np.int64).reshape(2, -1),
+    ],
+    ids=["duplicate", "float", "two-dimensional"],
+)
+def test_keys_that_are_not_distinct_int64_are_refused(index_dir: Path, keys: np.ndarray) -> None:
+    rewrite_data_file(index_dir, KEYS_FILE, npy_bytes(keys))
+    message = load_error(index_dir)
+    assert str(index_dir / KEYS_FILE) in message and "distinct int64" in message
+
+
+def test_keys_for_another_number_of_products(index_dir: Path) -> None:
+    rewrite_data_file(index_dir, KEYS_FILE, npy_bytes(np.arange(PRODUCTS + 1, dtype=np.int64)))
+    message = load_error(index_dir)
+    assert "inconsistent" in message and f"'{KEYS_FILE}': {PRODUCTS + 1}" in message
+
+
+def test_unreadable_keys_with_a_matching_checksum(index_dir: Path) -> None:
+    rewrite_data_file(index_dir, KEYS_FILE, b"not an npy file")
+    message = load_error(index_dir)
+    assert str(index_dir / KEYS_FILE) in message and "is corrupt" in message
+
+
 def test_manifest_count_disagreeing_with_the_files(index_dir: Path) -> None:
     edit_manifest(index_dir, lambda m: m.__setitem__("count", PRODUCTS + 1))
     message = load_error(index_dir)
@@ -246,17 +294,15 @@ def test_manifest_count_disagreeing_with_the_files(index_dir: Path) -> None:
 
 
 def test_hnsw_search_depth_comes_from_the_manifest(tmp_path: Path, tiny) -> None:
-    from ecomsearch.index.builder import _write_index_dir, make_faiss_index
+    from ecomsearch.index.builder import HNSW_EF_SEARCH, CatalogSnapshot, write_index
 
-    hnsw, params = make_faiss_index(tiny.embeddings, "hnsw")
-    manifest = tiny.manifest.__class__(
-        **{
-            **tiny.manifest.__dict__,
-            "index_type": "hnsw",
-            "index_params": {**params, "ef_search": 77},
-        }
+    snapshot = CatalogSnapshot(
+        tiny.products, np.arange(PRODUCTS), tiny.embeddings, ENCODER, "catalog"
     )
-    _write_index_dir(tmp_path / "hnsw", hnsw, tiny.products, manifest)
+    written = write_index(tmp_path / "hnsw", snapshot, exact_max_products=0)
+    assert written.index_type == "hnsw" and written.index_params["ef_search"] == HNSW_EF_SEARCH
+    # The FAISS file keeps the depth it was built with; the manifest's wins.
+    edit_manifest(tmp_path / "hnsw", lambda m: m["index_params"].__setitem__("ef_search", 77))
 
     index = CatalogIndex.load(tmp_path / "hnsw")
 

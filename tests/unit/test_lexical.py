@@ -114,6 +114,8 @@ def test_save_and_load_give_identical_scores(lexical, tmp_path: Path) -> None:
     loaded = LexicalIndex.load(tmp_path)
 
     assert loaded.count == lexical.count
+    for field in FIELDS:  # what bm25s does not save, the live catalog's delta scoring needs
+        assert loaded.parameters(field) == lexical.parameters(field)
     for query in ["cordless drill", "3/4 wood screws", "steel", "50 ft hose", "zzzz"]:
         for field in FIELDS:
             np.testing.assert_array_equal(
@@ -165,7 +167,7 @@ def test_contains_sorts_unsorted_postings_first() -> None:
             start, end = matrix["indptr"][term], matrix["indptr"][term + 1]
             matrix["indices"][start:end] = matrix["indices"][start:end][::-1].copy()
             matrix["data"][start:end] = matrix["data"][start:end][::-1].copy()
-    reloaded = LexicalIndex(built.retrievers)
+    reloaded = LexicalIndex(built.retrievers, built.average_lengths)
     for field in FIELDS:
         np.testing.assert_array_equal(reloaded.contains(field, tokens, rows), expected[field])
         np.testing.assert_allclose(reloaded.scores(terms, field), scores[field], rtol=1e-6)
@@ -191,6 +193,8 @@ def test_idf_is_the_one_bm25s_scores_with(lexical, field: str) -> None:
     documents = _documents(field)
     lengths = np.array([len(d) for d in documents], dtype=np.float64)
     average = lengths.mean()
+    # The statistics the live catalog scores new products with (ecomsearch.live.catalog).
+    assert lexical.parameters(field) == pytest.approx((retriever.k1, retriever.b, average))
     idf = lexical.idf(field, QUERY_TOKENS)
     assert idf.shape == (len(QUERY_TOKENS),)
     checked = 0

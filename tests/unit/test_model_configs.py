@@ -51,7 +51,12 @@ def test_repository_has_the_pipeline_models():
         contract.SELECT_MODEL,
         contract.SEARCH_MODEL,
         contract.SEARCH_UNRANKED_MODEL,
+        contract.CATALOG_MODEL,
     }
+
+
+# One request is one write and one store transaction: the catalog model must not batch.
+UNBATCHED = {contract.CATALOG_MODEL}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
@@ -59,10 +64,15 @@ def test_config_parses_and_names_its_model(path):
     config = parse(path)
     model_dir = path.parent if path.name == "config.pbtxt" else path.parent.parent
     assert config.name == model_dir.name
+    if not is_ensemble(config):
+        assert version_numbers(model_dir), f"{model_dir} has no version directory"
+    if config.name in UNBATCHED:
+        assert config.max_batch_size == 0
+        assert not config.HasField("dynamic_batching"), "requests of one write must not merge"
+        return
     assert config.max_batch_size > 0
     if not is_ensemble(config):
         assert config.HasField("dynamic_batching"), "a batching model without dynamic_batching"
-        assert version_numbers(model_dir), f"{model_dir} has no version directory"
 
 
 # The bench's closed loop at this concurrency is the normal busy load: nothing may be shed.
@@ -196,29 +206,71 @@ def test_ensemble_maps_refer_to_real_tensors_with_matching_types(name):
         assert available.get(output.name) == output.data_type, output.name
 
 
+# The optional filters, one value per query, as ecomsearch.contract describes them.
+FILTER_TENSORS = {
+    contract.FILTER_CATEGORY: (mc.TYPE_STRING, [1]),
+    contract.FILTER_BRAND: (mc.TYPE_STRING, [1]),
+    contract.FILTER_MIN_PRICE: (mc.TYPE_FP32, [1]),
+    contract.FILTER_MAX_PRICE: (mc.TYPE_FP32, [1]),
+    contract.FILTER_IN_STOCK: (mc.TYPE_BOOL, [1]),
+}
+RESULT_TENSORS = {
+    contract.PRODUCT_IDS: (mc.TYPE_STRING, [-1]),
+    contract.SCORES: (mc.TYPE_FP32, [-1]),
+    contract.TITLES: (mc.TYPE_STRING, [-1]),
+    contract.PRICES: (mc.TYPE_FP32, [-1]),
+    contract.IN_STOCK: (mc.TYPE_BOOL, [-1]),
+}
+
+
+def test_the_filter_tensors_are_the_contracts():
+    assert set(FILTER_TENSORS) == set(contract.FILTER_INPUTS)
+
+
 @pytest.mark.parametrize("name", [contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL])
 def test_ensemble_contract_is_the_clients(name):
     ensemble = default_configs()[name]
     assert tensors(ensemble.input) == {
         contract.QUERY: (mc.TYPE_STRING, [1]),
         contract.TOP_K: (mc.TYPE_INT32, [1]),
+        **FILTER_TENSORS,
     }
-    assert [t.name for t in ensemble.input if t.optional] == [contract.TOP_K]
-    assert tensors(ensemble.output) == {
-        contract.PRODUCT_IDS: (mc.TYPE_STRING, [-1]),
-        contract.SCORES: (mc.TYPE_FP32, [-1]),
-        contract.TITLES: (mc.TYPE_STRING, [-1]),
-    }
+    assert [t.name for t in ensemble.input if t.optional] == [
+        contract.TOP_K,
+        *contract.FILTER_INPUTS,
+    ]
+    assert tensors(ensemble.output) == RESULT_TENSORS
     assert ensemble.max_batch_size == contract.MAX_QUERIES_PER_REQUEST
+
+
+@pytest.mark.parametrize("name", [contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL])
+def test_ensembles_pass_the_filters_to_retrieve_and_the_labels_from_select(name):
+    """The maps test allows an optional input to go unmapped: a filter the ensemble accepted
+    but never passed on would be silently ignored."""
+    steps = {s.model_name: s for s in default_configs()[name].ensemble_scheduling.step}
+    retrieve_inputs = dict(steps[contract.RETRIEVE_MODEL].input_map)
+    assert {f: retrieve_inputs.get(f) for f in contract.FILTER_INPUTS} == {
+        f: f for f in contract.FILTER_INPUTS
+    }
+    select_outputs = dict(steps[contract.SELECT_MODEL].output_map)
+    assert select_outputs == {t: t for t in RESULT_TENSORS}
 
 
 @pytest.mark.parametrize("profile", [None, "gpu"])
 def test_models_use_the_contract_names(profile):
     preprocess = profile_config(contract.PREPROCESS_MODEL, profile)
-    assert [t.name for t in preprocess.input] == [contract.QUERY]
+    assert [t.name for t in preprocess.input] == [contract.QUERY, contract.MAX_TOKENS]
+    assert [t.name for t in preprocess.input if t.optional] == [contract.MAX_TOKENS]
     assert [t.name for t in preprocess.output] == [contract.INPUT_IDS, contract.ATTENTION_MASK]
     retrieve = profile_config(contract.RETRIEVE_MODEL, profile)
-    assert [t.name for t in retrieve.input] == [contract.QUERY, contract.EMBEDDING]
+    assert [t.name for t in retrieve.input] == [
+        contract.QUERY,
+        contract.EMBEDDING,
+        *contract.FILTER_INPUTS,
+    ]
+    assert {t.name: (t.data_type, list(t.dims)) for t in retrieve.input if t.optional} == (
+        FILTER_TENSORS
+    )
     assert [t.name for t in retrieve.output] == [
         contract.CANDIDATE_ROWS,
         contract.CANDIDATE_FEATURES,
@@ -230,14 +282,21 @@ def test_models_use_the_contract_names(profile):
         contract.CANDIDATE_SCORES,
         contract.TOP_K,
     ]
-    assert [t.name for t in select.output] == [
-        contract.PRODUCT_IDS,
-        contract.SCORES,
-        contract.TITLES,
-    ]
+    assert [t.name for t in select.output] == list(RESULT_TENSORS)
+    assert tensors(select.output) == RESULT_TENSORS
     ranker = profile_config(contract.RANKER_MODEL, profile)
     assert [t.name for t in ranker.input] == [contract.CANDIDATE_FEATURES]
     assert [t.name for t in ranker.output] == [contract.RANKING_SCORES]
+    catalog = profile_config(contract.CATALOG_MODEL, profile)
+    assert tensors(catalog.input) == {
+        contract.PRODUCTS: (mc.TYPE_STRING, [-1]),
+        contract.DELETE_IDS: (mc.TYPE_STRING, [-1]),
+    }
+    assert all(t.optional for t in catalog.input), "a request is an upsert or a delete"
+    assert tensors(catalog.output) == {
+        contract.SEQUENCE_NUMBER: (mc.TYPE_INT64, [1]),
+        contract.CHANGED: (mc.TYPE_INT64, [1]),
+    }
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
@@ -249,6 +308,8 @@ def test_parameters_are_tunables_never_paths_or_contract_limits(path):
     config = parse(path)
     known = {
         contract.RETRIEVE_MODEL: set(RetrieveSettings.__dataclass_fields__),
+        # How often select follows the catalog store (ecomsearch.serving.select).
+        contract.SELECT_MODEL: {"catalog_poll_interval_ms"},
         # The native ONNX Runtime backend's own parameter names (the drop-in honours them).
         contract.ENCODER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
         contract.RANKER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},

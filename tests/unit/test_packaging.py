@@ -3,6 +3,8 @@ extra's third-party modules."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.project import PROJECT_ROOT
@@ -23,8 +25,11 @@ def test_every_package_under_ecomsearch_is_in_the_wheel() -> None:
 def test_the_server_extra_installs_what_the_python_models_import() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert "ecomsearch[python-backend]" in extras["server"]
-    backend = {r.split(">")[0].split("<")[0].split("=")[0]: r for r in extras["python-backend"]}
-    assert set(backend) == {"numpy", "tokenizers", "bm25s"}
+    backend = {re.split(r"[\[<>=]", r)[0]: r for r in extras["python-backend"]}
+    assert set(backend) == {"numpy", "tokenizers", "bm25s", "psycopg"}
     assert "<2" in backend["numpy"], "the Python backend stub breaks under numpy 2"
     # ecomsearch.lexical reads bm25s's score matrices: an unbounded upgrade could change them.
     assert "<0.4" in backend["bm25s"]
+    # The catalog store may be PostgreSQL; the binary wheel brings libpq with it, so the
+    # server image needs no system client library.
+    assert backend["psycopg"].startswith("psycopg[binary]")

@@ -5,8 +5,11 @@ titles holding a query word."""
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -14,8 +17,10 @@ import numpy as np
 import pytest
 
 from ecomsearch import contract
+from ecomsearch.catalog import Product
 from ecomsearch.index.manifest import LEXICAL_DIR, IndexLoadError
 from ecomsearch.index.store import CatalogIndex
+from ecomsearch.live.catalog import LiveCatalog
 from ecomsearch.ranking.candidates import LEXICAL_POOL, VECTOR_POOL, HybridRetriever
 from ecomsearch.ranking.features import FEATURE_COUNT, FEATURE_NAMES
 from ecomsearch.serving.retrieve import RetrieveModel, place_on_device
@@ -195,16 +200,18 @@ def test_faiss_padding_never_becomes_a_candidate(pb_utils, triton, tiny) -> None
     exact = loaded.faiss_index
 
     class ShortIndex:  # finds only the two best products, then pads like FAISS
-        def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            scores, rows = exact.search(embeddings, k)
+        ntotal, d = exact.ntotal, exact.d
+
+        def search(self, embeddings: np.ndarray, k: int, params=None):
+            scores, rows = exact.search(embeddings, k, params=params)
             scores[:, 2:], rows[:, 2:] = -3.4e38, -1
             return scores, rows
 
-        def reconstruct_batch(self, rows: np.ndarray) -> np.ndarray:
-            return exact.reconstruct_batch(rows)
+        def reconstruct_n(self, start: int, count: int) -> np.ndarray:
+            return exact.reconstruct_n(start, count)
 
     loaded.faiss_index = ShortIndex()
-    retriever = HybridRetriever(loaded, loaded.load_lexical(), vector_pool=5, lexical_pool=2)
+    retriever = HybridRetriever(LiveCatalog.load(loaded), vector_pool=5, lexical_pool=2)
     embedding = near(tiny, [3], seed=6)
 
     (response,) = RetrieveModel(pb_utils, retriever).execute(
@@ -251,6 +258,34 @@ BAD_REQUESTS = {
     "more-embeddings-than-queries": lambda d: (
         {"embedding": np.zeros((2, d), np.float32)},
         ["1 queries but 2 embeddings"],
+    ),
+    "filter-wrong-rows": lambda d: (
+        {"brand": texts(["acme", "acme"])},
+        ["'brand'", "shape [1, 1]"],
+    ),
+    "filter-invalid-utf8": lambda d: (
+        {"category": texts([b"caf\xe9"])},
+        ["'category'", "UTF-8"],
+    ),
+    "filter-invisible": lambda d: ({"brand": texts(["\u200b"])}, ["'brand'", "no visible text"]),
+    "filter-too-long": lambda d: (
+        {"category": texts(["x" * (contract.MAX_FILTER_BYTES + 1)])},
+        ["'category'", f"longer than {contract.MAX_FILTER_BYTES} bytes"],
+    ),
+    "filter-negative-price": lambda d: (
+        {"min_price": np.array([[-1.0]], np.float32)},
+        ["'min_price'", "finite price >= 0"],
+    ),
+    "filter-infinite-price": lambda d: (
+        {"max_price": np.array([[np.inf]], np.float32)},
+        ["'max_price'", "finite price >= 0"],
+    ),
+    "filter-min-above-max": lambda d: (
+        {
+            "min_price": np.array([[20.0]], np.float32),
+            "max_price": np.array([[10.0]], np.float32),
+        },
+        ["'min_price' 20.0 exceeds the maximum 10.0"],
     ),
 }
 
@@ -366,22 +401,41 @@ class FakeHnswIndex:
     pass
 
 
+class FakeGpuFlatIndex:
+    """What index_cpu_to_gpu makes of a flat index, searching with the CPU one: no IndexFlat
+    (its vectors are not in host memory), and, like faiss's GpuIndexFlat, it ignores search
+    parameters, an ID selector included (faiss issues 3114 and 3924)."""
+
+    def __init__(self, cpu_index) -> None:
+        self.cpu_index = cpu_index
+        self.ntotal, self.d = cpu_index.ntotal, cpu_index.d
+
+    def search(self, embeddings: np.ndarray, k: int, params=None):
+        return self.cpu_index.search(embeddings, k)
+
+    def reconstruct_n(self, start: int, count: int) -> np.ndarray:
+        return self.cpu_index.reconstruct_n(start, count)
+
+
 def fake_gpu_faiss(calls: list[tuple], real_faiss: ModuleType | None = None) -> ModuleType:
     """A faiss with GPU support whose index_cpu_to_gpu records its arguments. With real_faiss,
-    reading indexes is real and the "GPU" index is the CPU one, so it still searches."""
+    the rest of the module is the real one and the "GPU" index a FakeGpuFlatIndex, so it still
+    searches."""
     module = ModuleType("faiss")
+    if real_faiss:
+        module.__dict__.update(
+            {k: v for k, v in vars(real_faiss).items() if not k.startswith("__")}
+        )
     module.StandardGpuResources = FakeGpuResources
     module.IndexHNSWFlat = real_faiss.IndexHNSWFlat if real_faiss else FakeHnswIndex
 
     def index_cpu_to_gpu(resources, device, index):
         calls.append((resources, device, index))
-        return index if real_faiss else ("gpu index", device)
+        return FakeGpuFlatIndex(index) if real_faiss else ("gpu index", device)
 
     module.index_cpu_to_gpu = index_cpu_to_gpu
     module.omp_threads = []
     module.omp_set_num_threads = module.omp_threads.append
-    if real_faiss:
-        module.read_index = real_faiss.read_index
     return module
 
 
@@ -401,6 +455,20 @@ def test_place_on_device_uses_the_instance_gpu_not_gpu_0() -> None:
     assert placed == ("gpu index", 1)
     assert isinstance(resources, FakeGpuResources)
     assert calls == [(resources, 1, index)]
+
+
+def test_place_on_device_shares_the_resources_of_the_index_it_replaces() -> None:
+    """A compaction switches the base index: its successor must not reserve device memory
+    anew (each StandardGpuResources keeps its own scratch memory)."""
+    calls: list[tuple] = []
+    fake = fake_gpu_faiss(calls)
+    first, second = object(), object()
+    _, resources = place_on_device(first, "GPU", 1, fake)
+
+    placed, shared = place_on_device(second, "GPU", 1, fake, resources)
+
+    assert shared is resources and placed == ("gpu index", 1)
+    assert calls == [(resources, 1, first), (resources, 1, second)]
 
 
 def test_place_on_device_keeps_hnsw_on_the_cpu() -> None:
@@ -442,6 +510,46 @@ def test_gpu_profile_instance_moves_the_index_to_its_own_device(
     )
     assert_candidates(triton, response, tiny, ["leaf blower"], embeddings, pools)
     assert any("GPU 1" in message for message in triton.logged("INFO"))
+
+
+def test_gpu_profile_filters_are_exact_although_gpu_indexes_ignore_id_selectors(
+    triton, monkeypatch: pytest.MonkeyPatch, tiny_repository_factory
+) -> None:
+    import faiss
+
+    titles = ["Cordless drill", "Garden hose", "Claw hammer", "Drill bit set", "Hose reel"]
+    products = [
+        Product(id=f"sku-{i}", title=titles[i % len(titles)], price=10.0 * i) for i in range(12)
+    ]
+    repo = tiny_repository_factory(products=products)
+    tiny, model_dir = repo.index, repo.retrieve_dir
+    monkeypatch.setitem(sys.modules, "faiss", fake_gpu_faiss([], real_faiss=faiss))
+    config = model_dir / "configs" / "gpu.pbtxt"
+    triton.set_parameters(config, vector_pool=SMALL_VECTOR_POOL, lexical_pool=SMALL_LEXICAL_POOL)
+    model = triton.initialize(
+        model_dir / "1" / "model.py",
+        triton.args(config, model_dir, instance_kind="GPU", device_id=1),
+    )
+    passing = [0, 1, 2, 3, 4]  # priced at most 40
+    # Queries near products the filter rejects: unfiltered, those would be the best matches.
+    embeddings = near(tiny, [9, 10], seed=12)
+
+    (response,) = model.execute(
+        [
+            triton.request(
+                query=texts(["drill", "hose"]),
+                embedding=embeddings,
+                max_price=np.full((2, 1), 40.0, np.float32),
+            )
+        ]
+    )
+
+    rows = triton.outputs(response)[contract.CANDIDATE_ROWS]
+    scores = embeddings @ tiny.embeddings[passing].T
+    for i, query in enumerate(["drill", "hose"]):
+        best = [passing[j] for j in np.argsort(-scores[i], kind="stable")[:SMALL_VECTOR_POOL]]
+        assert rows[i, :SMALL_VECTOR_POOL].tolist() == best, query
+        assert set(rows[i][rows[i] >= 0].tolist()) <= set(passing), query
 
 
 @pytest.mark.parametrize("value", [None, "3"], ids=["checked-in", "three"])
@@ -500,9 +608,8 @@ def test_the_encoder_and_ranker_are_the_latest_versions_not_version_1(triton, re
     ranker.write_text(
         layout.version_dir(contract.RANKER_MODEL, 1).joinpath("ranker.json").read_text()
     )
-    assert initialize(triton, repo.retrieve_dir).model.retriever.index.count == len(
-        repo.index.products
-    )
+    catalog = initialize(triton, repo.retrieve_dir).model.retriever.catalog
+    assert catalog.base_count == catalog.live_count == len(repo.index.products)
 
 
 def test_settings_come_from_the_config_with_the_code_defaults() -> None:
@@ -513,3 +620,241 @@ def test_settings_come_from_the_config_with_the_code_defaults() -> None:
     assert RetrieveSettings.from_config(config) == RetrieveSettings(vector_pool=7)
     with pytest.raises(ValueError, match="'lexical_pool' must be >= 1"):
         RetrieveSettings.from_config({"parameters": {"lexical_pool": {"string_value": "0"}}})
+
+
+# Filters, through the model.
+
+PRICED_TITLES = ["Cordless drill", "Garden hose", "Claw hammer", "Drill bit set", "Hose reel"]
+
+
+def priced_catalog(count: int = 12) -> list[Product]:
+    """Products priced 0, 9.99, 19.98, ... (decimals FP32 cannot hold), every third out of
+    stock, brands Acme and Bosch, categories Tools > Drills and Garden."""
+    return [
+        Product(
+            id=f"sku-{i}",
+            title=PRICED_TITLES[i % len(PRICED_TITLES)],
+            brand=["Acme", "Bosch"][i % 2],
+            category=["Tools > Drills", "Garden"][i % 4 == 3],
+            price=round(9.99 * i, 2),
+            in_stock=i % 3 != 2,
+        )
+        for i in range(count)
+    ]
+
+
+def filter_inputs(batch: int, **values) -> dict[str, np.ndarray]:
+    """The optional filter inputs as a client sends them: [batch, 1], prices as FP32."""
+    inputs = {}
+    for name, value in values.items():
+        if name in (contract.FILTER_CATEGORY, contract.FILTER_BRAND):
+            inputs[name] = texts([value] * batch)
+        elif name == contract.FILTER_IN_STOCK:
+            inputs[name] = np.full((batch, 1), value, dtype=bool)
+        else:
+            inputs[name] = np.full((batch, 1), value, dtype=np.float32)
+    return inputs
+
+
+@pytest.mark.parametrize(
+    ("values", "passing"),
+    [
+        ({"max_price": 29.97}, {0, 1, 2, 3}),  # 29.97 as FP32 is below 29.97: still passes it
+        ({"min_price": 9.99, "max_price": 19.98}, {1, 2}),
+        ({"brand": "ACME", "in_stock_only": True}, {0, 4, 6, 10}),
+        ({"category": "tools > DRILLS", "brand": "bosch"}, {1, 5, 9}),
+        ({"category": "Garden", "max_price": math.nan}, {3, 7, 11}),
+        ({"brand": "nobody"}, set()),
+    ],
+)
+def test_filtered_candidates_are_the_passing_products_only(
+    triton, tiny_repository_factory, values: dict, passing: set[int]
+) -> None:
+    repo = tiny_repository_factory(products=priced_catalog())
+    tiny, model_dir = repo.index, repo.retrieve_dir
+    triton.set_parameters(
+        model_dir / "config.pbtxt", vector_pool=SMALL_VECTOR_POOL, lexical_pool=SMALL_LEXICAL_POOL
+    )
+    model = initialize(triton, model_dir)
+    embeddings = near(tiny, [8, 3], seed=13)
+    queries = ["cordless drill", "hose"]
+
+    (response,) = model.execute(
+        [triton.request(query=texts(queries), embedding=embeddings, **filter_inputs(2, **values))]
+    )
+
+    rows = triton.outputs(response)[contract.CANDIDATE_ROWS]
+    ordered = sorted(passing)
+    for i, query in enumerate(queries):
+        found = min(SMALL_VECTOR_POOL, len(passing))
+        scores = embeddings[i] @ tiny.embeddings[ordered].T if ordered else np.zeros(0)
+        best = [ordered[j] for j in np.argsort(-scores, kind="stable")[:found]]
+        assert rows[i, :found].tolist() == best, query
+        real = rows[i][rows[i] >= 0].tolist()
+        assert set(real) <= passing and len(real) == len(set(real)), query
+        words = set(query.split())
+        title_matches = {j for j in passing if words & set(tiny.products[j].title.lower().split())}
+        assert title_matches - set(best) <= set(real[found:]), "every passing BM25 match"
+
+
+def test_each_query_of_a_request_has_its_own_filter(triton, tiny_repository_factory) -> None:
+    repo = tiny_repository_factory(products=priced_catalog())
+    model = initialize(triton, repo.retrieve_dir)
+    embeddings = near(repo.index, [0, 0, 0], seed=14)
+    # Empty strings, NaN and False: the values that mean "no filter" for one query.
+    inputs = {
+        contract.FILTER_BRAND: texts(["acme", "", "bosch"]),
+        contract.FILTER_MAX_PRICE: np.array([[math.nan], [9.99], [math.nan]], np.float32),
+        contract.FILTER_IN_STOCK: np.array([[False], [False], [True]]),
+    }
+
+    (response,) = model.execute(
+        [triton.request(query=texts(["drill"] * 3), embedding=embeddings, **inputs)]
+    )
+
+    rows = triton.outputs(response)[contract.CANDIDATE_ROWS]
+    real = [set(r[r >= 0].tolist()) for r in rows]
+    products = repo.index.products
+    assert real[0] == {i for i, p in enumerate(products) if p.brand == "Acme"}
+    assert real[1] == {0, 1}
+    assert real[2] == {i for i, p in enumerate(products) if p.brand == "Bosch" and p.in_stock}
+
+
+# A live catalog: the index was built from a catalog store, which retrieve follows.
+
+
+class LiveRetrieve:
+    """retrieve over a SQLite catalog store holding priced_catalog(); candidates are store
+    keys, keys[i] being product i's."""
+
+    def __init__(self, triton, repo, store_path: Path, **parameters) -> None:
+        from ecomsearch.index.builder import product_write, store_snapshot, write_index
+        from ecomsearch.store import open_store
+
+        self.triton, self.repo, self.index = triton, repo, repo.index
+        self.store = open_store(store_path)
+        written = self.store.upsert(
+            [product_write(p) for p in self.index.products],
+            self.index.embeddings,
+            repo.encoder_fingerprint,
+        )
+        self.keys = list(written.keys)
+        write_index(repo.layout.index_dir, store_snapshot(self.store, "catalog"))
+        config = repo.retrieve_dir / "config.pbtxt"
+        triton.set_parameters(config, catalog_poll_interval_ms=5, **parameters)
+        self.model = initialize(triton, repo.retrieve_dir)
+
+    def upsert(self, product: Product, embedding: np.ndarray) -> int:
+        from ecomsearch.index.builder import product_write
+
+        written = self.store.upsert(
+            [product_write(product)], embedding.reshape(1, -1), self.repo.encoder_fingerprint
+        )
+        return written.keys[0]
+
+    def candidates(self, query: str, embedding: np.ndarray, **filters) -> list[int]:
+        (response,) = self.model.execute(
+            [
+                self.triton.request(
+                    query=texts([query]),
+                    embedding=embedding.reshape(1, -1),
+                    **filter_inputs(1, **filters),
+                )
+            ]
+        )
+        rows = self.triton.outputs(response)[contract.CANDIDATE_ROWS][0]
+        return rows[rows >= 0].tolist()
+
+    def eventually(self, condition, timeout_s: float = 10.0) -> None:
+        """Searches until `condition()` holds: the follower applies what it read, and a new
+        base is swapped in, when a search runs."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, "retrieve did not follow the store in time"
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def live_retrieve(triton, tiny_repository_factory, tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """LiveRetrieve(**parameters); every model made is finalized after the test."""
+    from ecomsearch.live.location import STORE_URL_ENV
+
+    monkeypatch.delenv(STORE_URL_ENV, raising=False)
+    made: list[LiveRetrieve] = []
+
+    def make(**parameters) -> LiveRetrieve:
+        repo = tiny_repository_factory(products=priced_catalog())
+        made.append(LiveRetrieve(triton, repo, tmp_path / "catalog.sqlite3", **parameters))
+        return made[-1]
+
+    yield make
+    for live in made:
+        live.model.finalize()
+        live.store.close()
+
+
+def test_a_live_catalog_gives_store_keys_and_follows_writes(live_retrieve) -> None:
+    live = live_retrieve()
+    index, keys = live.index, live.keys
+    query = near(index, [4], seed=15)[0]
+    assert keys != list(range(len(keys))), "test setup: keys must not be the rows"
+    assert live.candidates("hose", query)[0] == keys[4]
+
+    # A new product right where the query points, out of stock.
+    new = Product(id="sku-new", title="Zircon hose", brand="Acme", price=1.0, in_stock=False)
+    new_key = live.upsert(new, query)
+    live.eventually(lambda: live.candidates("hose", query)[0] == new_key)
+    assert new_key not in live.candidates("hose", query, in_stock_only=True)
+    assert live.candidates("zircon", query, brand="acme", min_price=0.5, max_price=1) == [new_key]
+
+    # Now in stock, and then gone.
+    live.upsert(replace(new, in_stock=True), query)
+    live.eventually(lambda: live.candidates("hose", query, in_stock_only=True)[0] == new_key)
+    live.store.delete(["sku-new"])
+    live.eventually(lambda: new_key not in live.candidates("zircon hose", query))
+    assert live.candidates("hose", query)[0] == keys[4]
+
+
+def test_an_index_from_another_store_refuses_to_serve(
+    triton, live_retrieve, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ecomsearch.live.location import STORE_URL_ENV
+    from ecomsearch.store import open_store
+
+    live = live_retrieve()
+    with open_store(tmp_path / "other.sqlite3") as other:
+        monkeypatch.setenv(STORE_URL_ENV, other.url)
+        with pytest.raises(RuntimeError, match=r"another store.*build-index"):
+            initialize(triton, live.repo.retrieve_dir)
+
+
+def test_a_static_index_is_served_as_built_with_a_warning(triton, retrieve) -> None:
+    assert retrieve.model.live is None
+    assert any("without a catalog store" in message for message in triton.logged("WARNING"))
+
+
+def test_past_the_threshold_the_catalog_is_compacted_and_the_new_base_served(
+    live_retrieve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ecomsearch.live import served
+
+    monkeypatch.setattr(served, "VERSION_CHECK_INTERVAL_S", 0.01)
+    live = live_retrieve(compact_delta_rows=2)
+    retriever = live.model.model.retriever
+    first = retriever.catalog.version_dir
+    query = near(live.index, [2], seed=16)[0]
+    keys = [
+        live.upsert(Product(id=f"sku-new-{n}", title="Zircon drill", price=5.0), query)
+        for n in range(2)
+    ]
+
+    live.eventually(
+        lambda: (
+            set(live.candidates("drill", query)[:2]) == set(keys)
+            and retriever.catalog.version_dir != first
+        )
+    )
+
+    catalog = retriever.catalog
+    assert catalog.delta_rows == 0 and catalog.base_count == len(live.keys) + 2
+    assert catalog.base.manifest.catalog_seq == live.store.head()

@@ -1,14 +1,17 @@
 """model_repository/select/1/model.py driven through the fake backend module: the top-k
-candidates by score become product ids, scores and titles."""
+candidates by score become product ids, scores, titles, prices and stock, for a static index
+(candidate rows are its rows) and for a live catalog store (candidate rows are store keys)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ecomsearch import contract
+from ecomsearch.catalog import Product
 from ecomsearch.index.manifest import IndexLoadError
 from ecomsearch.serving.base import RequestError
 from ecomsearch.serving.select import parse_top_k
@@ -17,9 +20,22 @@ from ecomsearch.serving.select import parse_top_k
 PRODUCTS = max(12, contract.DEFAULT_TOP_K + 4)
 
 
+def catalog() -> list[Product]:
+    """PRODUCTS products, some without a price and some out of stock; one title non-ASCII."""
+    return [
+        Product(
+            id=f"sku-{i:03d}",
+            title="Café mug" if i == 1 else f"Product {i}",
+            price=None if i % 3 == 0 else 1.25 * i,
+            in_stock=i % 4 != 2,
+        )
+        for i in range(PRODUCTS)
+    ]
+
+
 @pytest.fixture
 def repo(tiny_repository_factory):
-    return tiny_repository_factory(rows=PRODUCTS)
+    return tiny_repository_factory(products=catalog())
 
 
 @pytest.fixture
@@ -52,20 +68,36 @@ def request(triton, rows, scores, top_k: int | list[int] | None = None):
 def assert_selected(triton, response, products, rows: list[list[int]], scores) -> None:
     """The response holds these product rows (-1: an empty slot) with these scores."""
     out = triton.outputs(response)
-    assert set(out) == {contract.PRODUCT_IDS, contract.SCORES, contract.TITLES}
+    assert set(out) == {
+        contract.PRODUCT_IDS,
+        contract.SCORES,
+        contract.TITLES,
+        contract.PRICES,
+        contract.IN_STOCK,
+    }
     shape = (len(rows), len(rows[0]))
     for name in (contract.PRODUCT_IDS, contract.TITLES):
         # TYPE_STRING outputs: object arrays of bytes.
         assert out[name].dtype == np.object_ and out[name].shape == shape, name
         assert all(isinstance(v, bytes) for v in out[name].flat), name
     assert out[contract.SCORES].dtype == np.float32 and out[contract.SCORES].shape == shape
+    assert out[contract.PRICES].dtype == np.float32 and out[contract.PRICES].shape == shape
+    assert out[contract.IN_STOCK].dtype == np.bool_ and out[contract.IN_STOCK].shape == shape
 
     def field(row: int, name: str) -> bytes:
         return getattr(products[row], name).encode() if row >= 0 else b""
 
+    def price(row: int) -> float:
+        # NaN: no price, or an empty slot.
+        return np.nan if row < 0 or products[row].price is None else products[row].price
+
     assert out[contract.PRODUCT_IDS].tolist() == [[field(r, "id") for r in q] for q in rows]
     assert out[contract.TITLES].tolist() == [[field(r, "title") for r in q] for q in rows]
     np.testing.assert_allclose(out[contract.SCORES], np.array(scores, np.float32), rtol=0, atol=0)
+    expected_prices = np.array([[price(r) for r in q] for q in rows], dtype=np.float32)
+    np.testing.assert_array_equal(out[contract.PRICES], expected_prices)  # NaN equals NaN here
+    in_stock = [[r >= 0 and products[r].in_stock for r in q] for q in rows]
+    assert out[contract.IN_STOCK].tolist() == in_stock
 
 
 def best(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[list[list[int]], np.ndarray]:
@@ -96,6 +128,16 @@ def test_the_best_scores_come_first_and_padding_is_never_selected(triton, select
         [request(triton, [[3, 7, -1, 5, 0, -1]], [[0.1, 0.9, 5.0, 0.5, 0.3, 99.0]], top_k=3)]
     )
     assert_selected(triton, response, products, [[7, 5, 0]], [[0.9, 0.5, 0.3]])
+
+
+def test_prices_and_stock_are_the_products(triton, select, products) -> None:
+    # Row 3 has no price and row 2 is out of stock: NaN and False, not 0 or a neighbour's.
+    assert products[3].price is None and products[3].in_stock and not products[2].in_stock
+    (response,) = select.execute([request(triton, [[3, 2, 5, -1]], [[3.0, 2.0, 1.0, 0.0]])])
+    out = triton.outputs(response)
+    assert out[contract.PRICES].tolist()[0][1:3] == [2.5, 6.25]
+    assert np.isnan(out[contract.PRICES][0, [0, 3]]).all()
+    assert out[contract.IN_STOCK][0, :4].tolist() == [True, False, True, False]
 
 
 def test_titles_are_utf8_bytes(triton, select, products) -> None:
@@ -167,15 +209,15 @@ BAD_REQUESTS = {
     ),
     "row-out-of-range": lambda m: (
         {"rows": [[0, PRODUCTS]], "scores": [[1, 2]]},
-        ["out of range", str(PRODUCTS)],
+        ["-1 (padding) or product keys", f"{PRODUCTS} is neither"],
     ),
     "row-negative": lambda m: (
         {"rows": [[0, -2]], "scores": [[1, 2]]},
-        ["out of range", "-1 (padding)"],
+        ["-1 (padding) or product keys", "-2 is neither"],
     ),
     "row-far-negative": lambda m: (
         {"rows": [[-(2**62), 1]], "scores": [[1, 2]]},
-        ["out of range"],
+        [f"{-(2**62)} is neither"],
     ),
     "score-nan": lambda m: (
         {"rows": [[0, 1]], "scores": [[np.nan, 2]]},
@@ -261,3 +303,151 @@ def test_parse_top_k() -> None:
     assert parse_top_k(np.array([[top]], np.int32), batch=1) == top
     with pytest.raises(RequestError, match=f"between 1 and {top}"):
         parse_top_k(np.array([[top + 1]], np.int32), batch=1)
+
+
+# A live catalog: the index was built from a catalog store, which select follows.
+
+
+def product_write(product: Product):
+    from ecomsearch.store import ProductWrite
+
+    return ProductWrite(
+        id=product.id,
+        title=product.title,
+        price=product.price,
+        in_stock=product.in_stock,
+    )
+
+
+class LiveSelect:
+    """select over a SQLite catalog store holding catalog(), and the test's own connection."""
+
+    def __init__(self, triton, repo, store_path: Path, poll_interval_ms: int) -> None:
+        from ecomsearch.index.builder import store_snapshot, write_index
+        from ecomsearch.store import open_store
+
+        self.triton, self.repo = triton, repo
+        self.store = open_store(store_path)
+        self.dimension = repo.index.manifest.dimension
+        result = self.store.upsert(
+            [product_write(p) for p in catalog()],
+            self.vectors(PRODUCTS),
+            repo.encoder_fingerprint,
+        )
+        self.keys = list(result.keys)  # keys[i] is catalog()[i]'s: store keys, not rows
+        write_index(repo.layout.index_dir, store_snapshot(self.store, "test catalog"))
+        triton.set_parameters(
+            repo.select_dir / "config.pbtxt", catalog_poll_interval_ms=poll_interval_ms
+        )
+        self.model = initialize(triton, repo.select_dir)
+
+    def vectors(self, count: int) -> np.ndarray:
+        vectors = np.random.default_rng(count).normal(size=(count, self.dimension))
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+    def upsert(self, *products: Product) -> list[int]:
+        written = self.store.upsert(
+            [product_write(p) for p in products],
+            self.vectors(len(products)),
+            self.repo.encoder_fingerprint,
+        )
+        return list(written.keys)
+
+    def wait_for(self, condition, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, "select did not follow the store in time"
+            time.sleep(0.01)
+
+    def select(self, keys: list[int], scores: list[float], top_k: int) -> dict[str, list]:
+        (response,) = self.model.execute([request(self.triton, [keys], [scores], top_k=top_k)])
+        return {name: values[0].tolist() for name, values in self.triton.outputs(response).items()}
+
+
+@pytest.fixture
+def live_select(triton, repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """LiveSelect(poll_interval_ms); every model made is finalized after the test."""
+    from ecomsearch.live.location import STORE_URL_ENV
+
+    monkeypatch.delenv(STORE_URL_ENV, raising=False)
+    made: list[LiveSelect] = []
+
+    def make(poll_interval_ms: int = 10) -> LiveSelect:
+        made.append(LiveSelect(triton, repo, tmp_path / "catalog.sqlite3", poll_interval_ms))
+        return made[-1]
+
+    yield make
+    for live in made:
+        live.model.finalize()
+        live.store.close()
+
+
+def test_a_live_catalog_labels_store_keys(live_select) -> None:
+    live = live_select()
+    products, keys = catalog(), live.keys
+    assert sorted(keys) != list(range(PRODUCTS)), "test setup: keys must not be the rows"
+
+    out = live.select([keys[4], keys[3], -1, keys[2]], [0.5, 0.9, 9.0, 0.1], top_k=3)
+
+    assert out[contract.PRODUCT_IDS] == [products[i].id.encode() for i in (3, 4, 2)]
+    assert out[contract.SCORES] == pytest.approx([0.9, 0.5, 0.1])
+    assert np.isnan(out[contract.PRICES][0]) and out[contract.PRICES][1:] == [5.0, 2.5]
+    assert out[contract.IN_STOCK] == [True, True, False]
+
+
+def test_changes_in_the_store_show_and_deleted_products_are_dropped(live_select) -> None:
+    live = live_select()
+    products, keys = catalog(), live.keys
+    changed = Product(id=products[4].id, title="Product 4, new model", price=9.5, in_stock=False)
+    assert live.upsert(changed) == [keys[4]], "a product keeps its key when it changes"
+    live.store.delete([products[5].id])
+
+    def selected() -> dict[str, list]:
+        return live.select([keys[5], keys[4], keys[7]], [3.0, 2.0, 1.0], top_k=2)
+
+    # The deleted product is dropped before the top-k, so the next best takes its place.
+    survivors = [products[4].id.encode(), products[7].id.encode()]
+    live.wait_for(lambda: selected()[contract.PRODUCT_IDS] == survivors)
+    out = selected()
+    assert out[contract.TITLES] == [b"Product 4, new model", products[7].title.encode()]
+    assert out[contract.PRICES] == [9.5, 8.75]
+    assert out[contract.IN_STOCK] == [False, True]
+
+
+def test_a_key_newer_than_the_last_poll_is_caught_up_not_refused(live_select) -> None:
+    live = live_select(poll_interval_ms=600_000)  # the follower polls once, at start
+    follower = live.model.model.follower
+    live.wait_for(lambda: follower.last_poll_monotonic is not None)
+    (key,) = live.upsert(Product(id="sku-new", title="Brand new", price=1.5))
+    assert not live.model.model.labels.known(np.array([key])).all(), "already followed"
+
+    out = live.select([key, live.keys[1]], [2.0, 1.0], top_k=2)
+
+    assert out[contract.PRODUCT_IDS] == [b"sku-new", b"sku-001"]
+    assert out[contract.PRICES] == [1.5, 1.25]
+
+
+def test_a_key_the_store_never_gave_is_refused_and_the_neighbours_succeed(
+    triton, live_select
+) -> None:
+    live = live_select()
+    unknown = max(live.keys) + 100
+    requests = [
+        request(triton, [[live.keys[1]]], [[1.0]], top_k=1),
+        request(triton, [[live.keys[1], unknown]], [[1.0, 2.0]], top_k=1),
+        request(triton, [[live.keys[2]]], [[1.0]], top_k=1),
+    ]
+
+    first, bad, last = live.model.execute(requests)
+
+    assert triton.outputs(first)[contract.PRODUCT_IDS].tolist() == [[b"sku-001"]]
+    triton.assert_invalid_arg(bad, "product keys", f"{unknown} is neither")
+    assert triton.outputs(last)[contract.PRODUCT_IDS].tolist() == [[b"sku-002"]]
+
+
+def test_finalize_stops_following_the_store(live_select) -> None:
+    live = live_select()
+    thread = live.model.model.follower._thread
+    assert thread.is_alive()
+    live.model.finalize()
+    assert not thread.is_alive()

@@ -237,8 +237,12 @@ def test_args_match_what_tritonserver_passes(triton, tmp_path) -> None:
         "model_name": "preprocess",
     }
     config = json.loads(args["model_config"])
-    (query,) = config["input"]
-    assert (query["name"], query["data_type"], query["dims"]) == ("query", "TYPE_STRING", [1])
+    inputs = {tensor["name"]: tensor for tensor in config["input"]}
+    assert set(inputs) == {"query", "max_tokens"}
+    query, max_tokens = inputs["query"], inputs["max_tokens"]
+    assert (query["data_type"], query["dims"], query["optional"]) == ("TYPE_STRING", [1], False)
+    # Defaults are printed, as tritonserver does: `optional` is there even when false.
+    assert (max_tokens["data_type"], max_tokens["optional"]) == ("TYPE_INT32", True)
     assert config["max_batch_size"] == 64
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
