@@ -1,4 +1,5 @@
-"""Thin client for the `search` ensemble: needs only tritonclient[grpc] and numpy."""
+"""Thin client for the `search` ensemble and the `catalog` writer: needs only tritonclient[grpc]
+and numpy."""
 
 from ecomsearch.client.aio import AsyncSearchClient
 from ecomsearch.client.errors import (
@@ -7,15 +8,17 @@ from ecomsearch.client.errors import (
     SearchTimeoutError,
     ServiceUnavailableError,
 )
-from ecomsearch.client.protocol import Hit
+from ecomsearch.client.protocol import Filters, Hit, WriteAck
 from ecomsearch.client.sync import SearchClient
 
 __all__ = [
     "AsyncSearchClient",
     "BadRequestError",
+    "Filters",
     "Hit",
     "SearchClient",
     "SearchError",
     "SearchTimeoutError",
     "ServiceUnavailableError",
+    "WriteAck",
 ]

@@ -1,14 +1,14 @@
-"""asyncio gRPC client for the `search` ensemble."""
+"""asyncio gRPC client for the `search` ensemble and the `catalog` writer."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ecomsearch import contract
 from ecomsearch.client import protocol
 from ecomsearch.client.errors import from_server_exception
-from ecomsearch.client.protocol import Hit
+from ecomsearch.client.protocol import Hit, WriteAck
 
 
 class AsyncSearchClient(protocol.SearchClientBase):
@@ -24,30 +24,83 @@ class AsyncSearchClient(protocol.SearchClientBase):
 
         super().__init__(url, timeout_s, model_name, aioclient.InferenceServerClient(url=url))
 
-    async def search(self, query: str, k: int = contract.DEFAULT_TOP_K) -> list[Hit]:
-        return (await self.search_batch([query], k))[0]
+    async def search(
+        self,
+        query: str,
+        k: int = contract.DEFAULT_TOP_K,
+        *,
+        category: str | None = None,
+        brand: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+        in_stock: bool | None = None,
+    ) -> list[Hit]:
+        hits = await self.search_batch(
+            [query],
+            k,
+            category=category,
+            brand=brand,
+            min_price=min_price,
+            max_price=max_price,
+            in_stock=in_stock,
+        )
+        return hits[0]
 
     async def search_batch(
-        self, queries: Sequence[str], k: int = contract.DEFAULT_TOP_K
+        self,
+        queries: Sequence[str],
+        k: int = contract.DEFAULT_TOP_K,
+        *,
+        category: str | None = None,
+        brand: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+        in_stock: bool | None = None,
     ) -> list[list[Hit]]:
         """Sends the chunks of a long list concurrently; results keep the queries' order."""
         protocol.validate(queries, k)
+        filters = protocol.Filters(category, brand, min_price, max_price, in_stock)
+        filters.validate()
         results = await asyncio.gather(
-            *(self._infer(chunk, k) for chunk in protocol.chunks(queries))
+            *(
+                self._infer(
+                    self.model_name,
+                    protocol.build_inputs(self._grpc, chunk, k, filters),
+                    self._outputs,
+                    self.timeout_s,
+                )
+                for chunk in protocol.chunks(queries)
+            )
         )
-        return [hits for chunk_hits in results for hits in chunk_hits]
+        return [hits for result in results for hits in protocol.parse_hits(result)]
 
-    async def _infer(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    async def upsert_products(
+        self, products: Sequence[Mapping], timeout_s: float = protocol.DEFAULT_WRITE_TIMEOUT_S
+    ) -> WriteAck:
+        """See SearchClient.upsert_products."""
+        values = protocol.encode_products(products)
+        inputs = protocol.build_write_inputs(self._grpc, contract.PRODUCTS, values)
+        return await self._write(inputs, timeout_s)
+
+    async def delete_products(
+        self, ids: Sequence[str], timeout_s: float = protocol.DEFAULT_WRITE_TIMEOUT_S
+    ) -> WriteAck:
+        """See SearchClient.delete_products."""
+        values = protocol.encode_ids(ids)
+        inputs = protocol.build_write_inputs(self._grpc, contract.DELETE_IDS, values)
+        return await self._write(inputs, timeout_s)
+
+    async def _write(self, inputs: list, timeout_s: float) -> WriteAck:
+        result = await self._infer(contract.CATALOG_MODEL, inputs, self._write_outputs, timeout_s)
+        return protocol.parse_ack(result)
+
+    async def _infer(self, model_name: str, inputs: list, outputs: list | None, timeout_s: float):
         try:
-            result = await self._client.infer(
-                self.model_name,
-                protocol.build_inputs(self._grpc, queries, k),
-                outputs=self._outputs,
-                client_timeout=self.timeout_s,
+            return await self._client.infer(
+                model_name, inputs, outputs=outputs, client_timeout=timeout_s
             )
         except self._grpc.InferenceServerException as e:
             raise from_server_exception(e) from e
-        return protocol.parse_hits(result)
 
     async def close(self) -> None:
         await self._client.close()

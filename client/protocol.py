@@ -1,8 +1,11 @@
-"""Building `search` requests and reading its responses; shared by the sync and async clients."""
+"""Building `search` and `catalog` requests and reading their responses; shared by the sync and
+async clients. Each check here is the server's own rule, applied before anything is sent."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +14,13 @@ from ecomsearch import contract
 from ecomsearch.client.errors import BadRequestError
 from ecomsearch.query import visible_text
 
+# What every `search` answer has; `prices` and `in_stock` come from servers with a live catalog.
 OUTPUTS = (contract.PRODUCT_IDS, contract.SCORES, contract.TITLES)
+WRITE_OUTPUTS = (contract.SEQUENCE_NUMBER, contract.CHANGED)
+# Prices travel as FP32: a bound beyond it is infinite on the server, not a price.
+_FP32_MAX = float(np.finfo(np.float32).max)
+# A write embeds what changed before it answers: seconds for a large one on a CPU.
+DEFAULT_WRITE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -19,6 +28,17 @@ class Hit:
     product_id: str
     score: float
     title: str
+    price: float | None = None  # None: the product has no price, or the server does not say
+    in_stock: bool | None = None  # None: the server does not say
+
+
+@dataclass(frozen=True)
+class WriteAck:
+    """A committed write: the catalog's change number after it, and the products it changed
+    (deletes of unknown ids change nothing)."""
+
+    sequence_number: int
+    changed: int
 
 
 def validate(queries: Sequence[str], k: int) -> None:
@@ -39,19 +59,92 @@ def validate(queries: Sequence[str], k: int) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Filters:
+    """Restrictions applied to every query of a call; None (and in_stock False) filters nothing.
+
+    `category` is a category path prefix ("Components > Storage"), `brand` is compared
+    case-insensitively, prices are inclusive bounds (products without a price fail either),
+    `in_stock=True` keeps products in stock only."""
+
+    category: str | None = None
+    brand: str | None = None
+    min_price: float | None = None
+    max_price: float | None = None
+    in_stock: bool | None = None
+
+    def validate(self) -> None:
+        for name, value in (
+            (contract.FILTER_CATEGORY, self.category),
+            (contract.FILTER_BRAND, self.brand),
+        ):
+            if value is None or value == "":
+                continue
+            if not isinstance(value, str):
+                raise BadRequestError(f"{name} must be a string, got {type(value).__name__}")
+            if len(value.encode("utf-8")) > contract.MAX_FILTER_BYTES:
+                raise BadRequestError(f"{name} is longer than {contract.MAX_FILTER_BYTES} bytes")
+            if not visible_text(value):
+                raise BadRequestError(f"{name} {value!r} has no visible text")
+        if self.category and not any(level.strip() for level in self.category.split(">")):
+            raise BadRequestError(f"category {self.category!r} names no category")
+        for name, value in (("min_price", self.min_price), ("max_price", self.max_price)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise BadRequestError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or not 0 <= value <= _FP32_MAX:
+                raise BadRequestError(f"{name} must be a finite price >= 0, got {value!r}")
+        low, high = self.min_price, self.max_price
+        if low is not None and high is not None and low > high:
+            raise BadRequestError(f"min_price {low} exceeds max_price {high}")
+        if self.in_stock is not None and not isinstance(self.in_stock, bool):
+            raise BadRequestError(f"in_stock must be True, False or None, got {self.in_stock!r}")
+
+    def inputs(self, grpc_module, n: int) -> list:
+        """InferInputs of the filters that are set, each [n, 1] (the same for every query)."""
+        inputs = []
+
+        def add(name: str, datatype: str, value) -> None:
+            tensor = grpc_module.InferInput(name, [n, 1], datatype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+
+        for name, text in (
+            (contract.FILTER_CATEGORY, self.category),
+            (contract.FILTER_BRAND, self.brand),
+        ):
+            if text:
+                add(name, "BYTES", np.full((n, 1), text.encode("utf-8"), dtype=np.object_))
+        for name, price in (
+            (contract.FILTER_MIN_PRICE, self.min_price),
+            (contract.FILTER_MAX_PRICE, self.max_price),
+        ):
+            if price is not None:
+                add(name, "FP32", np.full((n, 1), price, dtype=np.float32))
+        if self.in_stock:
+            add(contract.FILTER_IN_STOCK, "BOOL", np.ones((n, 1), dtype=bool))
+        return inputs
+
+
+NO_FILTERS = Filters()
+
+
 def chunks(queries: Sequence[str]) -> list[Sequence[str]]:
     """Splits a long list into requests of at most MAX_QUERIES_PER_REQUEST queries."""
     size = contract.MAX_QUERIES_PER_REQUEST
     return [queries[start : start + size] for start in range(0, len(queries), size)]
 
 
-def build_inputs(grpc_module, queries: Sequence[str], k: int) -> list:
+def build_inputs(
+    grpc_module, queries: Sequence[str], k: int, filters: Filters = NO_FILTERS
+) -> list:
     """InferInputs for one request (`grpc_module` is tritonclient.grpc or its aio variant)."""
     query = grpc_module.InferInput(contract.QUERY, [len(queries), 1], "BYTES")
     query.set_data_from_numpy(np.array([[q.encode("utf-8")] for q in queries], dtype=np.object_))
     top_k = grpc_module.InferInput(contract.TOP_K, [len(queries), 1], "INT32")
     top_k.set_data_from_numpy(np.full((len(queries), 1), k, dtype=np.int32))
-    return [query, top_k]
+    return [query, top_k, *filters.inputs(grpc_module, len(queries))]
 
 
 def build_outputs(grpc_module) -> list:
@@ -59,16 +152,107 @@ def build_outputs(grpc_module) -> list:
 
 
 def parse_hits(result) -> list[list[Hit]]:
-    """One list of hits per query; empty ids (slots an approximate index left unfilled) skipped."""
+    """One list of hits per query; empty ids (slots an approximate index left unfilled) skipped.
+    Prices (NaN: no price) and stock are read when the server sent them."""
     ids, scores, titles = (result.as_numpy(name) for name in OUTPUTS)
+    prices, in_stock = result.as_numpy(contract.PRICES), result.as_numpy(contract.IN_STOCK)
+    hits = []
+    for row, (row_ids, row_scores, row_titles) in enumerate(zip(ids, scores, titles, strict=True)):
+        row_hits = []
+        for column, (product_id, score, title) in enumerate(
+            zip(row_ids, row_scores, row_titles, strict=True)
+        ):
+            if not product_id:
+                continue
+            price = None if prices is None else float(prices[row, column])
+            row_hits.append(
+                Hit(
+                    product_id.decode("utf-8"),
+                    float(score),
+                    title.decode("utf-8"),
+                    price=None if price is None or math.isnan(price) else price,
+                    in_stock=None if in_stock is None else bool(in_stock[row, column]),
+                )
+            )
+        hits.append(row_hits)
+    return hits
+
+
+# --- Writes to the live catalog ------------------------------------------------------------------
+
+
+def _write_size(values: Sequence, what: str) -> None:
+    if isinstance(values, str | bytes | Mapping):
+        raise BadRequestError(f"expected a sequence of {what}, got one {type(values).__name__}")
+    if not values:
+        raise BadRequestError(f"no {what} given")
+    if len(values) > contract.MAX_PRODUCTS_PER_WRITE:
+        # Not split here: a write is all or nothing, and several requests would not be.
+        raise BadRequestError(
+            f"{len(values)} {what} in one write; the maximum is "
+            f"{contract.MAX_PRODUCTS_PER_WRITE} (send several writes, each all or nothing)"
+        )
+
+
+def _check_id(product_id: object, where: str) -> str:
+    if not isinstance(product_id, str) or not product_id.strip():
+        raise BadRequestError(f"{where}: the id must be a non-empty string, got {product_id!r}")
+    if len(product_id.encode("utf-8")) > contract.MAX_PRODUCT_ID_BYTES:
+        raise BadRequestError(
+            f"{where}: the id is longer than {contract.MAX_PRODUCT_ID_BYTES} bytes"
+        )
+    return product_id
+
+
+def encode_products(products: Sequence[Mapping]) -> list[bytes]:
+    """Each product as compact UTF-8 JSON. Checked here: a JSON object with a string id, once
+    per write, within the size limits; the server checks the rest (title, price, stock...)."""
+    _write_size(products, "products")
+    encoded, seen = [], set()
+    for position, product in enumerate(products):
+        if not isinstance(product, Mapping):
+            raise BadRequestError(f"product {position} must be a mapping (a JSON object)")
+        product_id = _check_id(product.get("id"), f"product {position}")
+        if product_id in seen:
+            raise BadRequestError(f"product {position}: id {product_id!r} appears twice")
+        seen.add(product_id)
+        try:
+            text = json.dumps(
+                dict(product), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            )
+        except (TypeError, ValueError) as e:  # NaN and objects JSON cannot hold
+            raise BadRequestError(f"product {position} ({product_id!r}) is not JSON: {e}") from None
+        data = text.encode("utf-8")
+        if len(data) > contract.MAX_PRODUCT_JSON_BYTES:
+            raise BadRequestError(
+                f"product {position} ({product_id!r}) is {len(data)} bytes of JSON; the maximum "
+                f"is {contract.MAX_PRODUCT_JSON_BYTES}"
+            )
+        encoded.append(data)
+    return encoded
+
+
+def encode_ids(ids: Sequence[str]) -> list[bytes]:
+    """Product ids to delete, UTF-8; repeats are fine."""
+    _write_size(ids, "ids")
     return [
-        [
-            Hit(product_id.decode("utf-8"), float(score), title.decode("utf-8"))
-            for product_id, score, title in zip(row_ids, row_scores, row_titles, strict=True)
-            if product_id
-        ]
-        for row_ids, row_scores, row_titles in zip(ids, scores, titles, strict=True)
+        _check_id(product_id, f"id {position}").encode("utf-8")
+        for position, product_id in enumerate(ids)
     ]
+
+
+def build_write_inputs(grpc_module, name: str, values: Sequence[bytes]) -> list:
+    """The one input of a `catalog` request: `products` or `delete_ids`, BYTES [n]."""
+    tensor = grpc_module.InferInput(name, [len(values)], "BYTES")
+    array = np.empty(len(values), dtype=np.object_)
+    array[:] = list(values)
+    tensor.set_data_from_numpy(array)
+    return [tensor]
+
+
+def parse_ack(result) -> WriteAck:
+    sequence_number, changed = (result.as_numpy(name) for name in WRITE_OUTPUTS)
+    return WriteAck(sequence_number=int(sequence_number[0]), changed=int(changed[0]))
 
 
 class SearchClientBase:
@@ -84,4 +268,7 @@ class SearchClientBase:
         self.timeout_s = timeout_s
         self.model_name = model_name
         self._client = client
-        self._outputs = build_outputs(grpcclient)
+        # None asks for every output the server has: prices and stock where it has them, and
+        # no error where it does not (naming an output the model lacks fails the request).
+        self._outputs = None
+        self._write_outputs = [grpcclient.InferRequestedOutput(name) for name in WRITE_OUTPUTS]

@@ -1,20 +1,20 @@
-"""Blocking gRPC client for the `search` ensemble."""
+"""Blocking gRPC client for the `search` ensemble and the `catalog` writer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ecomsearch import contract
 from ecomsearch.client import protocol
 from ecomsearch.client.errors import ServiceUnavailableError, from_server_exception
-from ecomsearch.client.protocol import Hit
+from ecomsearch.client.protocol import Hit, WriteAck
 
 
 class SearchClient(protocol.SearchClientBase):
     """Product search over gRPC; use as a context manager.
 
     >>> with SearchClient("localhost:8001") as client:
-    ...     hits = client.search("wireless gaming mouse", k=5)
+    ...     hits = client.search("wireless gaming mouse", k=5, max_price=50.0, in_stock=True)
     """
 
     def __init__(
@@ -27,28 +27,84 @@ class SearchClient(protocol.SearchClientBase):
 
         super().__init__(url, timeout_s, model_name, grpcclient.InferenceServerClient(url=url))
 
-    def search(self, query: str, k: int = contract.DEFAULT_TOP_K) -> list[Hit]:
-        """The top-k products for one query, best first."""
-        return self.search_batch([query], k)[0]
+    def search(
+        self,
+        query: str,
+        k: int = contract.DEFAULT_TOP_K,
+        *,
+        category: str | None = None,
+        brand: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+        in_stock: bool | None = None,
+    ) -> list[Hit]:
+        """The top-k products for one query, best first, among those passing the filters."""
+        return self.search_batch(
+            [query],
+            k,
+            category=category,
+            brand=brand,
+            min_price=min_price,
+            max_price=max_price,
+            in_stock=in_stock,
+        )[0]
 
     def search_batch(
-        self, queries: Sequence[str], k: int = contract.DEFAULT_TOP_K
+        self,
+        queries: Sequence[str],
+        k: int = contract.DEFAULT_TOP_K,
+        *,
+        category: str | None = None,
+        brand: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+        in_stock: bool | None = None,
     ) -> list[list[Hit]]:
-        """Top-k for many queries; sent in requests of at most MAX_QUERIES_PER_REQUEST."""
+        """Top-k for many queries, the filters applying to each; sent in requests of at most
+        MAX_QUERIES_PER_REQUEST."""
         protocol.validate(queries, k)
+        filters = protocol.Filters(category, brand, min_price, max_price, in_stock)
+        filters.validate()
         hits: list[list[Hit]] = []
         for chunk in protocol.chunks(queries):
-            try:
-                result = self._client.infer(
-                    self.model_name,
-                    protocol.build_inputs(self._grpc, chunk, k),
-                    outputs=self._outputs,
-                    client_timeout=self.timeout_s,
-                )
-            except self._grpc.InferenceServerException as e:
-                raise from_server_exception(e) from e
+            result = self._infer(
+                self.model_name,
+                protocol.build_inputs(self._grpc, chunk, k, filters),
+                self._outputs,
+                self.timeout_s,
+            )
             hits.extend(protocol.parse_hits(result))
         return hits
+
+    def upsert_products(
+        self, products: Sequence[Mapping], timeout_s: float = protocol.DEFAULT_WRITE_TIMEOUT_S
+    ) -> WriteAck:
+        """Inserts or replaces up to MAX_PRODUCTS_PER_WRITE products (JSON objects with at
+        least `id` and `title`) in one transaction: all are written, or none (an error). The
+        ack comes after the commit. A write that timed out may still have been committed;
+        sending it again is safe."""
+        values = protocol.encode_products(products)
+        inputs = protocol.build_write_inputs(self._grpc, contract.PRODUCTS, values)
+        return self._write(inputs, timeout_s)
+
+    def delete_products(
+        self, ids: Sequence[str], timeout_s: float = protocol.DEFAULT_WRITE_TIMEOUT_S
+    ) -> WriteAck:
+        """Deletes up to MAX_PRODUCTS_PER_WRITE products in one transaction; unknown ids are
+        skipped (they do not count as changed)."""
+        values = protocol.encode_ids(ids)
+        inputs = protocol.build_write_inputs(self._grpc, contract.DELETE_IDS, values)
+        return self._write(inputs, timeout_s)
+
+    def _write(self, inputs: list, timeout_s: float) -> WriteAck:
+        result = self._infer(contract.CATALOG_MODEL, inputs, self._write_outputs, timeout_s)
+        return protocol.parse_ack(result)
+
+    def _infer(self, model_name: str, inputs: list, outputs: list | None, timeout_s: float):
+        try:
+            return self._client.infer(model_name, inputs, outputs=outputs, client_timeout=timeout_s)
+        except self._grpc.InferenceServerException as e:
+            raise from_server_exception(e) from e
 
     def wait_until_ready(self, timeout_s: float = 30.0) -> None:
         import time

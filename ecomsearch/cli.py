@@ -131,12 +131,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.stop()
 
 
+def _price_column(price: float | None) -> str:
+    return "-" if price is None else f"{price:.2f}"
+
+
+def _stock_column(in_stock: bool | None) -> str:
+    return "" if in_stock is None else "in stock" if in_stock else "out of stock"
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from ecomsearch.client import SearchClient, SearchError
 
     try:
         with SearchClient(args.url, timeout_s=args.timeout_s) as client:
-            hits = client.search(args.query, k=args.k)
+            hits = client.search(
+                args.query,
+                k=args.k,
+                category=args.category,
+                brand=args.brand,
+                min_price=args.min_price,
+                max_price=args.max_price,
+                in_stock=args.in_stock,
+            )
     except SearchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -144,7 +160,89 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
     else:
         for rank, hit in enumerate(hits, start=1):
-            print(f"{rank:3d}  {hit.score:6.3f}  {hit.product_id:<28} {hit.title}")
+            print(
+                f"{rank:3d}  {hit.score:6.3f}  {_price_column(hit.price):>9}  "
+                f"{_stock_column(hit.in_stock):<12}  {hit.product_id:<28} {hit.title}"
+            )
+    return 0
+
+
+def read_product_changes(path: Path) -> list[dict]:
+    """A JSON Lines file of products to upsert (.gz ok), each checked as the server will check
+    it, so a bad line stops the command before anything is sent. An id may appear once."""
+    import gzip
+
+    from ecomsearch.catalog import CatalogError, parse_product_write
+
+    records: list[dict] = []
+    lines: dict[str, int] = {}
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as stream:
+        for line_number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                product = parse_product_write(record)
+            except json.JSONDecodeError as e:
+                raise CatalogError(f"{path}: line {line_number}: invalid JSON ({e.msg})") from None
+            except CatalogError as e:
+                raise CatalogError(f"{path}: line {line_number}: {e}") from None
+            if product.id in lines:
+                raise CatalogError(
+                    f"{path}: line {line_number}: product {product.id!r} is already on line "
+                    f"{lines[product.id]}; merge the two changes"
+                )
+            lines[product.id] = line_number
+            records.append(record)
+    if not records:
+        raise CatalogError(f"{path}: no products")
+    return records
+
+
+def cmd_catalog_upsert(args: argparse.Namespace) -> int:
+    from ecomsearch.client import SearchClient, SearchError
+
+    products = read_product_changes(args.file)
+    size = args.batch_size
+    last_ack = None
+    with SearchClient(args.url) as client:
+        for start in range(0, len(products), size):
+            batch = products[start : start + size]
+            span = f"products {start + 1}-{start + len(batch)}"
+            try:
+                last_ack = client.upsert_products(batch, timeout_s=args.timeout_s)
+            except SearchError as e:
+                print(f"error: {span}: {e}", file=sys.stderr)
+                if last_ack is not None:
+                    print(
+                        f"products 1-{start} were written (sequence number "
+                        f"{last_ack.sequence_number}); nothing from product {start + 1} on",
+                        file=sys.stderr,
+                    )
+                return 1
+            print(f"{span}: {last_ack.changed} written, sequence number {last_ack.sequence_number}")
+    writes = -(-len(products) // size)
+    print(
+        f"{len(products)} products written in {writes} write{'s' * (writes > 1)}; the catalog "
+        f"is at sequence number {last_ack.sequence_number}"
+    )
+    return 0
+
+
+def cmd_catalog_delete(args: argparse.Namespace) -> int:
+    from ecomsearch.client import SearchClient, SearchError
+
+    try:
+        with SearchClient(args.url) as client:
+            ack = client.delete_products(args.ids, timeout_s=args.timeout_s)
+    except SearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{ack.changed} of {len(set(args.ids))} products deleted (unknown ids are skipped); "
+        f"the catalog is at sequence number {ack.sequence_number}"
+    )
     return 0
 
 
@@ -667,9 +765,75 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=contract.DEFAULT_TOP_K, help="how many results")
     search.add_argument("--url", default=contract.DEFAULT_GRPC_URL, help="gRPC host:port")
     search.add_argument("--timeout-s", type=float, default=5.0, help="deadline of the request")
+    search.add_argument(
+        "--category", help='only this category or below it, e.g. "Components > Storage"'
+    )
+    search.add_argument("--brand", help="only this brand (case-insensitive)")
+    search.add_argument("--min-price", type=float, help="only products priced at least this")
+    search.add_argument("--max-price", type=float, help="only products priced at most this")
+    search.add_argument("--in-stock", action="store_true", help="only products in stock")
     search.add_argument("--json", action="store_true", help="print JSON")
     search.set_defaults(handler=cmd_search)
+
+    _add_catalog_commands(command)
     return parser
+
+
+def _batch_size(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= contract.MAX_PRODUCTS_PER_WRITE:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {contract.MAX_PRODUCTS_PER_WRITE}, got {value}"
+        )
+    return value
+
+
+def _add_catalog_commands(command) -> argparse._SubParsersAction:
+    """`ecomsearch catalog ...`: writes to the live catalog of a running server."""
+    from ecomsearch.client.protocol import DEFAULT_WRITE_TIMEOUT_S
+
+    catalog = command("catalog", "write to the live catalog of a running server")
+    actions = catalog.add_subparsers(dest="catalog_command", required=True, help="the write")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+        parser.add_argument("--url", default=contract.DEFAULT_GRPC_URL, help="gRPC host:port")
+        parser.add_argument(
+            "--timeout-s",
+            type=float,
+            default=DEFAULT_WRITE_TIMEOUT_S,
+            help="deadline of each write (a write that timed out may still have been made; "
+            "sending it again is safe)",
+        )
+        return parser
+
+    upsert = action(
+        "upsert",
+        "insert or replace products from a JSON Lines file; each write of --batch-size "
+        "products is its own transaction",
+    )
+    upsert.add_argument(
+        "--file",
+        type=Path,
+        required=True,
+        help="JSON Lines (.gz ok), one product a line: id and title, optionally brand, "
+        "category, description, price, in_stock and any other fields; every line is checked "
+        "before the first write",
+    )
+    upsert.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=100,
+        help=f"products per write, at most {contract.MAX_PRODUCTS_PER_WRITE}",
+    )
+    upsert.set_defaults(handler=cmd_catalog_upsert)
+
+    delete = action("delete", "delete products by id, in one write")
+    delete.add_argument(
+        "ids", nargs="+", help=f"product ids, at most {contract.MAX_PRODUCTS_PER_WRITE}"
+    )
+    delete.set_defaults(handler=cmd_catalog_delete)
+    return actions
 
 
 def _user_facing_errors() -> tuple[type[BaseException], ...]:

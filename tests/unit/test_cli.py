@@ -12,10 +12,18 @@ import ecomsearch
 from ecomsearch import cli
 
 
-def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = cli.build_parser()
-    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(action.choices)
+def subcommands(
+    parser: argparse.ArgumentParser | None = None,
+) -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand by its name, nested ones too ("catalog upsert")."""
+    parser = parser or cli.build_parser()
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                found[name] = subparser
+                found.update({f"{name} {n}": p for n, p in subcommands(subparser).items()})
+    return found
 
 
 def test_version_is_the_packages(capsys) -> None:
@@ -66,3 +74,192 @@ def test_help_renders_from_the_command_line() -> None:
     )
     text = " ".join(completed.stdout.split())
     assert "(default: 8001)" in text and "--model-config-name" in text
+
+
+def test_nested_subcommands_are_found() -> None:
+    assert {"catalog", "catalog upsert", "catalog delete", "search"} <= set(subcommands())
+
+
+# --- Commands that talk to a server, against a fake client ------------------------------------
+
+
+class FakeClient:
+    """Stands in for ecomsearch.client.SearchClient; records what the commands send."""
+
+    instances: list[FakeClient] = []  # noqa: RUF012
+    fail_on_write: int | None = None  # the n-th write (from 0) raises
+
+    def __init__(self, url: str, timeout_s: float = 2.0) -> None:
+        self.url, self.timeout_s = url, timeout_s
+        self.searches: list[dict] = []
+        self.writes: list[tuple[str, list, float]] = []
+        self.seq = 100
+        FakeClient.instances.append(self)
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def search(self, query, k, **filters):
+        from ecomsearch.client import Hit
+
+        self.searches.append({"query": query, "k": k, **filters})
+        return [
+            Hit("sku-1", 0.91, "Wireless mouse", price=19.5, in_stock=True),
+            Hit("sku-2", 0.5, "Mouse pad", price=None, in_stock=False),
+        ]
+
+    def _write(self, kind: str, values: list, timeout_s: float):
+        from ecomsearch.client import BadRequestError, WriteAck
+
+        if FakeClient.fail_on_write == len(self.writes):
+            raise BadRequestError("product 0: 'price' must be a number (INVALID_ARGUMENT)")
+        self.writes.append((kind, list(values), timeout_s))
+        self.seq += len(values)
+        return WriteAck(self.seq, len(values))
+
+    def upsert_products(self, products, timeout_s):
+        return self._write("upsert", products, timeout_s)
+
+    def delete_products(self, ids, timeout_s):
+        return self._write("delete", ids, timeout_s)
+
+
+@pytest.fixture
+def fake_client(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
+    import ecomsearch.client
+
+    FakeClient.instances = []
+    FakeClient.fail_on_write = None
+    monkeypatch.setattr(ecomsearch.client, "SearchClient", FakeClient)
+    return FakeClient
+
+
+def test_search_sends_the_filters_and_shows_price_and_stock(fake_client, capsys) -> None:
+    code = cli.main(
+        ["search", "mouse", "-k", "2", "--brand", "Logi", "--max-price", "50", "--in-stock"]
+    )
+
+    assert code == 0
+    (client,) = fake_client.instances
+    assert client.searches == [
+        {
+            "query": "mouse",
+            "k": 2,
+            "category": None,
+            "brand": "Logi",
+            "min_price": None,
+            "max_price": 50.0,
+            "in_stock": True,
+        }
+    ]
+    first, second = capsys.readouterr().out.splitlines()
+    assert "19.50" in first and "in stock" in first and "Wireless mouse" in first
+    assert " - " in second and "out of stock" in second
+
+
+def test_search_json_carries_price_and_stock(fake_client, capsys) -> None:
+    import json
+
+    assert cli.main(["search", "mouse", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["price"] == 19.5 and hits[1]["price"] is None
+    assert [hit["in_stock"] for hit in hits] == [True, False]
+
+
+def write_changes(path, count: int, **extra) -> None:
+    import json
+
+    lines = [json.dumps({"id": f"sku-{i}", "title": f"Part {i}", **extra}) for i in range(count)]
+    path.write_text("\n".join(lines) + "\n\n")
+
+
+def test_catalog_upsert_sends_the_file_in_writes_of_batch_size(fake_client, tmp_path, capsys):
+    changes = tmp_path / "changes.jsonl"
+    write_changes(changes, 5, price=9.5)
+
+    code = cli.main(
+        ["catalog", "upsert", "--file", str(changes), "--batch-size", "2", "--url", "h:1"]
+    )
+
+    assert code == 0
+    (client,) = fake_client.instances
+    assert client.url == "h:1"
+    assert [len(values) for _, values, _ in client.writes] == [2, 2, 1]
+    assert client.writes[0][1][0] == {"id": "sku-0", "title": "Part 0", "price": 9.5}
+    assert client.writes[0][2] == 30.0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [
+        "products 1-2: 2 written, sequence number 102",
+        "products 3-4: 2 written, sequence number 104",
+        "products 5-5: 1 written, sequence number 105",
+    ]
+    assert out[3] == "5 products written in 3 writes; the catalog is at sequence number 105"
+
+
+def test_catalog_upsert_says_what_was_written_when_a_write_fails(fake_client, tmp_path, capsys):
+    changes = tmp_path / "changes.jsonl"
+    write_changes(changes, 5)
+    fake_client.fail_on_write = 1
+
+    assert cli.main(["catalog", "upsert", "--file", str(changes), "--batch-size", "2"]) == 1
+
+    err = capsys.readouterr().err
+    assert "error: products 3-4: product 0: 'price'" in err
+    assert "products 1-2 were written (sequence number 102); nothing from product 3 on" in err
+
+
+@pytest.mark.parametrize(
+    ("lines", "fragment"),
+    [
+        (['{"id": "a", "title": "A"}', "{oops"], "line 2: invalid JSON"),
+        (['{"id": "a", "title": "A", "price": "12"}'], "line 1: product 'a': 'price'"),
+        (['{"id": "a", "title": "A"}', '{"id": "a", "title": "B"}'], "already on line 1"),
+        (["", "  "], "no products"),
+    ],
+)
+def test_catalog_upsert_checks_the_whole_file_before_sending(
+    fake_client, tmp_path, caplog, lines, fragment
+) -> None:
+    changes = tmp_path / "changes.jsonl"
+    changes.write_text("\n".join(lines) + "\n")
+
+    assert cli.main(["catalog", "upsert", "--file", str(changes)]) == 1
+
+    assert fragment in caplog.text
+    assert all(client.writes == [] for client in fake_client.instances)
+
+
+def test_catalog_upsert_reads_gzip(fake_client, tmp_path) -> None:
+    import gzip
+
+    changes = tmp_path / "changes.jsonl.gz"
+    with gzip.open(changes, "wt", encoding="utf-8") as stream:
+        stream.write('{"id": "a", "title": "A"}\n')
+    assert cli.main(["catalog", "upsert", "--file", str(changes)]) == 0
+    (client,) = fake_client.instances
+    assert client.writes[0][1] == [{"id": "a", "title": "A"}]
+
+
+@pytest.mark.parametrize("size", ["0", "1001", "x"])
+def test_catalog_upsert_batch_size_is_bounded(size: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["catalog", "upsert", "--file", "x.jsonl", "--batch-size", size])
+    assert exited.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
+
+
+def test_catalog_delete_sends_the_ids_in_one_write(fake_client, capsys) -> None:
+    assert cli.main(["catalog", "delete", "sku-1", "sku-2", "--timeout-s", "5"]) == 0
+    (client,) = fake_client.instances
+    assert client.writes == [("delete", ["sku-1", "sku-2"], 5.0)]
+    out = capsys.readouterr().out
+    assert "2 of 2 products deleted" in out and "sequence number 102" in out
+
+
+def test_catalog_delete_reports_a_refused_write(fake_client, capsys) -> None:
+    fake_client.fail_on_write = 0
+    assert cli.main(["catalog", "delete", "sku-1"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

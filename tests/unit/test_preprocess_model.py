@@ -228,3 +228,79 @@ def test_a_missing_tokenizer_fails_initialize(triton, tmp_path: Path) -> None:
 def test_initialize_logs_through_the_triton_logger(triton, preprocess, preprocess_dir) -> None:
     (message,) = triton.logged("INFO")
     assert str(preprocess_dir / "1" / "tokenizer") in message
+
+
+def max_tokens(value: int, rows: int = 1) -> np.ndarray:
+    return np.full((rows, 1), value, dtype=np.int32)
+
+
+@pytest.mark.parametrize("limit", [contract.PRODUCT_MAX_TOKENS, contract.MAX_QUERY_TOKENS, 100, 10])
+def test_max_tokens_sets_where_long_text_is_cut(triton, preprocess, limit: int) -> None:
+    (response,) = preprocess.execute(
+        [triton.request(query=queries([" ".join(["red"] * 500)]), max_tokens=max_tokens(limit))]
+    )
+    assert_tokens(triton, response, [[CLS, *[ID["red"]] * (limit - 2), SEP]], limit)
+
+
+def test_max_tokens_above_a_short_text_changes_nothing(triton, preprocess) -> None:
+    (response,) = preprocess.execute(
+        [
+            triton.request(
+                query=queries(["Red running shoes", "gaming mouse"]),
+                max_tokens=max_tokens(contract.PRODUCT_MAX_TOKENS, rows=2),
+            )
+        ]
+    )
+    assert_tokens(triton, response, [RED_RUNNING_SHOES, GAMING_MOUSE], 16)
+
+
+def test_requests_with_different_max_tokens_are_run_apart(triton, preprocess) -> None:
+    long_text = " ".join(["blue"] * 200)
+    responses = preprocess.execute(
+        [
+            triton.request(query=queries([long_text])),
+            triton.request(
+                query=queries([long_text, "blue"]),
+                max_tokens=max_tokens(contract.PRODUCT_MAX_TOKENS, rows=2),
+            ),
+            triton.request(query=queries(["blue", long_text])),
+            triton.request(query=queries([long_text]), max_tokens=max_tokens(20)),
+        ]
+    )
+    query_cut = [CLS, *[ID["blue"]] * (contract.MAX_QUERY_TOKENS - 2), SEP]
+    product_cut = [CLS, *[ID["blue"]] * (contract.PRODUCT_MAX_TOKENS - 2), SEP]
+    assert_tokens(triton, responses[0], [query_cut], contract.MAX_QUERY_TOKENS)
+    assert_tokens(triton, responses[1], [product_cut, BLUE], contract.PRODUCT_MAX_TOKENS)
+    assert_tokens(triton, responses[2], [BLUE, query_cut], contract.MAX_QUERY_TOKENS)
+    assert_tokens(triton, responses[3], [[CLS, *[ID["blue"]] * 18, SEP]], 20)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragments"),
+    [
+        pytest.param(max_tokens(0, rows=2), ["between 2 and", "got 0"], id="zero"),
+        pytest.param(max_tokens(1, rows=2), ["between 2 and", "got 1"], id="one"),
+        pytest.param(
+            max_tokens(contract.PRODUCT_MAX_TOKENS + 1, rows=2),
+            [f"and {contract.PRODUCT_MAX_TOKENS}", f"got {contract.PRODUCT_MAX_TOKENS + 1}"],
+            id="above-product-limit",
+        ),
+        pytest.param(max_tokens(-5, rows=2), ["got -5"], id="negative"),
+        pytest.param(np.array([[64], [128]], dtype=np.int32), ["same for every query"], id="mixed"),
+        pytest.param(np.array([64, 64], dtype=np.int32), ["shape [2, 1]"], id="not-2d"),
+        pytest.param(max_tokens(64, rows=3), ["shape [2, 1]"], id="wrong-rows"),
+    ],
+)
+def test_a_bad_max_tokens_gets_invalid_arg_and_its_neighbours_succeed(
+    triton, preprocess, value: np.ndarray, fragments: list[str]
+) -> None:
+    responses = preprocess.execute(
+        [
+            triton.request(query=queries(["Red running shoes"]), max_tokens=max_tokens(128)),
+            triton.request(query=queries(["gaming mouse", "blue"]), max_tokens=value),
+            triton.request(query=queries(["gaming mouse"])),
+        ]
+    )
+    assert_tokens(triton, responses[0], [RED_RUNNING_SHOES], 16)
+    triton.assert_invalid_arg(responses[1], "'max_tokens'", *fragments)
+    assert_tokens(triton, responses[2], [GAMING_MOUSE], 16)
