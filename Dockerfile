@@ -55,9 +55,11 @@ ARG CATALOG=data/pc_parts/products_priced.jsonl.gz
 # Explicit paths: installed (not editable), the package's defaults are root's per-user cache
 # directory, and the image serves this tree. The embedding cache is only useful across local
 # rebuilds, so it is dropped.
+# The catalog store (SQLite) is made in /data, where the final image keeps it: the index's
+# manifest records the store it was built from, and the server follows that one.
 RUN ecomsearch export-encoder --model-repository /src/model_repository \
     && ecomsearch build-index --catalog "${CATALOG}" --model-repository /src/model_repository \
-        --cache-dir /tmp/ecomsearch-cache \
+        --cache-dir /tmp/ecomsearch-cache --store sqlite:////data/catalog.sqlite3 \
     && rm -rf /tmp/ecomsearch-cache
 
 
@@ -91,11 +93,24 @@ RUN set -- /tmp/dist/ecomsearch-*.whl \
     && python3 -c "import faiss, numpy; \
 assert hasattr(faiss, 'StandardGpuResources'), 'faiss is not the GPU build'; \
 assert numpy.__version__.startswith('1.'), numpy.__version__; \
-import bm25s, ecomsearch.serving.preprocess, ecomsearch.serving.retrieve, \
-ecomsearch.serving.select"
+import bm25s, psycopg, ecomsearch.serving.preprocess, ecomsearch.serving.retrieve, \
+ecomsearch.serving.select, ecomsearch.serving.catalog"
 
 # Owned by root, so read-only for the server user: a compromised model cannot rewrite the others.
 COPY --from=artefacts /src/model_repository/ /models/
+# The live catalog: the SQLite store the index was built from, writable by the server user (WAL
+# files beside it). A volume, so writes outlive the container; Docker fills a new named volume
+# from this directory. Deployments with several servers share PostgreSQL instead
+# (ECOMSEARCH_STORE_URL, docs/live-catalog.md).
+COPY --from=artefacts --chown=1000:1000 /data/ /data/
+VOLUME ["/data"]
+# Compaction writes new index versions beside the served one (retrieve/1/.index.built-*, then
+# renames the `index` link), so that directory and the index files are the server user's. The
+# other models' directories stay root's; retrieve's own model.py, in a directory the server user
+# owns, could be replaced by it (docs/live-catalog.md: compacting from outside instead).
+RUN chown 1000:1000 /models/retrieve/1 \
+    && find /models/retrieve/1 -mindepth 1 -name '.index*' -exec chown -R 1000:1000 {} + \
+    && chown -h 1000:1000 /models/retrieve/1/index
 
 # The NGC image already has a non-root user, triton-server, with UID and GID 1000 (Triton's own
 # image build creates it), so useradd would refuse another account on UID 1000; reuse it, and

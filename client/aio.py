@@ -19,10 +19,13 @@ class AsyncSearchClient(protocol.SearchClientBase):
         url: str = contract.DEFAULT_GRPC_URL,
         timeout_s: float = contract.DEFAULT_CLIENT_TIMEOUT_S,
         model_name: str = contract.SEARCH_MODEL,
+        write_key: str | None = None,
     ) -> None:
         import tritonclient.grpc.aio as aioclient
 
-        super().__init__(url, timeout_s, model_name, aioclient.InferenceServerClient(url=url))
+        super().__init__(
+            url, timeout_s, model_name, aioclient.InferenceServerClient(url=url), write_key
+        )
 
     async def search(
         self,
@@ -91,13 +94,30 @@ class AsyncSearchClient(protocol.SearchClientBase):
         return await self._write(inputs, timeout_s)
 
     async def _write(self, inputs: list, timeout_s: float) -> WriteAck:
-        result = await self._infer(contract.CATALOG_MODEL, inputs, self._write_outputs, timeout_s)
+        result = await self._infer(
+            contract.CATALOG_MODEL,
+            inputs,
+            self._write_outputs,
+            timeout_s,
+            parameters=self._write_parameters,
+        )
         return protocol.parse_ack(result)
 
-    async def _infer(self, model_name: str, inputs: list, outputs: list | None, timeout_s: float):
+    async def _infer(
+        self,
+        model_name: str,
+        inputs: list,
+        outputs: list | None,
+        timeout_s: float,
+        parameters: dict | None = None,
+    ):
         try:
             return await self._client.infer(
-                model_name, inputs, outputs=outputs, client_timeout=timeout_s
+                model_name,
+                inputs,
+                outputs=outputs,
+                client_timeout=timeout_s,
+                parameters=parameters,
             )
         except self._grpc.InferenceServerException as e:
             raise from_server_exception(e) from e

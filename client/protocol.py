@@ -258,7 +258,9 @@ def parse_ack(result) -> WriteAck:
 class SearchClientBase:
     """What the sync and asyncio clients share: address, deadline, model, requested outputs."""
 
-    def __init__(self, url: str, timeout_s: float, model_name: str, client) -> None:
+    def __init__(
+        self, url: str, timeout_s: float, model_name: str, client, write_key: str | None = None
+    ) -> None:
         import tritonclient.grpc as grpcclient
 
         if timeout_s <= 0:
@@ -268,6 +270,10 @@ class SearchClientBase:
         self.timeout_s = timeout_s
         self.model_name = model_name
         self._client = client
+        # Sent with every write when given (a server with a write key refuses writes without).
+        self._write_parameters = (
+            {contract.WRITE_KEY_PARAMETER: write_key} if write_key is not None else None
+        )
         # None asks for every output the server has: prices and stock where it has them, and
         # no error where it does not (naming an output the model lacks fails the request).
         self._outputs = None

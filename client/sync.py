@@ -22,10 +22,13 @@ class SearchClient(protocol.SearchClientBase):
         url: str = contract.DEFAULT_GRPC_URL,
         timeout_s: float = contract.DEFAULT_CLIENT_TIMEOUT_S,
         model_name: str = contract.SEARCH_MODEL,
+        write_key: str | None = None,
     ) -> None:
         import tritonclient.grpc as grpcclient
 
-        super().__init__(url, timeout_s, model_name, grpcclient.InferenceServerClient(url=url))
+        super().__init__(
+            url, timeout_s, model_name, grpcclient.InferenceServerClient(url=url), write_key
+        )
 
     def search(
         self,
@@ -97,12 +100,31 @@ class SearchClient(protocol.SearchClientBase):
         return self._write(inputs, timeout_s)
 
     def _write(self, inputs: list, timeout_s: float) -> WriteAck:
-        result = self._infer(contract.CATALOG_MODEL, inputs, self._write_outputs, timeout_s)
+        result = self._infer(
+            contract.CATALOG_MODEL,
+            inputs,
+            self._write_outputs,
+            timeout_s,
+            parameters=self._write_parameters,
+        )
         return protocol.parse_ack(result)
 
-    def _infer(self, model_name: str, inputs: list, outputs: list | None, timeout_s: float):
+    def _infer(
+        self,
+        model_name: str,
+        inputs: list,
+        outputs: list | None,
+        timeout_s: float,
+        parameters: dict | None = None,
+    ):
         try:
-            return self._client.infer(model_name, inputs, outputs=outputs, client_timeout=timeout_s)
+            return self._client.infer(
+                model_name,
+                inputs,
+                outputs=outputs,
+                client_timeout=timeout_s,
+                parameters=parameters,
+            )
         except self._grpc.InferenceServerException as e:
             raise from_server_exception(e) from e
 

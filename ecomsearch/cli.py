@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import textwrap
@@ -65,11 +66,46 @@ def cmd_build_index(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         index_dir=args.index_dir,
         force=args.force,
+        store_url=args.store,
     )
     manifest = result.manifest
     verb = "up to date" if result.reused else "built"
     log.info(
-        "index %s: %d products, %s, %s", verb, manifest.count, manifest.index_type, result.index_dir
+        "index %s: %d products at change %s of %s, %s, %s",
+        verb,
+        manifest.count,
+        manifest.catalog_seq,
+        manifest.catalog_store,
+        manifest.index_type,
+        result.index_dir,
+    )
+    return 0
+
+
+def cmd_catalog_compact(args: argparse.Namespace) -> int:
+    from ecomsearch.index.manifest import IndexManifest
+    from ecomsearch.live.compaction import compact, compaction_lock
+    from ecomsearch.live.location import served_store_url
+
+    layout = _layout(args)
+    index_dir = layout.index_dir
+    store_url = args.store or served_store_url(layout)
+    if store_url is None:
+        log.error(
+            "the index at %s was built without a catalog store: nothing to compact", index_dir
+        )
+        return 2
+    before = IndexManifest.read(index_dir)
+    with compaction_lock(index_dir):  # waits for a compaction a server started
+        manifest = compact(index_dir, store_url)
+    log.info(
+        "compacted %s: %d products at change %s (was %d at change %s); running servers switch "
+        "to it within a second",
+        index_dir,
+        manifest.count,
+        manifest.catalog_seq,
+        before.count,
+        before.catalog_seq,
     )
     return 0
 
@@ -84,6 +120,35 @@ def _admin_key(path: Path | None) -> str | None:
             raise ValueError(f"{path} is empty")
         return key
     return os.environ.get(ADMIN_KEY_ENV) or None
+
+
+def _write_key(path: Path | None) -> str | None:
+    """The catalog's write key from a file (first line) or $ECOMSEARCH_WRITE_KEY; None: none."""
+    from ecomsearch.live.location import WRITE_KEY_ENV
+
+    if path is not None:
+        key = path.read_text().strip()
+        if not key:
+            raise ValueError(f"{path} is empty")
+        return key
+    return os.environ.get(WRITE_KEY_ENV) or None
+
+
+def _serving_write_key(args: argparse.Namespace) -> str | None:
+    """The key writes need. Without one, writes are open on a loopback address (a developer's
+    machine) and closed elsewhere: a random key nobody has, because an open write endpoint on a
+    network would let anyone who can search rewrite the catalog."""
+    import secrets
+
+    key = _write_key(args.write_key_file)
+    if key is None and args.address not in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "no write key (--write-key-file or $ECOMSEARCH_WRITE_KEY) on %s: the catalog takes "
+            "no writes",
+            args.address,
+        )
+        return secrets.token_urlsafe(24)
+    return key
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -107,6 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http=args.http,
         admin_key=_admin_key(args.admin_key_file),
         tritonserver=args.tritonserver,
+        store_url=args.store,
+        write_key=_serving_write_key(args),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -206,7 +273,7 @@ def cmd_catalog_upsert(args: argparse.Namespace) -> int:
     products = read_product_changes(args.file)
     size = args.batch_size
     last_ack = None
-    with SearchClient(args.url) as client:
+    with SearchClient(args.url, write_key=_write_key(args.write_key_file)) as client:
         for start in range(0, len(products), size):
             batch = products[start : start + size]
             span = f"products {start + 1}-{start + len(batch)}"
@@ -234,7 +301,7 @@ def cmd_catalog_delete(args: argparse.Namespace) -> int:
     from ecomsearch.client import SearchClient, SearchError
 
     try:
-        with SearchClient(args.url) as client:
+        with SearchClient(args.url, write_key=_write_key(args.write_key_file)) as client:
             ack = client.delete_products(args.ids, timeout_s=args.timeout_s)
     except SearchError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -311,6 +378,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_bench(repository, queries, args.out, settings)
     print((args.out / "bench.md").read_text())
     log.info("wrote %s (bench.json, bench.md, *.png)", args.out)
+    return 0
+
+
+def cmd_bench_freshness(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.bench import load_queries
+    from ecomsearch.loadtest.freshness import FreshnessError, FreshnessSettings, run_freshness
+
+    queries = load_queries(args.queries, args.limit_queries)
+    settings = FreshnessSettings(
+        searchers=args.searchers,
+        phase_seconds=args.phase_seconds,
+        write_batch=args.write_batch,
+        selectivities=args.selectivities,
+        filtered_queries=args.filtered_queries,
+        top_k=args.k,
+        visibility_cap_s=args.visibility_cap_s,
+        probe_interval_s=args.probe_interval_ms / 1000,
+        seed=args.seed,
+    )
+    try:
+        run_freshness(
+            args.catalog,
+            _layout(args).root,
+            args.cache_dir,
+            queries,
+            args.out,
+            settings,
+            store_url=args.store,
+        )
+    except FreshnessError as e:
+        log.error("%s", e)
+        return 2
+    print((args.out / "freshness.md").read_text())
+    log.info("wrote %s (freshness.json, freshness.md, tritonserver.log)", args.out)
     return 0
 
 
@@ -515,6 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_dir(index)
     index.add_argument("--force", action="store_true", help="rebuild even if up to date")
     _add_model_repository(index)
+    _add_store(
+        index,
+        "the catalog store to load the catalog into (once per catalog file: live changes "
+        "made since are kept) and build from",
+        "var/<repository name>.catalog.sqlite3 beside the model repository",
+    )
     index.set_defaults(handler=cmd_build_index)
 
     serve = command("serve", "run tritonserver over the model repository")
@@ -555,6 +662,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model-config-name",
         help="a profile: gpu uses each model's configs/gpu.pbtxt where it has one",
+    )
+    serve.add_argument(
+        "--write-key-file",
+        type=Path,
+        help="file holding the key every write to the catalog must carry; else "
+        "$ECOMSEARCH_WRITE_KEY; with neither, writes are open on a loopback --address and "
+        "refused on any other",
+    )
+    _add_store(
+        serve,
+        "the catalog store the models follow and write to",
+        "the store the served index was built from, which its manifest records without a password",
     )
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver's verbosity")
     serve.add_argument(
@@ -648,6 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_dir(bench)
     _add_model_repository(bench)
     bench.set_defaults(handler=cmd_bench)
+
+    _add_freshness_command(command)
 
     def measurement(name: str, help: str, out: str) -> argparse.ArgumentParser:
         parser = command(name, help)
@@ -779,6 +900,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_store(parser: argparse.ArgumentParser, help: str, otherwise: str) -> None:
+    from ecomsearch.live.location import STORE_URL_ENV
+
+    parser.add_argument(
+        "--store",
+        default=os.environ.get(STORE_URL_ENV) or None,
+        # %(default)s: the environment's value, or None.
+        help=f"{help}: sqlite:///path, a file path or postgresql://... (default: "
+        f"${STORE_URL_ENV}, now %(default)s; if unset, {otherwise})",
+    )
+
+
+def _add_freshness_command(command) -> argparse.ArgumentParser:
+    from ecomsearch.loadtest.freshness import DEFAULT_SELECTIVITIES, FreshnessSettings
+    from ecomsearch.paths import default_queries, demo_catalog
+
+    defaults = FreshnessSettings()
+    parser = command(
+        "bench-freshness",
+        "search throughput and latency while one writer writes, how soon a written product is "
+        "found, and the cost of filters; on a server and catalog store of its own",
+    )
+    parser.add_argument("--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok)")
+    parser.add_argument("--queries", type=Path, default=default_queries(), help="one query a line")
+    parser.add_argument("--limit-queries", type=int, help="use only the first N queries")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/freshness"),
+        help="where freshness.json, freshness.md and the server's log go",
+    )
+    parser.add_argument(
+        "--store",
+        help="an EMPTY catalog store to run on (postgresql://... or sqlite:///path): the "
+        "benchmark loads the catalog into it and writes to it, and refuses a store holding "
+        "anything; none: a temporary SQLite file, removed afterwards ($ECOMSEARCH_STORE_URL is "
+        "ignored)",
+    )
+    parser.add_argument(
+        "--searchers", type=int, default=defaults.searchers, help="closed-loop search clients"
+    )
+    parser.add_argument(
+        "--phase-seconds",
+        type=float,
+        default=defaults.phase_seconds,
+        help="length of the search-alone and the search-with-a-writer phases",
+    )
+    parser.add_argument(
+        "--write-batch",
+        type=_batch_size,
+        default=defaults.write_batch,
+        help="products per write (mostly new ones, some price and stock changes)",
+    )
+    parser.add_argument(
+        "--selectivities",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_SELECTIVITIES),
+        help="shares of the live catalog the filters of the filtered phase aim at",
+    )
+    parser.add_argument(
+        "--filtered-queries",
+        type=int,
+        default=defaults.filtered_queries,
+        help="searches per filter (concurrency 1), the first N benchmark queries",
+    )
+    parser.add_argument(
+        "-k", type=int, default=defaults.top_k, help="results per search, in every phase"
+    )
+    parser.add_argument(
+        "--visibility-cap-s",
+        type=float,
+        default=defaults.visibility_cap_s,
+        help="a new product not found this long after its write was acknowledged counts as "
+        "not visible",
+    )
+    parser.add_argument(
+        "--probe-interval-ms",
+        type=float,
+        default=defaults.probe_interval_s * 1000,
+        help="how often the prober searches for the new products not yet found",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="of the writer's random choices"
+    )
+    _add_cache_dir(parser)
+    _add_model_repository(parser)
+    parser.set_defaults(handler=cmd_bench_freshness)
+    return parser
+
+
 def _batch_size(text: str) -> int:
     value = int(text)
     if not 1 <= value <= contract.MAX_PRODUCTS_PER_WRITE:
@@ -804,6 +1016,12 @@ def _add_catalog_commands(command) -> argparse._SubParsersAction:
             default=DEFAULT_WRITE_TIMEOUT_S,
             help="deadline of each write (a write that timed out may still have been made; "
             "sending it again is safe)",
+        )
+        parser.add_argument(
+            "--write-key-file",
+            type=Path,
+            help="file holding the server's write key; else $ECOMSEARCH_WRITE_KEY; else none "
+            "(a server on loopback without a key takes writes without one)",
         )
         return parser
 
@@ -833,6 +1051,17 @@ def _add_catalog_commands(command) -> argparse._SubParsersAction:
         "ids", nargs="+", help=f"product ids, at most {contract.MAX_PRODUCTS_PER_WRITE}"
     )
     delete.set_defaults(handler=cmd_catalog_delete)
+
+    compact = actions.add_parser(
+        "compact",
+        help="rebuild the served index from the store now (servers do it past a threshold)",
+        description="rebuild the model repository's index from the catalog store and switch "
+        "to it; the running server's instances follow within a second, without a failed search",
+        formatter_class=_Formatter,
+    )
+    _add_model_repository(compact)
+    _add_store(compact, "the catalog store", "the one the served index was built from")
+    compact.set_defaults(handler=cmd_catalog_compact)
     return actions
 
 

@@ -57,6 +57,9 @@ CATEGORY_SEPARATOR: Final = " > "
 # Inputs and outputs of the `catalog` model: one request is one write (a transaction).
 PRODUCTS: Final = "products"  # BYTES [n]: one JSON object per product to upsert
 DELETE_IDS: Final = "delete_ids"  # BYTES [n]: ids of products to delete
+# A server started with a write key takes a write only when the request carries it in this
+# request parameter (see docs/live-catalog.md): search is public, changing the catalog is not.
+WRITE_KEY_PARAMETER: Final = "write_key"
 SEQUENCE_NUMBER: Final = "sequence_number"  # INT64 [1]: the catalog's change number after it
 CHANGED: Final = "changed"  # INT64 [1]: products written (deletes of unknown ids do not count)
 

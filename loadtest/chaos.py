@@ -83,7 +83,8 @@ WELL_FORMED = {
     contract.ENCODER_MODEL: _tokens([101, 7403, 5541, 102]),
     contract.RETRIEVE_MODEL: {contract.QUERY: _texts(b"mouse"), contract.EMBEDDING: _unit(1)},
     contract.RANKER_MODEL: _features(400),
-    contract.SELECT_MODEL: _candidates([0, 1, 2, -1], [0.5, 2.0, 1.0, 0.0]),
+    # Candidate rows are the products' store keys, which start at 1.
+    contract.SELECT_MODEL: _candidates([1, 2, 3, -1], [0.5, 2.0, 1.0, 0.0]),
 }
 
 
@@ -122,11 +123,11 @@ BAD_INPUTS: list[tuple[str, str, dict[str, np.ndarray]]] = [
     ("embedding of 383", RETRIEVE, _retrieve(np.zeros((1, 383), np.float32))),
     ("NaN feature", RANKER, _features(400, np.nan)),
     ("100,000 candidates", RANKER, _features(100_000)),
-    ("row -2", SELECT, _candidates([0, -2], [1.0, 2.0])),
+    ("row -2", SELECT, _candidates([1, -2], [1.0, 2.0])),
     ("row -2^62", SELECT, _candidates([-(2**62), 1], [1.0, 2.0])),
-    ("row past the catalog", SELECT, _candidates([0, 10**9], [1.0, 2.0])),
-    ("NaN score", SELECT, _candidates([0, 1], [np.nan, 2.0])),
-    ("1,025 candidates", SELECT, _candidates([0] * 1025, [0.0] * 1025)),
+    ("row past the catalog", SELECT, _candidates([1, 10**9], [1.0, 2.0])),
+    ("NaN score", SELECT, _candidates([1, 2], [np.nan, 2.0])),
+    ("1,025 candidates", SELECT, _candidates([1] * 1025, [0.0] * 1025)),
 ]
 
 

@@ -192,9 +192,10 @@ class TritonHarness:
         model.initialize(args)
         return model
 
-    def request(self, **inputs: np.ndarray) -> Any:
+    def request(self, parameters: dict | None = None, **inputs: np.ndarray) -> Any:
         return self.pb_utils.InferenceRequest(
-            inputs=[self.pb_utils.Tensor(name, value) for name, value in inputs.items()]
+            inputs=[self.pb_utils.Tensor(name, value) for name, value in inputs.items()],
+            parameters=parameters,
         )
 
     def outputs(self, response: Any) -> dict[str, np.ndarray]:

@@ -10,6 +10,8 @@ from ecomsearch.paths import ModelRepositoryLayout
 # Where the served catalog store is, for deployments whose store URL carries credentials (a
 # Secret) or differs from where the index was built: `ecomsearch serve --store` sets it.
 STORE_URL_ENV = "ECOMSEARCH_STORE_URL"
+# The write key the `catalog` model requires of every write, when set.
+WRITE_KEY_ENV = "ECOMSEARCH_WRITE_KEY"
 
 
 def served_store_url(

@@ -44,6 +44,7 @@ class LiveRetriever:
         lock: threading.Lock,
         log: Callable[[str], None],
         load_base: Callable[[Path], CatalogIndex],
+        warn: Callable[[str], None] | None = None,
         interval_s: float = DEFAULT_POLL_INTERVAL_S,
         compact_delta_rows: int = COMPACT_DELTA_ROWS,
     ) -> None:
@@ -51,7 +52,8 @@ class LiveRetriever:
         self.index_dir = index_dir
         self.store_url = store_url
         self.lock = lock
-        self.log = log
+        self.log = log  # what happened (switches, compactions)
+        self.warn = warn or log  # what went wrong
         # Loads (and for GPU instances, places) a base index version: the model's own recipe.
         self.load_base = load_base
         self.compact_delta_rows = compact_delta_rows
@@ -66,7 +68,7 @@ class LiveRetriever:
             retriever.catalog.applied_seq,
             lock,
             interval_s,
-            log,
+            self.warn,
             on_poll=self._after_poll,
             name="retrieve-follower",
         )
@@ -134,7 +136,7 @@ class LiveRetriever:
         started = time.perf_counter()
         catalog = LiveCatalog.load(self.load_base(self.index_dir))
         if catalog.base.manifest.catalog_store_id not in (None, store.store_id):
-            self.log(f"retrieve: {catalog.version_dir} was built from another store; not served")
+            self.warn(f"retrieve: {catalog.version_dir} was built from another store; not served")
             return
         # Changes the old catalog was given are all <= read_cursor: the new one gets them
         # here, the pending ones (applied to whichever catalog is served) at the swap.
@@ -175,4 +177,4 @@ class LiveRetriever:
                     f"{manifest.catalog_seq} in {time.perf_counter() - started:.1f} s"
                 )
         except Exception as e:
-            self.log(f"retrieve: compaction failed: {type(e).__name__}: {e}")
+            self.warn(f"retrieve: compaction failed: {type(e).__name__}: {e}")

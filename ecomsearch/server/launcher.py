@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecomsearch import contract
-from ecomsearch.live.location import STORE_URL_ENV
+from ecomsearch.live.location import STORE_URL_ENV, WRITE_KEY_ENV
 from ecomsearch.server.ops import OpsEndpoint
 from ecomsearch.server.processes import die_with_parent
 from ecomsearch.server.watchdog import StubWatchdog
@@ -166,11 +166,14 @@ class TritonServer:
         tritonserver: Path | str | None = None,
         restart_dead_stubs: bool = True,
         store_url: str | None = None,
+        write_key: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         # The catalog store the models follow and write to; None: the one the served index
         # was built from (its manifest says), which is right unless credentials differ.
         self.store_url = store_url
+        # Writes to the catalog need it when set (the catalog model checks each request).
+        self.write_key = write_key
         self.ports = ports or ServerPorts()
         self.model_config_name = model_config_name
         self.bind_address = bind_address
@@ -279,6 +282,9 @@ class TritonServer:
             )
         if self.store_url:
             env[STORE_URL_ENV] = self.store_url
+        env.pop(WRITE_KEY_ENV, None)  # only the key this launcher was given
+        if self.write_key:
+            env[WRITE_KEY_ENV] = self.write_key
         return env
 
     def start(self, timeout_s: float = 180.0) -> TritonServer:

@@ -11,7 +11,9 @@ is durable, and a search instance that has followed the change log up to that nu
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 import time
 import traceback
 import uuid
@@ -26,6 +28,7 @@ from ecomsearch.catalog import CatalogError, Product, join_category, parse_produ
 from ecomsearch.catalog import product_text as catalog_product_text
 from ecomsearch.errors import RequestError
 from ecomsearch.fingerprint import file_sha256
+from ecomsearch.live.location import WRITE_KEY_ENV
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.query import visible_text
 from ecomsearch.serving.base import input_array
@@ -239,12 +242,21 @@ class CatalogModel:
     embeddings (BlsEmbedder when served); `encoder_fingerprint` identifies the served encoder
     (embeddings of another encoder are never reused or mixed)."""
 
-    def __init__(self, pb_utils, store, embed: Embedder, encoder_fingerprint: str) -> None:
+    def __init__(
+        self,
+        pb_utils,
+        store,
+        embed: Embedder,
+        encoder_fingerprint: str,
+        write_key: str | None = None,
+    ) -> None:
         self.pb_utils = pb_utils
         self.logger = pb_utils.Logger
         self.store = store
         self.embed = embed
         self.encoder_fingerprint = encoder_fingerprint
+        # When set, a write must carry it (request parameter WRITE_KEY_PARAMETER).
+        self.write_key = write_key
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> CatalogModel:
@@ -253,6 +265,7 @@ class CatalogModel:
 
         layout, _ = ModelRepositoryLayout.of_triton_model(args)
         fingerprint = file_sha256(layout.encoder_onnx)
+        write_key = os.environ.get(WRITE_KEY_ENV) or None
         url = served_store_url(layout)
         if url is None:
             # Search still works; the catalog is the file the index was built from.
@@ -260,13 +273,16 @@ class CatalogModel:
                 f"catalog: no store (the index in {layout.index_dir} was built from a file and "
                 f"${STORE_URL_ENV} is not set): every write is refused"
             )
-            return cls(pb_utils, None, BlsEmbedder(pb_utils), fingerprint)
+            return cls(pb_utils, None, BlsEmbedder(pb_utils), fingerprint, write_key)
         store = open_store(url)
         pb_utils.Logger.log_info(
             f"catalog: store {store.url} at seq {store.head()}, served encoder "
             f"{fingerprint[:12]} (store's: {(store.encoder_fingerprint or 'none yet')[:12]})"
         )
-        return cls(pb_utils, store, BlsEmbedder(pb_utils), fingerprint)
+        pb_utils.Logger.log_info(
+            "catalog: writes need the write key" if write_key else "catalog: writes are open"
+        )
+        return cls(pb_utils, store, BlsEmbedder(pb_utils), fingerprint, write_key)
 
     def close(self) -> None:
         if self.store is not None:
@@ -274,6 +290,19 @@ class CatalogModel:
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         return [self._handle(request) for request in requests]
+
+    def authorised(self, request) -> bool:
+        """Whether the request may write: no key is set, or it carries the key."""
+        if self.write_key is None:
+            return True
+        try:
+            given = json.loads(request.parameters() or "{}").get(contract.WRITE_KEY_PARAMETER)
+        except (ValueError, AttributeError):
+            return False
+        # Compared in constant time: the answer must not tell how much of a guess was right.
+        return isinstance(given, str) and hmac.compare_digest(
+            given.encode("utf-8"), self.write_key.encode("utf-8")
+        )
 
     def parse(self, request) -> _Write:
         products = input_array(self.pb_utils, request, contract.PRODUCTS)
@@ -293,6 +322,12 @@ class CatalogModel:
             return self._error(
                 "this server's catalog is a file, not a store: it takes no writes",
                 pb_utils.TritonError.UNSUPPORTED,
+            )
+        if not self.authorised(request):
+            return self._error(
+                f"this server takes writes only with its write key, in the request parameter "
+                f"{contract.WRITE_KEY_PARAMETER!r} (ecomsearch clients: write_key=...)",
+                pb_utils.TritonError.INVALID_ARG,
             )
         started = time.perf_counter()
         try:

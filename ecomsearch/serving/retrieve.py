@@ -202,8 +202,9 @@ class RetrieveModel(BatchedModel):
                 index_dir,
                 store_url,
                 model.lock,
-                pb_utils.Logger.log_warn,
+                pb_utils.Logger.log_info,
                 load_base,
+                warn=pb_utils.Logger.log_warn,
                 interval_s=settings.catalog_poll_interval_ms / 1000,
                 compact_delta_rows=settings.compact_delta_rows,
             )

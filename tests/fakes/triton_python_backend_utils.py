@@ -105,6 +105,7 @@ class InferenceRequest:
         inputs: Sequence[Tensor],
         requested_output_names: Sequence[str] = (),
         model_name: str = "",
+        parameters: dict | None = None,
     ) -> None:
         inputs = list(inputs)
         for tensor in inputs:
@@ -116,6 +117,13 @@ class InferenceRequest:
         self._inputs = inputs
         self._requested_output_names = list(requested_output_names)
         self._model_name = model_name
+        self._parameters = dict(parameters or {})
+
+    def parameters(self) -> str:
+        """The request's parameters as a JSON object, as the stub returns them."""
+        import json
+
+        return json.dumps(self._parameters)
 
     def inputs(self) -> list[Tensor]:
         return list(self._inputs)

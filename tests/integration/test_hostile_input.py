@@ -160,7 +160,8 @@ def ranker_inputs(draw, bad: bool) -> Inputs:
 @st.composite
 def select_inputs(draw, bad: bool) -> Inputs:
     rows, count = draw(st.integers(1, 3)), draw(st.integers(1, 12))
-    valid_rows = st.integers(-1, 50)
+    # Padding, or store keys of the fixture catalog's products (keys start at 1).
+    valid_rows = st.one_of(st.just(-1), st.integers(1, 50))
     candidate_rows = draw(hnp.arrays(np.int64, (rows, count), elements=valid_rows))
     scores = draw(hnp.arrays(np.float32, (rows, count), elements=st.floats(-5, 5, width=32)))
     inputs = {contract.CANDIDATE_ROWS: candidate_rows, contract.CANDIDATE_SCORES: scores}
@@ -171,7 +172,7 @@ def select_inputs(draw, bad: bool) -> Inputs:
         elif kind == "huge-row":
             candidate_rows[0, 0] = draw(st.integers(10**7, 2**62))
         elif kind == "nan-score":
-            candidate_rows[0, 0] = 0
+            candidate_rows[0, 0] = 1
             scores[0, 0] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
         else:
             top_k = draw(st.one_of(st.integers(-(2**31), 0), st.integers(101, 2**31 - 1)))

@@ -23,6 +23,8 @@ from ecomsearch import contract
 from ecomsearch.client import SearchClient
 from ecomsearch.client.errors import BadRequestError
 from ecomsearch.index.builder import build_index
+from ecomsearch.index.manifest import IndexManifest
+from ecomsearch.live.compaction import compact, compaction_lock
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.server.launcher import TritonServer, _signal_group
 from ecomsearch.store import open_store
@@ -33,6 +35,8 @@ VISIBILITY_WINDOW_S = 1.0
 SEARCHERS = 16
 WRITES_AT_LEAST = 1000  # product changes (a request carries one to four)
 K = 5
+# The servers here take writes only with it, as a server on a network should.
+WRITE_KEY = "live-catalog-write-key"
 
 
 @dataclass
@@ -46,7 +50,9 @@ class LiveServer:
     def start(self) -> TritonServer:
         self.starts += 1
         log_path = self.log_dir / f"tritonserver-{self.starts}.log"
-        self.server = TritonServer.local(self.repository, log_path, store_url=self.store_url)
+        self.server = TritonServer.local(
+            self.repository, log_path, store_url=self.store_url, write_key=WRITE_KEY
+        )
         return self.server.start()
 
     @property
@@ -134,7 +140,7 @@ def generated_filters(products: dict[str, dict], rng: random.Random) -> list[dic
 
 def test_filters_are_exact_and_return_k_whenever_k_products_pass(live: LiveServer) -> None:
     rng = random.Random(7)
-    with SearchClient(live.grpc_url) as client:
+    with SearchClient(live.grpc_url, write_key=WRITE_KEY) as client:
         # Some products out of stock, so the stock filter has something to exclude.
         products = store_state(live.store_url)
         with open_store(live.store_url) as store:
@@ -174,7 +180,10 @@ def test_filters_are_exact_and_return_k_whenever_k_products_pass(live: LiveServe
 
 
 def test_a_batch_with_one_bad_product_writes_nothing(live: LiveServer) -> None:
-    with SearchClient(live.grpc_url) as client, open_store(live.store_url) as store:
+    with (
+        SearchClient(live.grpc_url, write_key=WRITE_KEY) as client,
+        open_store(live.store_url) as store,
+    ):
         head = store.head()
         good = {"id": "batch-good-1", "title": "Zyxwvut batch good product", "price": 1.0}
         for bad in (
@@ -187,6 +196,10 @@ def test_a_batch_with_one_bad_product_writes_nothing(live: LiveServer) -> None:
                 client.upsert_products([good, bad])
         assert store.head() == head
         assert store.get(["batch-good-1"]) == {}
+        # Without the server's write key nothing is written either.
+        with SearchClient(live.grpc_url) as keyless, pytest.raises(BadRequestError, match="key"):
+            keyless.upsert_products([good])
+        assert store.head() == head
         # Unknown fields are fine: they are kept.
         ack = client.upsert_products([{**good, "colour": "teal", "warranty_years": 2}])
         assert ack.changed == 1 and ack.sequence_number == head + 1
@@ -197,6 +210,66 @@ def test_a_batch_with_one_bad_product_writes_nothing(live: LiveServer) -> None:
         time.sleep(VISIBILITY_WINDOW_S)
         assert [h.product_id for h in client.search("zyxwvut", k=1)] == ["batch-good-1"]
         client.delete_products(["batch-good-1"])
+
+
+# --- compaction under load ------------------------------------------------------------------
+
+
+def switches_logged(log_path: Path) -> int:
+    return log_path.read_text(errors="replace").count("retrieve: switched to")
+
+
+def test_compaction_switches_every_instance_without_a_failed_or_empty_search(
+    live: LiveServer,
+) -> None:
+    assert live.server is not None and live.server.log_path is not None
+    log_path = live.server.log_path
+    with SearchClient(live.grpc_url, write_key=WRITE_KEY) as client:
+        ack = client.upsert_products(
+            [{"id": "compact-1", "title": "Zyxcompact lamp", "price": 3.5, "in_stock": True}]
+        )
+    layout = ModelRepositoryLayout(live.repository)
+    before = IndexManifest.read(layout.index_dir)
+    switched_before = switches_logged(log_path)
+    stop, failures, empty, searches = threading.Event(), [], [], []
+
+    def search_until_stopped(query: str) -> None:
+        with SearchClient(live.grpc_url, timeout_s=10, write_key=WRITE_KEY) as client:
+            while not stop.is_set():
+                try:
+                    hits = client.search(query, k=K)
+                except Exception as e:  # every failure is a finding
+                    failures.append((query, e))
+                    continue
+                searches.append(query)
+                if not hits:
+                    empty.append(query)
+
+    queries = ["gaming mouse", "nvme ssd", "zyxcompact", "case fan", "mechanical keyboard"]
+    threads = [threading.Thread(target=search_until_stopped, args=(q,)) for q in queries * 2]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        with compaction_lock(layout.index_dir):
+            manifest = compact(layout.index_dir, live.store_url)
+        # Both retrieve instances load the new version and switch.
+        deadline = time.monotonic() + 30
+        while switches_logged(log_path) < switched_before + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert switches_logged(log_path) == switched_before + 2
+    assert manifest.catalog_seq is not None and manifest.catalog_seq >= ack.sequence_number
+    assert manifest.catalog_seq > (before.catalog_seq or 0)
+    assert failures == [] and empty == []
+    assert len(searches) > 50
+    with SearchClient(live.grpc_url, write_key=WRITE_KEY) as client:  # now in the base, still found
+        assert [h.product_id for h in client.search("zyxcompact", k=1)] == ["compact-1"]
+        client.delete_products(["compact-1"])
 
 
 # --- 16 searchers, one writer, then kill -9 -------------------------------------------------
@@ -233,7 +306,7 @@ def write_load(url: str, log: WriteLog, rng: random.Random) -> None:
     time, until WRITES_AT_LEAST product changes were acknowledged."""
     live: dict[str, dict] = {}
     serial = 0
-    with SearchClient(url, timeout_s=30) as client:
+    with SearchClient(url, timeout_s=30, write_key=WRITE_KEY) as client:
         while log.changes < WRITES_AT_LEAST:
             kind = rng.choices(["new", "price", "stock", "delete"], [4, 3, 2, 2])[0]
             count = rng.randint(1, 4)
@@ -296,7 +369,7 @@ class SearchRecord:
 
 def search_load(url: str, log: WriteLog, stop: threading.Event, out: list, seed: int) -> None:
     rng = random.Random(seed)
-    with SearchClient(url, timeout_s=10) as client:
+    with SearchClient(url, timeout_s=10, write_key=WRITE_KEY) as client:
         while not stop.is_set():
             with log.lock:
                 target = rng.choice(log.known) if log.known else None
@@ -370,7 +443,7 @@ def final_states(log: WriteLog) -> dict[str, dict | None]:
 def check_served(url: str, expected: dict[str, dict | None]) -> list:
     """Every product's last acknowledged state is what search returns for its word."""
     wrong = []
-    with SearchClient(url, timeout_s=10) as client:
+    with SearchClient(url, timeout_s=10, write_key=WRITE_KEY) as client:
         for product_id, state in expected.items():
             hits = client.search(letters(int(product_id.split("-")[1])), k=K)
             found = [h for h in hits if h.product_id == product_id]

@@ -8,9 +8,11 @@ import json
 
 import pytest
 
-from ecomsearch.loadtest.bench import SYSTEMS, BenchSettings, run_bench
+from ecomsearch.loadtest.bench import SYSTEMS, BenchSettings, load_queries, run_bench
+from ecomsearch.loadtest.freshness import FreshnessSettings, run_freshness
 from ecomsearch.loadtest.load import closed_loop
 from ecomsearch.loadtest.runner import run_loadtest
+from ecomsearch.paths import default_queries
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -78,3 +80,56 @@ def test_scaling_reports_each_size_and_the_index_switch(tmp_path):
     assert 0.5 < results[1]["recall_at_100"] <= 1.0
     assert "| 3,000 | hnsw" in (tmp_path / "scaling.md").read_text()
     assert len(json.loads((tmp_path / "scaling.json").read_text())) == 2
+
+
+def test_freshness_measures_every_phase_and_every_new_product_becomes_visible(
+    fixture_catalog, embedding_cache, model_repository, tmp_path
+):
+    settings = FreshnessSettings(
+        searchers=2,
+        phase_seconds=3,
+        write_batch=5,
+        selectivities=(0.001, 0.1),
+        filtered_queries=10,
+    )
+    queries = load_queries(default_queries(), 50)
+    report = run_freshness(
+        fixture_catalog, model_repository, embedding_cache, queries, tmp_path / "out", settings
+    )
+    assert report["catalog"]["products"] == 861
+    for phase in ("search_alone", "search_with_writer"):
+        assert report[phase]["requests"] > 0 and report[phase]["errors"] == 0, report[phase]
+    assert report["with_writer_vs_alone"]["throughput"] > 0
+
+    writes = report["writes"]
+    assert writes["writes"] > 0 and writes["errors"] == 0, writes
+    assert writes["products"] == 5 * writes["writes"] == sum(writes["by_kind"].values())
+    assert writes["by_kind"]["new"] > 0 and writes["latency_p50_ms"] > 0
+    visibility = report["visibility"]
+    assert visibility["new_products"] == writes["by_kind"]["new"]
+    assert visibility["visible"] == visibility["new_products"], visibility
+    assert visibility["not_visible"] == 0 and visibility["probe_errors"] == 0
+    assert 0 < visibility["lag_to_send_p50_ms"] < visibility["lag_p50_ms"]
+    assert visibility["lag_p50_ms"] <= visibility["lag_max_ms"] < 10_000
+
+    filtered = report["filtered"]
+    # The catalog, the warm-up product and the new products, all live.
+    assert filtered["live_products"] == 861 + 1 + writes["by_kind"]["new"]
+    assert filtered["unfiltered"]["requests"] == 10 and filtered["unfiltered"]["errors"] == 0
+    rows = filtered["rows"]
+    prices = [row for row in rows if row["kind"] == "price"]
+    assert [row["target_selectivity"] for row in prices] == [0.001, 0.1]
+    assert prices[0]["matching"] >= 1 and prices[1]["matching"] > 10
+    assert {row["kind"] for row in rows} == {"price", "brand", "category"}
+    for row in rows:
+        assert row["load"]["requests"] == 10 and row["load"]["errors"] == 0, row
+        assert row["selectivity"] == row["matching"] / filtered["live_products"]
+        # Exact filters: k results whenever k products pass, all of them otherwise.
+        expected = min(10, row["matching"])
+        assert row["results"]["min"] == row["results"]["max"] == expected, row
+
+    out = tmp_path / "out"
+    assert json.loads((out / "freshness.json").read_text()) == report
+    markdown = (out / "freshness.md").read_text()
+    assert "## Visibility lag of new products" in markdown and "| with writer / alone |" in markdown
+    assert (out / "tritonserver.log").stat().st_size > 0

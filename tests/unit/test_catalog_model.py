@@ -539,3 +539,26 @@ def test_without_a_store_the_model_loads_and_refuses_writes(triton, monkeypatch,
     (warning,) = triton.logged("WARNING")
     assert "every write is refused" in warning
     model.finalize()
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [None, {}, {contract.WRITE_KEY_PARAMETER: "wrong"}, {contract.WRITE_KEY_PARAMETER: 7}],
+    ids=["no-parameters", "no-key", "wrong-key", "not-a-string"],
+)
+def test_with_a_write_key_a_write_without_it_is_refused_and_writes_nothing(
+    pb_utils, triton, store, embedder, parameters
+) -> None:
+    model = CatalogModel(pb_utils, store, embedder, ENCODER, write_key="s3cret")
+    refused, allowed = model.execute(
+        [
+            triton.request(parameters=parameters, products=products(MOUSE)),
+            triton.request(
+                parameters={contract.WRITE_KEY_PARAMETER: "s3cret"}, products=products(SSD)
+            ),
+        ]
+    )
+    message = assert_error(triton, refused, pb_utils.TritonError.INVALID_ARG, "write key")
+    assert "s3cret" not in message
+    assert ack(triton, allowed) == (1, 1)
+    assert set(store.get(["sku-1", "sku-2"])) == {"sku-2"}

@@ -89,8 +89,8 @@ class FakeClient:
     instances: list[FakeClient] = []  # noqa: RUF012
     fail_on_write: int | None = None  # the n-th write (from 0) raises
 
-    def __init__(self, url: str, timeout_s: float = 2.0) -> None:
-        self.url, self.timeout_s = url, timeout_s
+    def __init__(self, url: str, timeout_s: float = 2.0, write_key: str | None = None) -> None:
+        self.url, self.timeout_s, self.write_key = url, timeout_s, write_key
         self.searches: list[dict] = []
         self.writes: list[tuple[str, list, float]] = []
         self.seq = 100
@@ -263,3 +263,46 @@ def test_catalog_delete_reports_a_refused_write(fake_client, capsys) -> None:
     fake_client.fail_on_write = 0
     assert cli.main(["catalog", "delete", "sku-1"]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_catalog_writes_send_the_write_key_from_a_file_or_the_environment(
+    fake_client, tmp_path, monkeypatch
+) -> None:
+    key_file = tmp_path / "write.key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv("ECOMSEARCH_WRITE_KEY", "from-env")
+    assert cli.main(["catalog", "delete", "a", "--url", "h:1"]) == 0
+    assert (
+        cli.main(["catalog", "delete", "a", "--url", "h:1", "--write-key-file", str(key_file)]) == 0
+    )
+    monkeypatch.delenv("ECOMSEARCH_WRITE_KEY")
+    assert cli.main(["catalog", "delete", "a", "--url", "h:1"]) == 0
+    assert [c.write_key for c in fake_client.instances] == ["from-env", "from-file", None]
+
+
+@pytest.mark.parametrize(
+    ("address", "given", "expected"),
+    [
+        ("127.0.0.1", None, None),  # a developer's machine: writes open
+        ("127.0.0.1", "k", "k"),
+        ("0.0.0.0", "k", "k"),
+        ("0.0.0.0", None, "random"),  # on a network without a key: nobody can write
+    ],
+)
+def test_serve_closes_writes_on_a_network_address_without_a_key(
+    tmp_path, monkeypatch, address, given, expected
+) -> None:
+    monkeypatch.delenv("ECOMSEARCH_WRITE_KEY", raising=False)
+    key_file = None
+    if given is not None:
+        key_file = tmp_path / "write.key"
+        key_file.write_text(given)
+    args = cli.build_parser().parse_args(
+        ["serve", "--address", address] + (["--write-key-file", str(key_file)] if key_file else [])
+    )
+    key = cli._serving_write_key(args)
+    if expected == "random":
+        assert key is not None and len(key) >= 24
+        assert key != cli._serving_write_key(args)  # not guessable from one start to the next
+    else:
+        assert key == expected

@@ -83,10 +83,11 @@ class FakeServer:
         self.with_prices = with_prices
         self.error: Exception | None = None
 
-    def infer(self, model_name, inputs, outputs=None, client_timeout=None):
+    def infer(self, model_name, inputs, outputs=None, client_timeout=None, parameters=None):
         request = {i.name(): sent(i) for i in inputs}
         self.calls.append(
             {
+                "parameters": parameters,
                 "model": model_name,
                 "inputs": request,
                 "shapes": {i.name(): (i.shape(), i.datatype()) for i in inputs},
@@ -352,3 +353,20 @@ def test_the_async_client_sends_the_same_requests():
     }
     assert upsert["model"] == delete["model"] == contract.CATALOG_MODEL
     assert set(delete["inputs"]) == {contract.DELETE_IDS}
+
+
+def test_writes_carry_the_write_key_and_searches_never_do(server) -> None:
+    client = SearchClient("localhost:1", write_key="s3cret")
+    client._client.close()
+    client._client = server
+    client.upsert_products([{"id": "a", "title": "A"}])
+    client.delete_products(["a"])
+    client.search("mouse")
+    writes, search = server.calls[:2], server.calls[2]
+    assert [call["parameters"] for call in writes] == [{contract.WRITE_KEY_PARAMETER: "s3cret"}] * 2
+    assert search["parameters"] is None
+
+
+def test_without_a_write_key_writes_send_no_parameters(client, server) -> None:
+    client.upsert_products([{"id": "a", "title": "A"}])
+    assert server.calls[0]["parameters"] is None
