@@ -294,7 +294,13 @@ class PostgresServer:
                     self._process.kill()
                     self._process.wait()
                 self._process = None
-            left = [pid for pid in processes_in(self.root.resolve()) if process_alive(pid)]
+            # An immediate shutdown SIGQUITs the backends; they may take a moment to exit after
+            # the postmaster has. Only what is still there after that is a survivor.
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while (
+                left := [pid for pid in processes_in(self.root.resolve()) if process_alive(pid)]
+            ) and time.monotonic() < deadline:
+                time.sleep(0.1)
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -23,6 +23,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import random
 import re
 import secrets
 import shutil
@@ -59,7 +60,43 @@ REAPER_EXIT_TIMEOUT_S = 10.0
 EXIT_TIMEOUT_S = 10
 
 
-def free_port(host: str = LOOPBACK) -> int:
+# Ports handed out for listening are taken below the kernel's ephemeral range: a port from
+# that range, free when chosen, can become the local end of one of the machine's outgoing
+# connections (the test suite makes thousands) before the server binds it, and then the server
+# cannot. Seen once: a test server started without its HTTP listener.
+_FALLBACK_EPHEMERAL_RANGE = (32768, 60999)
+_LISTEN_PORT_LOW = 10000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _FALLBACK_EPHEMERAL_RANGE
+
+
+def free_port(host: str = LOOPBACK, exclude: tuple[int, ...] = ()) -> int:
+    """A port free right now on `host`, outside the ephemeral range when the range leaves room
+    (else any port the kernel offers)."""
+    low, high = ephemeral_port_range()
+    candidates = [
+        (start, end)
+        for start, end in ((_LISTEN_PORT_LOW, low - 1), (high + 1, 65535))
+        if end - start > 1000
+    ]
+    chooser = random.SystemRandom()
+    for _ in range(100 if candidates else 0):
+        start, end = chooser.choice(candidates)
+        port = chooser.randint(start, end)
+        if port in exclude:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -81,14 +118,10 @@ class ServerPorts:
     @classmethod
     def free(cls) -> ServerPorts:
         """Three ports free right now on the loopback interface (for tests)."""
-        sockets = [socket.socket() for _ in range(3)]
-        try:
-            for s in sockets:
-                s.bind(("127.0.0.1", 0))
-            http, grpc, metrics = (s.getsockname()[1] for s in sockets)
-        finally:
-            for s in sockets:
-                s.close()
+        ports: tuple[int, ...] = ()
+        while len(ports) < 3:
+            ports += (free_port(LOOPBACK, exclude=ports),)
+        http, grpc, metrics = ports
         return cls(http=http, grpc=grpc, metrics=metrics)
 
 

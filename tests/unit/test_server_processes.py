@@ -333,3 +333,12 @@ def test_the_private_metrics_port_is_never_a_public_one(monkeypatch, tmp_path: P
     server = TritonServer(tmp_path, ServerPorts(http=1, grpc=2, metrics=3))
     command = flags(server.command(None, Path("/bin/tritonserver")))
     assert command["--metrics-port"] == ["4"]
+
+
+def test_listening_ports_come_from_outside_the_ephemeral_range() -> None:
+    from ecomsearch.server.launcher import ServerPorts, ephemeral_port_range, free_port
+
+    low, high = ephemeral_port_range()
+    ports = [free_port() for _ in range(50)] + list(vars(ServerPorts.free()).values())
+    assert all(not low <= port <= high for port in ports), (low, high, ports)
+    assert len(set(vars(ServerPorts.free()).values())) == 3
