@@ -119,6 +119,16 @@ def _optional_text(record: dict[str, Any], name: str) -> str:
     return value.strip()
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
 def parse_product_write(record: Any) -> Product:
     """A product sent to the live catalog (an upsert), checked strictly: a wrong type is an
     error, not coerced. Unknown fields are fine (kept in `attributes`). Raises CatalogError.
@@ -141,6 +151,10 @@ def parse_product_write(record: Any) -> Product:
         )
     try:
         size = len(json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        # NUL is valid JSON and valid Python, but PostgreSQL stores no NUL in text or JSONB:
+        # refused here for every store, so a write means the same whichever store serves it.
+        if _has_nul(record):
+            raise CatalogError("text must not contain NUL characters (\\u0000)")
         brand, description = _optional_text(record, "brand"), _optional_text(record, "description")
         category = record.get("category")
         path = record.get("category_path")

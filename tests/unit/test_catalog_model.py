@@ -211,6 +211,11 @@ BAD_PRODUCTS = [
     pytest.param(
         product("x" * (contract.MAX_PRODUCT_ID_BYTES + 1), "Mouse"), ["'id'"], id="id-too-long"
     ),
+    # PostgreSQL stores no NUL: refused for every store alike.
+    pytest.param(product("x", "Mou\x00se"), ["product 1", "NUL"], id="nul-in-title"),
+    pytest.param(
+        product("x", "Mouse", specs={"colour": ["bl\x00ck"]}), ["NUL"], id="nul-in-attributes"
+    ),
 ]
 
 
