@@ -221,6 +221,26 @@ class SearchLoad:
             thread.join(timeout=30)
 
 
+def kill_between_requests(url: str, pid: int, warm_up_s: float = 0.5) -> float:
+    """Searches for `warm_up_s`, lets every request finish, then kills `pid` with SIGKILL;
+    returns when it was killed (monotonic). The load that follows meets the dead instance.
+
+    Not killed mid-request: a Python-backend stub killed while it holds the lock of its
+    shared-memory message queue makes tritonserver 2.51 abort (`terminate called after throwing
+    an instance of 'boost::interprocess::lock_exception'`, from TRITONBACKEND_ModelInstanceExecute
+    when the next request reaches that instance; the same crash is open upstream as
+    triton-inference-server/server#8882). It happened once in CI. The launcher then reports not
+    live and `serve` exits, for the orchestrator to restart it; what the watchdog can replace is
+    an instance that died between requests, which is what this measures."""
+    with SearchLoad(url):
+        time.sleep(warm_up_s)
+    # Every search has been answered (SearchLoad joined its threads): the stub is waiting.
+    time.sleep(0.2)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    return killed_at
+
+
 def stub_kills(server: TritonServer) -> list[Row]:
     rows = []
     for model in STUB_MODELS:
@@ -229,10 +249,8 @@ def stub_kills(server: TritonServer) -> list[Row]:
         )
         restarts = len(server.watchdog.restarts)
         not_ready_s = 0.0
+        killed_at = kill_between_requests(server.grpc_url, victim.pid, warm_up_s=1.0)
         with SearchLoad(server.grpc_url) as load:
-            time.sleep(1.0)
-            killed_at = time.monotonic()
-            os.kill(victim.pid, signal.SIGKILL)
             while (
                 len(server.watchdog.restarts) == restarts
                 and time.monotonic() < killed_at + RESTART_TIMEOUT_S

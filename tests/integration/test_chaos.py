@@ -1,4 +1,5 @@
-"""Chaos, served for real: a model instance's process killed under load, the admin protocols
+"""Chaos, served for real: a model instance's process killed (between requests, with load right
+after; see ecomsearch.loadtest.chaos.kill_between_requests), the admin protocols
 without their key, the request that crashes tritonserver 2.51's HTTP servers.
 
 (Killing the launcher itself, and stopping it with signals, is in test_server_lifecycle.py.)
@@ -22,7 +23,13 @@ from tritonclient.utils import InferenceServerException
 
 from ecomsearch import contract
 from ecomsearch.client import SearchClient
-from ecomsearch.loadtest.chaos import STUB_MODELS, SearchLoad, http_status, send_form_body
+from ecomsearch.loadtest.chaos import (
+    STUB_MODELS,
+    SearchLoad,
+    http_status,
+    kill_between_requests,
+    send_form_body,
+)
 from ecomsearch.server.launcher import TritonServer
 from ecomsearch.server.processes import SHM_DIR, group_members, shm_regions, stubs
 
@@ -46,10 +53,10 @@ def test_a_killed_model_instance_is_replaced_and_searches_succeed_again(chaos_se
     victim = next(s for s in before.values() if s.model == model)
     restarts = len(server.watchdog.restarts)
     ready_seen: set[int] = set()
+    # Killed between requests, then loaded at once: see kill_between_requests for why not
+    # mid-request (tritonserver 2.51 aborts).
+    killed_at = kill_between_requests(server.grpc_url, victim.pid)
     with SearchLoad(server.grpc_url) as load:
-        time.sleep(0.5)
-        killed_at = time.monotonic()
-        os.kill(victim.pid, signal.SIGKILL)
         deadline = killed_at + RESTART_TIMEOUT_S
         while len(server.watchdog.restarts) == restarts and time.monotonic() < deadline:
             ready_seen.add(http_status(f"{server.ops_url}/v2/health/ready"))
