@@ -272,6 +272,46 @@ def test_compaction_switches_every_instance_without_a_failed_or_empty_search(
         client.delete_products(["compact-1"])
 
 
+# --- two servers, one store ---------------------------------------------------------------
+
+
+def test_a_second_server_on_the_same_store_serves_the_first_ones_writes(
+    live: LiveServer, tmp_path, fixture_catalog, embedding_cache
+) -> None:
+    """Several servers share one store (PostgreSQL across machines; on one machine SQLite
+    works too): each builds its own index from the store and follows it."""
+    repository = copy_model_repository(tmp_path / "repository")
+    build_index(
+        fixture_catalog,
+        ModelRepositoryLayout(repository),
+        cache_dir=embedding_cache,
+        store_url=live.store_url,
+    )
+    second = TritonServer.local(
+        repository, tmp_path / "tritonserver.log", store_url=live.store_url, write_key=WRITE_KEY
+    )
+    with second:
+        product = {"id": "two-servers-1", "title": "Zyxtwin cable", "price": 5.0}
+        with SearchClient(live.grpc_url, write_key=WRITE_KEY) as first_client:
+            first_client.upsert_products([product])
+        time.sleep(VISIBILITY_WINDOW_S)
+        with SearchClient(second.grpc_url, write_key=WRITE_KEY) as second_client:
+            (hit,) = second_client.search("zyxtwin", k=1)
+            assert (hit.product_id, hit.price) == ("two-servers-1", 5.0)
+            # The other way round, and with the first server stopped: the second serves on.
+            assert live.server is not None
+            live.server.stop()
+            second_client.upsert_products([{**product, "price": 6.0}])
+            time.sleep(VISIBILITY_WINDOW_S)
+            (hit,) = second_client.search("zyxtwin", k=1)
+            assert hit.price == 6.0
+            second_client.delete_products(["two-servers-1"])
+    live.start()
+    time.sleep(VISIBILITY_WINDOW_S)
+    with SearchClient(live.grpc_url) as client:  # the restarted first server caught up
+        assert "two-servers-1" not in [h.product_id for h in client.search("zyxtwin", k=5)]
+
+
 # --- 16 searchers, one writer, then kill -9 -------------------------------------------------
 
 
