@@ -247,13 +247,13 @@ def write_index(
 
 def store_snapshot(store: Any, catalog_sha256: str) -> CatalogSnapshot:
     """Every live product of a catalog store, with its embedding, at one change number."""
-    from ecomsearch.live.catalog import stored_product
+    from ecomsearch.store import catalog_product
 
     seq, records = store.snapshot(with_embeddings=True)
     if not records:
         raise ValueError(f"the catalog store {store.url} has no products")
     return CatalogSnapshot(
-        products=[stored_product(r) for r in records],
+        products=[catalog_product(r) for r in records],
         keys=np.array([r.key for r in records], dtype=np.int64),
         embeddings=np.stack([r.embedding for r in records]).astype(np.float32, copy=False),
         encoder_fingerprint=store.encoder_fingerprint,
@@ -261,21 +261,6 @@ def store_snapshot(store: Any, catalog_sha256: str) -> CatalogSnapshot:
         store_url=store.url,
         store_id=store.store_id,
         seq=seq,
-    )
-
-
-def product_write(product: Product) -> Any:
-    from ecomsearch.store import ProductWrite
-
-    return ProductWrite(
-        id=product.id,
-        title=product.title,
-        brand=product.brand,
-        category_path=product.category_path,
-        description=product.description,
-        price=product.price,
-        in_stock=product.in_stock,
-        attributes=product.attributes,
     )
 
 
@@ -296,9 +281,9 @@ def load_catalog_into_store(
         seq, records = store.snapshot(with_embeddings=False)
         embeddings_by_key: dict[int, np.ndarray] = {}
         if records:
-            from ecomsearch.live.catalog import stored_product
+            from ecomsearch.store import catalog_product
 
-            texts = [product_text(stored_product(r)) for r in records]
+            texts = [product_text(catalog_product(r)) for r in records]
             embeddings = cache.get_or_compute(encoder, texts, PRODUCT_MAX_TOKENS)
             embeddings_by_key = {r.key: e for r, e in zip(records, embeddings, strict=True)}
         log.info("store %s: re-embedding %d products", store.url, len(records))
@@ -314,6 +299,8 @@ def load_catalog_into_store(
     embeddings = cache.get_or_compute(
         encoder, [product_text(p) for p in products], PRODUCT_MAX_TOKENS
     )
+    from ecomsearch.store import product_write
+
     store.upsert([product_write(p) for p in products], embeddings, encoder.fingerprint)
     file_ids = {p.id for p in products}
     _, records = store.snapshot(with_embeddings=False)

@@ -26,28 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from ecomsearch.catalog import Product, join_category, split_category
+from ecomsearch.catalog import Product, split_category
 from ecomsearch.index.store import CatalogIndex
 from ecomsearch.lexical import FIELDS, LexicalIndex, QueryTerms, field_texts, tokenize
 from ecomsearch.live.filters import NO_FILTER, FilterColumns, SearchFilter
+from ecomsearch.store.base import catalog_product
 
 # An approximate (HNSW) base searched under a filter that passes at most this many rows is
 # searched exactly over those rows instead: a graph walk restricted to a small subset visits
 # mostly rejected nodes and can come back short.
 EXACT_SUBSET_MAX_ROWS = 4096
-
-
-def stored_product(record: Any) -> Product:
-    """The catalog Product of a store record (ecomsearch.store.StoredProduct)."""
-    return Product(
-        id=record.id,
-        title=record.title,
-        brand=record.brand,
-        category=join_category(record.category_path),
-        description=record.description,
-        price=record.price,
-        in_stock=record.in_stock,
-    )
 
 
 def flat_vectors(faiss_index: Any) -> np.ndarray:
@@ -304,7 +292,7 @@ class LiveCatalog:
         self._alive[start:end] = True
         self._delta_vectors[delta_start:delta_end] = np.stack([c.embedding for c in changes])
         self._delta_ids.extend(c.id.encode("utf-8") for c in changes)
-        products = [stored_product(c) for c in changes]
+        products = [catalog_product(c) for c in changes]
         self.lexical.delta.append(products)
         self.columns.append(
             [p.brand for p in products],

@@ -19,12 +19,12 @@ import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from ecomsearch import contract
-from ecomsearch.catalog import CatalogError, Product, join_category, parse_product_writes
+from ecomsearch.catalog import CatalogError, Product, parse_product_writes
 from ecomsearch.catalog import product_text as catalog_product_text
 from ecomsearch.errors import RequestError
 from ecomsearch.fingerprint import file_sha256
@@ -32,7 +32,13 @@ from ecomsearch.live.location import WRITE_KEY_ENV
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.query import visible_text
 from ecomsearch.serving.base import input_array
-from ecomsearch.store import ProductWrite, WriteResult
+from ecomsearch.store import (
+    ProductWrite,
+    StoredProduct,
+    WriteResult,
+    catalog_product,
+    product_write,
+)
 
 # Embeds texts: float32 [len(texts), dimension]; raises EmbeddingError when it cannot.
 Embedder = Callable[[Sequence[str]], np.ndarray]
@@ -48,39 +54,11 @@ class EmbeddingError(Exception):
         self.code = code
 
 
-class _Product(Protocol):
-    title: str
-    brand: str
-    category_path: tuple[str, ...]
-    description: str
-
-
-def product_text(product: _Product) -> str:
-    """The text embedded for a product as the store holds it (a ProductWrite or a
-    StoredProduct): catalog.product_text over the category as its stored levels, so a write
-    and the stored version compare equal exactly when the encoder would see the same text."""
-    return catalog_product_text(
-        Product(
-            id="",
-            title=product.title,
-            brand=product.brand,
-            category=join_category(product.category_path),
-            description=product.description,
-        )
-    )
-
-
-def product_write(product: Product) -> ProductWrite:
-    return ProductWrite(
-        id=product.id,
-        title=product.title,
-        brand=product.brand,
-        category_path=product.category_path,
-        description=product.description,
-        price=product.price,
-        in_stock=product.in_stock,
-        attributes=product.attributes,
-    )
+def product_text(record: StoredProduct | ProductWrite) -> str:
+    """The text embedded for a product as the store holds it (a write or the stored version),
+    the way build-index sees it, so the two compare equal exactly when the encoder would see
+    the same text."""
+    return catalog_product_text(catalog_product(record))
 
 
 def encoder_text(text: str) -> str:

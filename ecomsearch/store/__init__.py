@@ -22,6 +22,8 @@ from ecomsearch.store.base import (
     StoredProduct,
     StoreError,
     WriteResult,
+    catalog_product,
+    product_write,
     redact,
 )
 
@@ -32,7 +34,9 @@ __all__ = [
     "StoreError",
     "StoredProduct",
     "WriteResult",
+    "catalog_product",
     "open_store",
+    "product_write",
     "redact",
     "sqlite_path",
 ]

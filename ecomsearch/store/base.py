@@ -25,6 +25,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
+from ecomsearch.catalog import Product, join_category
+
 # Bumped whenever the tables change shape; a store of another version is refused on open
 # (there is no migration yet: rebuild the store from the catalog).
 SCHEMA_VERSION = 1
@@ -381,3 +383,35 @@ def redact(url: str) -> str:
     if (netloc, query) == (parts.netloc, parts.query):
         return text
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# --- between the catalog's Product and the store's records: the one place that maps them ---
+
+
+def product_write(product: Product) -> ProductWrite:
+    """What the store is given for a catalog Product (a catalog file's, or a write's)."""
+    return ProductWrite(
+        id=product.id,
+        title=product.title,
+        brand=product.brand,
+        category_path=product.category_path,
+        description=product.description,
+        price=product.price,
+        in_stock=product.in_stock,
+        attributes=product.attributes,
+    )
+
+
+def catalog_product(record: StoredProduct | ProductWrite) -> Product:
+    """The catalog Product of a store record: what the index, BM25 and the encoder's text
+    (ecomsearch.catalog.product_text) are made of."""
+    return Product(
+        id=record.id,
+        title=record.title,
+        brand=record.brand,
+        category=join_category(record.category_path),
+        description=record.description,
+        price=record.price,
+        in_stock=record.in_stock,
+        attributes=dict(record.attributes),
+    )

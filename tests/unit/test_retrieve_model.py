@@ -728,8 +728,8 @@ class LiveRetrieve:
     keys, keys[i] being product i's."""
 
     def __init__(self, triton, repo, store_path: Path, **parameters) -> None:
-        from ecomsearch.index.builder import product_write, store_snapshot, write_index
-        from ecomsearch.store import open_store
+        from ecomsearch.index.builder import store_snapshot, write_index
+        from ecomsearch.store import open_store, product_write
 
         self.triton, self.repo, self.index = triton, repo, repo.index
         self.store = open_store(store_path)
@@ -745,7 +745,7 @@ class LiveRetrieve:
         self.model = initialize(triton, repo.retrieve_dir)
 
     def upsert(self, product: Product, embedding: np.ndarray) -> int:
-        from ecomsearch.index.builder import product_write
+        from ecomsearch.store import product_write
 
         written = self.store.upsert(
             [product_write(product)], embedding.reshape(1, -1), self.repo.encoder_fingerprint

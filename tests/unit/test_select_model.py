@@ -15,6 +15,7 @@ from ecomsearch.catalog import Product
 from ecomsearch.index.manifest import IndexLoadError
 from ecomsearch.serving.base import RequestError
 from ecomsearch.serving.select import parse_top_k
+from ecomsearch.store import product_write
 
 # Enough products for the default top_k and a few more.
 PRODUCTS = max(12, contract.DEFAULT_TOP_K + 4)
@@ -306,17 +307,6 @@ def test_parse_top_k() -> None:
 
 
 # A live catalog: the index was built from a catalog store, which select follows.
-
-
-def product_write(product: Product):
-    from ecomsearch.store import ProductWrite
-
-    return ProductWrite(
-        id=product.id,
-        title=product.title,
-        price=product.price,
-        in_stock=product.in_stock,
-    )
 
 
 class LiveSelect:
