@@ -216,17 +216,22 @@ def parse_product_writes(records: list[Any]) -> list[Product]:
     return products
 
 
-def iter_catalog(path: Path | str) -> Iterator[Product]:
+def iter_records(path: Path | str) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded JSON) of each non-blank line of a JSON Lines file (.gz ok)."""
     path = Path(path)
     with _open_text(path) as stream:
         for line_number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise CatalogError(f"{path}: line {line_number}: invalid JSON ({e.msg})") from None
-            yield parse_product(record, line_number)
+
+
+def iter_catalog(path: Path | str) -> Iterator[Product]:
+    for line_number, record in iter_records(path):
+        yield parse_product(record, line_number)
 
 
 def read_catalog(path: Path | str) -> list[Product]:

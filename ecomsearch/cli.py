@@ -110,28 +110,27 @@ def cmd_catalog_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_key(path: Path | None) -> str | None:
-    """The key from a file (first line), the environment, or none (a random one per start)."""
-    import os
-
+def _key(path: Path | None, env: str) -> str | None:
+    """A key from a file (its content, stripped), else the environment variable `env`, else
+    None."""
     if path is not None:
         key = path.read_text().strip()
         if not key:
             raise ValueError(f"{path} is empty")
         return key
-    return os.environ.get(ADMIN_KEY_ENV) or None
+    return os.environ.get(env) or None
+
+
+def _admin_key(path: Path | None) -> str | None:
+    """The admin protocols' key; None: a random one per start."""
+    return _key(path, ADMIN_KEY_ENV)
 
 
 def _write_key(path: Path | None) -> str | None:
-    """The catalog's write key from a file (first line) or $ECOMSEARCH_WRITE_KEY; None: none."""
+    """The catalog's write key (--write-key-file, else $ECOMSEARCH_WRITE_KEY); None: none."""
     from ecomsearch.live.location import WRITE_KEY_ENV
 
-    if path is not None:
-        key = path.read_text().strip()
-        if not key:
-            raise ValueError(f"{path} is empty")
-        return key
-    return os.environ.get(WRITE_KEY_ENV) or None
+    return _key(path, WRITE_KEY_ENV)
 
 
 def _serving_write_key(args: argparse.Namespace) -> str | None:
@@ -237,31 +236,22 @@ def cmd_search(args: argparse.Namespace) -> int:
 def read_product_changes(path: Path) -> list[dict]:
     """A JSON Lines file of products to upsert (.gz ok), each checked as the server will check
     it, so a bad line stops the command before anything is sent. An id may appear once."""
-    import gzip
-
-    from ecomsearch.catalog import CatalogError, parse_product_write
+    from ecomsearch.catalog import CatalogError, iter_records, parse_product_write
 
     records: list[dict] = []
     lines: dict[str, int] = {}
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as stream:
-        for line_number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                product = parse_product_write(record)
-            except json.JSONDecodeError as e:
-                raise CatalogError(f"{path}: line {line_number}: invalid JSON ({e.msg})") from None
-            except CatalogError as e:
-                raise CatalogError(f"{path}: line {line_number}: {e}") from None
-            if product.id in lines:
-                raise CatalogError(
-                    f"{path}: line {line_number}: product {product.id!r} is already on line "
-                    f"{lines[product.id]}; merge the two changes"
-                )
-            lines[product.id] = line_number
-            records.append(record)
+    for line_number, record in iter_records(path):
+        try:
+            product = parse_product_write(record)
+        except CatalogError as e:
+            raise CatalogError(f"{path}: line {line_number}: {e}") from None
+        if product.id in lines:
+            raise CatalogError(
+                f"{path}: line {line_number}: product {product.id!r} is already on line "
+                f"{lines[product.id]}; merge the two changes"
+            )
+        lines[product.id] = line_number
+        records.append(record)
     if not records:
         raise CatalogError(f"{path}: no products")
     return records

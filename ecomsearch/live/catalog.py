@@ -83,6 +83,9 @@ class DeltaLexical:
         self._postings: dict[str, dict[str, list[int]]] = {field: {} for field in FIELDS}
         self._counts: dict[str, list[Counter]] = {field: [] for field in FIELDS}
         self._lengths: dict[str, list[int]] = {field: [] for field in FIELDS}
+        # Each row's BM25 length normalisation, k1 * (1 - b + b * length / average length):
+        # fixed once the row is appended, so computed then, not for every query.
+        self._norms: dict[str, np.ndarray] = {field: np.zeros(0) for field in FIELDS}
 
     @property
     def count(self) -> int:
@@ -100,15 +103,18 @@ class DeltaLexical:
                 postings = self._postings[field]
                 for token in counts:
                     postings.setdefault(token, []).append(row)
+        for field in FIELDS:
+            k1, b, average_length = self.base.parameters(field)
+            lengths = np.asarray(self._lengths[field][len(self._norms[field]) :], np.float64)
+            fresh = k1 * ((1 - b) + b * lengths / average_length)
+            self._norms[field] = np.concatenate([self._norms[field], fresh])
 
     def scores(self, terms: QueryTerms, field: str) -> np.ndarray:
         """BM25 (bm25s's Lucene variant) of every delta row for the query ([count] float32)."""
         scores = np.zeros(self.count, dtype=np.float64)
         if not self.count or not terms.tokens:
             return scores.astype(np.float32)
-        k1, b, average_length = self.base.parameters(field)
-        lengths = np.asarray(self._lengths[field], dtype=np.float64)
-        norm = k1 * ((1 - b) + b * lengths / average_length)
+        norm = self._norms[field]
         idf = self.base.idf(field, terms.tokens)
         counts = self._counts[field]
         for token, weight in zip(terms.tokens, idf, strict=True):
@@ -308,7 +314,8 @@ class LiveCatalog:
         """bool [count]: live rows passing the filter; None when that is every row."""
         if not search_filter.active:
             # Nothing dead (no product changed or deleted yet): no mask, the plain search.
-            return None if self._all_alive else self.alive.copy()
+            # Otherwise the live mask itself: callers only read it, under the model's lock.
+            return None if self._all_alive else self.alive
         return self.alive & self.columns.mask(search_filter)
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:

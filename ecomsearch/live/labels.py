@@ -47,6 +47,16 @@ class ProductLabels:
             new[: len(old)] = old
             setattr(self, name, new)
 
+    def _set(
+        self, key: int, product_id: str, title: str, price: float | None, in_stock: bool
+    ) -> None:
+        """A live product's labels at `key` (which the arrays already hold)."""
+        self._live[key] = True
+        self._ids[key] = product_id.encode("utf-8")
+        self._titles[key] = title.encode("utf-8")
+        self._prices[key] = np.nan if price is None else price
+        self._in_stock[key] = in_stock
+
     def apply(self, changes: Sequence[Any]) -> int:
         """Applies store records (ecomsearch.store.StoredProduct) in ascending seq order: a
         snapshot's live products, or the change log's latest states. Idempotent."""
@@ -55,12 +65,8 @@ class ProductLabels:
             return 0
         self._grow(max(c.key for c in fresh))
         for change in fresh:
-            key = change.key
-            self._live[key] = not change.deleted
-            self._ids[key] = change.id.encode("utf-8")
-            self._titles[key] = change.title.encode("utf-8")
-            self._prices[key] = np.nan if change.price is None else change.price
-            self._in_stock[key] = change.in_stock
+            self._set(change.key, change.id, change.title, change.price, change.in_stock)
+            self._live[change.key] = not change.deleted
         self.applied_seq = max(self.applied_seq, fresh[-1].seq)
         return len(fresh)
 
@@ -69,12 +75,7 @@ class ProductLabels:
         if products:
             self._grow(max(p.key for p in products))
         for product in products:
-            key = product.key
-            self._live[key] = True
-            self._ids[key] = product.id.encode("utf-8")
-            self._titles[key] = product.title.encode("utf-8")
-            self._prices[key] = np.nan if product.price is None else product.price
-            self._in_stock[key] = product.in_stock
+            self._set(product.key, product.id, product.title, product.price, product.in_stock)
         self.applied_seq = seq
 
     def live(self, keys: np.ndarray) -> np.ndarray:
@@ -106,10 +107,11 @@ class ProductLabels:
         """The labels of a static index (no store): its rows' keys and metadata records."""
         table = cls(int(keys.max(initial=0)) + 1)
         for key, record in zip(keys.tolist(), metadata, strict=True):
-            table._live[key] = True
-            table._ids[key] = record["id"].encode("utf-8")
-            table._titles[key] = record["title"].encode("utf-8")
-            price = record.get("price")
-            table._prices[key] = np.nan if price is None else price
-            table._in_stock[key] = record.get("in_stock", True)
+            table._set(
+                key,
+                record["id"],
+                record["title"],
+                record.get("price"),
+                record.get("in_stock", True),
+            )
         return table
