@@ -1,4 +1,5 @@
-"""The catalog of record: products, their embeddings and a change log, in SQLite or PostgreSQL.
+"""The catalog of record: products, their embeddings and a change log, and the shoppers' event
+log, in SQLite or PostgreSQL.
 
 `open_store(url)` opens (creating on first use) a store:
 
@@ -18,9 +19,13 @@ from pathlib import Path
 from ecomsearch.store.base import (
     SCHEMA_VERSION,
     CatalogStore,
+    Event,
+    EventLog,
+    EventsResult,
     ProductWrite,
     StoredProduct,
     StoreError,
+    UnknownProductsError,
     WriteResult,
     catalog_product,
     product_write,
@@ -30,9 +35,13 @@ from ecomsearch.store.base import (
 __all__ = [
     "SCHEMA_VERSION",
     "CatalogStore",
+    "Event",
+    "EventLog",
+    "EventsResult",
     "ProductWrite",
     "StoreError",
     "StoredProduct",
+    "UnknownProductsError",
     "WriteResult",
     "catalog_product",
     "open_store",

@@ -8,6 +8,13 @@ of the delete. Every change gets its own seq, and a store commits changes in seq
 follower that reads `changes(after_seq=cursor)` and moves its cursor to the last seq it saw
 never misses a change (see the implementations for how each one guarantees it).
 
+A store also keeps the shoppers' event log (views, carts, purchases): append-only, one row per
+event, each with an event seq of its own counter (independent of the catalog's: recording an
+event changes no product). Event seqs are committed in seq order too, so a follower or a
+trainer reading `events(after_seq=cursor)` the same way never misses an event. An event names
+a product live in the catalog when it is recorded, and keeps that product's key: keys are never
+reused, so an event still names the same product after the product is deleted.
+
 A store object wraps one database connection and is used by one thread at a time; a follower
 thread or process opens its own with `ecomsearch.store.open_store(store.url)`.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +33,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
+from ecomsearch import contract
 from ecomsearch.catalog import Product, join_category
+from ecomsearch.query import visible_text
 
 # Bumped whenever the tables change shape; a store of another version is refused on open
-# (there is no migration yet: rebuild the store from the catalog).
+# (there is no migration yet: rebuild the store from the catalog). A new table is not a change
+# of shape: a store opening one made before it (the event log) adds it, leaving the rest alone.
 SCHEMA_VERSION = 1
 
 # Embeddings are stored as raw little-endian float32 bytes, whatever the machine.
@@ -38,6 +49,7 @@ EMBEDDING_DTYPE = np.dtype("<f4")
 META_SCHEMA_VERSION = "schema_version"
 META_STORE_ID = "store_id"
 META_LAST_SEQ = "last_seq"
+META_LAST_EVENT_SEQ = "last_event_seq"  # the event log's counter (see record_events)
 META_NEXT_KEY = "next_key"
 META_ENCODER_FINGERPRINT = "encoder_fingerprint"
 META_DIMENSION = "dimension"
@@ -46,6 +58,7 @@ RESERVED_META = frozenset(
         META_SCHEMA_VERSION,
         META_STORE_ID,
         META_LAST_SEQ,
+        META_LAST_EVENT_SEQ,
         META_NEXT_KEY,
         META_ENCODER_FINGERPRINT,
         META_DIMENSION,
@@ -133,6 +146,90 @@ class WriteResult:
         return cls(first_seq=None, last_seq=None, keys=(), changed=0)
 
 
+@dataclass(frozen=True)
+class Event:
+    """One shopper's event as a writer sends it (validated by the store, see record_events)."""
+
+    user_id: str
+    product_id: str
+    kind: str  # one of contract.EVENT_KINDS
+    timestamp_s: float  # when it happened: seconds since the epoch, UTC
+    quantity: int = 1
+
+
+@dataclass(frozen=True, eq=False)
+class EventLog:
+    """A run of the event log, column-wise (what followers and trainers read), in seq order.
+
+    Columns, not Event objects: a trainer reads millions of events, and counts them with numpy.
+    Equality compares every column by value."""
+
+    seqs: np.ndarray  # int64 [n], increasing
+    user_ids: list[str]
+    product_ids: list[str]
+    product_keys: np.ndarray  # int64 [n]: the product's store key (stable, never reused)
+    kinds: np.ndarray  # int8 [n]: index into contract.EVENT_KINDS
+    quantities: np.ndarray  # int32 [n]
+    timestamps_s: np.ndarray  # float64 [n]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EventLog):
+            return NotImplemented
+        return (
+            self.user_ids == other.user_ids
+            and self.product_ids == other.product_ids
+            and all(
+                mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
+                for mine, theirs in zip(_arrays(self), _arrays(other), strict=True)
+            )
+        )
+
+    @classmethod
+    def empty(cls) -> EventLog:
+        return cls(
+            seqs=np.zeros(0, np.int64),
+            user_ids=[],
+            product_ids=[],
+            product_keys=np.zeros(0, np.int64),
+            kinds=np.zeros(0, np.int8),
+            quantities=np.zeros(0, np.int32),
+            timestamps_s=np.zeros(0, np.float64),
+        )
+
+
+def _arrays(log: EventLog) -> tuple[np.ndarray, ...]:
+    return (log.seqs, log.product_keys, log.kinds, log.quantities, log.timestamps_s)
+
+
+class UnknownProductsError(ValueError):
+    """Events name products that are not live in the catalog; nothing was written. `.ids` lists
+    them (distinct, in order)."""
+
+    def __init__(self, url: str, ids: Sequence[str]) -> None:
+        self.url = url
+        self.ids = list(ids)
+        shown = ", ".join(repr(product_id) for product_id in self.ids[:5])
+        more = f" and {len(self.ids) - 5} more" if len(self.ids) > 5 else ""
+        super().__init__(
+            f"catalog store {url}: events name {len(self.ids)} product(s) that are not in the "
+            f"live catalog ({shown}{more}); no event was recorded"
+        )
+
+    def __reduce__(self) -> tuple[type[UnknownProductsError], tuple[str, list[str]]]:
+        # Pickled with its arguments, not its message: it crosses process boundaries intact.
+        return type(self), (self.url, self.ids)
+
+
+@dataclass(frozen=True)
+class EventsResult:
+    first_seq: int | None  # None when no events were given
+    last_seq: int | None
+    recorded: int  # events written
+
+
 class CatalogStore(ABC):
     """The catalog of record. One connection: use an object from one thread at a time."""
 
@@ -175,6 +272,27 @@ class CatalogStore(ABC):
         the catalog as of seq `at_seq` (read it with `snapshot()`). If the store has changed
         since (head != at_seq) this raises StoreError and writes nothing: take a new snapshot
         and try again. Followers notice the new `encoder_fingerprint` (no seq changes)."""
+
+    @abstractmethod
+    def record_events(self, events: Sequence[Event]) -> EventsResult:
+        """Appends `events` to the event log in one transaction (all or nothing).
+
+        Every event is checked first (see `check_events`): a bad one raises ValueError naming
+        its position. Each product must be live in the catalog: it is resolved, in the write's
+        own transaction, to its key, which the log keeps (see each store for exactly when).
+        Otherwise this raises UnknownProductsError (a ValueError) listing them. Each event gets
+        its own event seq, consecutive in input order, from the log's counter (not the
+        catalog's seq). Bulk loads belong in one call: hundreds of thousands of events take
+        seconds."""
+
+    @abstractmethod
+    def events_head(self) -> int:
+        """The last committed event seq (0 before the first event)."""
+
+    @abstractmethod
+    def events(self, after_seq: int, limit: int | None = None) -> EventLog:
+        """The events whose event seq > after_seq, in seq order; with `limit`, the first `limit`
+        of them. An indexed query: cheap to poll."""
 
     @abstractmethod
     def get(self, ids: Sequence[str], with_embeddings: bool = False) -> dict[str, StoredProduct]:
@@ -323,6 +441,147 @@ def check_reembed(
             "reembed needs exactly one embedding per live product: "
             f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} not live (e.g. {extra[:5]})"
         )
+
+
+_KIND_INDEX = {kind: index for index, kind in enumerate(contract.EVENT_KINDS)}
+# Error messages show a value's repr cut to this many characters: an id may be long junk.
+_SHOWN_CHARS = 60
+
+EventRow = tuple[str, str, int, int, float]  # user_id, product_id, kind index, quantity, time
+
+
+def check_events(events: Sequence[Event]) -> list[EventRow]:
+    """Checks every event before anything is written, the same way in every store; returns
+    each one as (user_id, product_id, kind index, quantity, timestamp_s) in plain Python types.
+    Raises ValueError naming the first bad event's position.
+
+    What is refused and why: a user id must identify someone (a visible character) and fit
+    the contract (MAX_USER_ID_BYTES of UTF-8); NUL fits in no PostgreSQL text, and is refused
+    in SQLite too so both stores hold the same log. A quantity is a count, not a flag (no
+    bool); a timestamp is a real moment (finite, not before the epoch)."""
+    rows: list[EventRow] = []
+    product_ids_seen: set[str] = set()
+    for position, event in enumerate(events):
+        if not isinstance(event, Event):
+            raise ValueError(f"event {position} is a {type(event).__name__}, not an Event")
+        product_id = event.product_id
+        if product_id not in product_ids_seen:
+            _check_product_id(position, product_id)
+            product_ids_seen.add(product_id)
+        rows.append(
+            (
+                _checked_user_id(position, event.user_id),
+                product_id,
+                _checked_kind(position, event.kind),
+                _checked_quantity(position, event.quantity),
+                _checked_timestamp(position, event.timestamp_s),
+            )
+        )
+    return rows
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}..."
+
+
+def _utf8_size(position: int, name: str, text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"event {position}: {name} {_shown(text)} is not valid Unicode (a lone surrogate)"
+        ) from None
+
+
+def _checked_user_id(position: int, user_id: object) -> str:
+    if not isinstance(user_id, str) or not user_id:
+        raise ValueError(
+            f"event {position}: user_id must be a non-empty string, not {_shown(user_id)}"
+        )
+    if "\x00" in user_id:
+        raise ValueError(f"event {position}: user_id {_shown(user_id)} contains NUL")
+    size = _utf8_size(position, "user_id", user_id)
+    if size > contract.MAX_USER_ID_BYTES:
+        raise ValueError(
+            f"event {position}: user_id is {size} bytes of UTF-8; the maximum is "
+            f"{contract.MAX_USER_ID_BYTES}"
+        )
+    if not visible_text(user_id):
+        raise ValueError(f"event {position}: user_id {_shown(user_id)} has no visible characters")
+    return user_id
+
+
+def _check_product_id(position: int, product_id: object) -> None:
+    if not isinstance(product_id, str) or not product_id:
+        raise ValueError(
+            f"event {position}: product_id must be a non-empty string, not {_shown(product_id)}"
+        )
+    if "\x00" in product_id:
+        raise ValueError(f"event {position}: product_id {_shown(product_id)} contains NUL")
+    _utf8_size(position, "product_id", product_id)
+
+
+def _checked_kind(position: int, kind: object) -> int:
+    index = _KIND_INDEX.get(kind) if isinstance(kind, str) else None
+    if index is None:
+        raise ValueError(
+            f"event {position}: kind {_shown(kind)} is not one of {', '.join(contract.EVENT_KINDS)}"
+        )
+    return index
+
+
+def _checked_quantity(position: int, quantity: object) -> int:
+    if type(quantity) is not int:  # the fast path; numpy integers are fine too, bools are not
+        if isinstance(quantity, bool) or not isinstance(quantity, numbers.Integral):
+            raise ValueError(f"event {position}: quantity must be an int, not {_shown(quantity)}")
+        quantity = int(quantity)
+    if not 1 <= quantity <= contract.MAX_EVENT_QUANTITY:
+        raise ValueError(
+            f"event {position}: quantity {quantity} is not between 1 and "
+            f"{contract.MAX_EVENT_QUANTITY}"
+        )
+    return quantity
+
+
+def _checked_timestamp(position: int, timestamp_s: object) -> float:
+    if type(timestamp_s) is not float:
+        if isinstance(timestamp_s, bool) or not isinstance(timestamp_s, numbers.Real):
+            raise ValueError(
+                f"event {position}: timestamp_s must be a number of seconds since the epoch, "
+                f"not {_shown(timestamp_s)}"
+            )
+        try:
+            timestamp_s = float(timestamp_s)
+        except OverflowError:
+            raise ValueError(
+                f"event {position}: timestamp_s {_shown(timestamp_s)} is not finite"
+            ) from None
+    if not math.isfinite(timestamp_s) or timestamp_s < 0:
+        raise ValueError(
+            f"event {position}: timestamp_s {timestamp_s!r} must be finite and >= 0 (seconds "
+            "since the epoch, UTC)"
+        )
+    return timestamp_s
+
+
+def event_log(rows: Sequence[tuple[int, str, int, str, int, int, float]]) -> EventLog:
+    """The EventLog of rows read as (seq, user_id, product_key, product_id, kind, quantity,
+    timestamp_s), in seq order."""
+    if not rows:
+        return EventLog.empty()
+    seqs, user_ids, product_keys, product_ids, kinds, quantities, timestamps = zip(
+        *rows, strict=True
+    )
+    return EventLog(
+        seqs=np.array(seqs, dtype=np.int64),
+        user_ids=list(user_ids),
+        product_ids=list(product_ids),
+        product_keys=np.array(product_keys, dtype=np.int64),
+        kinds=np.array(kinds, dtype=np.int8),
+        quantities=np.array(quantities, dtype=np.int32),
+        timestamps_s=np.array(timestamps, dtype=np.float64),
+    )
 
 
 def distinct(ids: Iterable[str]) -> list[str]:

@@ -12,6 +12,13 @@ writers take turns, the next one reads the counter only after the previous one's
 PostgreSQL releases a transaction's locks only once its commit is visible to every new
 snapshot. Readers take no locks and are never blocked.
 
+The event log does the same with a counter of its own, the `last_event_seq` row: event writers
+take turns with each other, never with catalog writers. An event's products are resolved to
+their keys in the event write's transaction (at READ COMMITTED: as of that statement), so a
+delete committing while the event write finishes may precede the event in time; the event
+still names the product by its key, which is never reused, as any event of a product deleted
+later does.
+
 psycopg is imported when a store is opened, not with this module, so importing
 ecomsearch.store needs no PostgreSQL driver.
 """
@@ -28,24 +35,31 @@ import numpy as np
 from ecomsearch.store.base import (
     META_DIMENSION,
     META_ENCODER_FINGERPRINT,
+    META_LAST_EVENT_SEQ,
     META_LAST_SEQ,
     META_NEXT_KEY,
     META_SCHEMA_VERSION,
     META_STORE_ID,
     SCHEMA_VERSION,
     CatalogStore,
+    Event,
+    EventLog,
+    EventsResult,
     ProductWrite,
     StoredProduct,
     StoreError,
+    UnknownProductsError,
     WriteResult,
     allocate_keys,
     attributes_json,
     batch_embeddings,
     check_encoder,
+    check_events,
     check_reembed,
     check_user_meta_name,
     decode_embedding,
     distinct,
+    event_log,
     price_or_none,
     redact,
     reembed_matrix,
@@ -61,6 +75,21 @@ APPLICATION_NAME = "ecomsearch"
 # the same moment; an arbitrary constant, unique to ecomsearch.
 _SCHEMA_LOCK_ID = 0x65636F6D73726368  # "ecomsrch"
 
+# The event log, append-only, in seq order (the primary key is the index a follower reads by).
+# Each event keeps its product's key and id, so a reader needs no join (and the key still names
+# the product once it is deleted). `kind` indexes contract.EVENT_KINDS. Created on opening a
+# store made before the log existed.
+_EVENTS_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS ecomsearch_events (
+        seq BIGINT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        product_key BIGINT NOT NULL,
+        product_id TEXT NOT NULL,
+        kind SMALLINT NOT NULL,
+        quantity INTEGER NOT NULL,
+        timestamp_s DOUBLE PRECISION NOT NULL
+    )""",
+)
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ecomsearch_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # Keys come from the next_key counter in ecomsearch_meta; embedding is raw little-endian
@@ -82,6 +111,7 @@ _SCHEMA = (
     "CREATE UNIQUE INDEX IF NOT EXISTS ecomsearch_products_seq ON ecomsearch_products (seq)",
     # Float vectors do not compress: do not spend time trying when one passes the TOAST size.
     "ALTER TABLE ecomsearch_products ALTER COLUMN embedding SET STORAGE EXTERNAL",
+    *_EVENTS_SCHEMA,
 )
 _COLUMNS = (
     "key",
@@ -120,6 +150,8 @@ _UPSERT = f"""
     ON CONFLICT (key) DO UPDATE SET ({", ".join(_REPLACED)})
         = ({", ".join(f"EXCLUDED.{column}" for column in _REPLACED)})
 """
+_EVENT_COLUMNS = "seq, user_id, product_key, product_id, kind, quantity, timestamp_s"
+_EVENT_TYPES = ("bigint", "text", "bigint", "text", "smallint", "integer", "double precision")
 
 
 def _select(with_embeddings: bool) -> str:
@@ -231,6 +263,7 @@ class PostgresStore(CatalogStore):
                             (META_SCHEMA_VERSION, str(SCHEMA_VERSION)),
                             (META_STORE_ID, str(uuid.uuid4())),
                             (META_LAST_SEQ, "0"),
+                            (META_LAST_EVENT_SEQ, "0"),
                             (META_NEXT_KEY, "1"),
                         ],
                     )
@@ -243,7 +276,26 @@ class PostgresStore(CatalogStore):
         store_id = self._meta(META_STORE_ID)
         if store_id is None:
             raise StoreError(f"catalog store {self.url} has no store id: not an ecomsearch store")
+        self._open_events()
         return store_id
+
+    def _open_events(self) -> None:
+        """Adds the event log to a store made before it had one (under the schema lock, like
+        the tables of a new store). Other tables are left as they are, so the schema version
+        stays; a store that has the log is only read, as in _open_schema."""
+        db = self._db
+        (exists,) = db.execute("SELECT to_regclass('ecomsearch_events') IS NOT NULL").fetchone()
+        if exists:
+            return
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
+            for statement in _EVENTS_SCHEMA:
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO ecomsearch_meta (name, value) VALUES (%s, '0') "
+                "ON CONFLICT (name) DO NOTHING",
+                (META_LAST_EVENT_SEQ,),
+            )
 
     def _meta(self, name: str, cursor: psycopg.Cursor | None = None) -> str | None:
         row = (
@@ -380,6 +432,42 @@ class PostgresStore(CatalogStore):
             else:
                 self._set(cursor, {META_DIMENSION: str(dimension)})
 
+    def record_events(self, events: Sequence[Event]) -> EventsResult:
+        rows = check_events(events)
+        if not rows:
+            return EventsResult(first_seq=None, last_seq=None, recorded=0)
+        product_ids = distinct(row[1] for row in rows)
+        with self._errors(), self._db.transaction(), self._db.cursor() as cursor:
+            # The event writers' lock, held to the commit (see the module's docstring).
+            cursor.execute(
+                "SELECT value FROM ecomsearch_meta WHERE name = %s FOR UPDATE",
+                (META_LAST_EVENT_SEQ,),
+            )
+            counter = cursor.fetchone()
+            if counter is None:
+                raise StoreError(f"catalog store {self.url} has no event seq counter")
+            cursor.execute(
+                "SELECT id, key FROM ecomsearch_products WHERE NOT deleted AND id = ANY(%s)",
+                (product_ids,),
+            )
+            keys = dict(cursor.fetchall())
+            if len(keys) != len(product_ids):
+                raise UnknownProductsError(self.url, [i for i in product_ids if i not in keys])
+            first_seq = int(counter[0]) + 1
+            # Binary COPY straight into the log (its seqs are new, nothing can conflict): a few
+            # hundred thousand events a second, where row-by-row INSERTs would take minutes.
+            with cursor.copy(
+                f"COPY ecomsearch_events ({_EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(list(_EVENT_TYPES))
+                for i, (user_id, product_id, kind, quantity, when) in enumerate(rows):
+                    copy.write_row(
+                        (first_seq + i, user_id, keys[product_id], product_id, kind, quantity, when)
+                    )
+            last_seq = first_seq + len(rows) - 1
+            self._set(cursor, {META_LAST_EVENT_SEQ: str(last_seq)})
+        return EventsResult(first_seq=first_seq, last_seq=last_seq, recorded=len(rows))
+
     def set_meta(self, name: str, value: str) -> None:
         check_user_meta_name(name)
         if not isinstance(value, str):
@@ -412,6 +500,21 @@ class PostgresStore(CatalogStore):
                 (int(after_seq), limit),
             )
             return [_product(row) for row in cursor]
+
+    def events_head(self) -> int:
+        with self._errors():
+            return int(self._meta(META_LAST_EVENT_SEQ) or 0)
+
+    def events(self, after_seq: int, limit: int | None = None) -> EventLog:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        with self._errors(), self._db.cursor(binary=True) as cursor:
+            cursor.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM ecomsearch_events WHERE seq > %s "
+                "ORDER BY seq LIMIT %s",
+                (int(after_seq), None if limit is None else int(limit)),
+            )
+            return event_log(cursor.fetchall())
 
     def snapshot(self, with_embeddings: bool = True) -> tuple[int, list[StoredProduct]]:
         db = self._db

@@ -2,7 +2,9 @@
 
 Writers serialise with `BEGIN IMMEDIATE`: a write transaction takes the database's write lock
 before it reads the seq counter, so seqs are allocated and committed in one order, the order
-followers see. Readers never wait for writers (WAL), and see whole transactions only.
+followers see. The event log's seqs come from a counter of their own, under the same lock: an
+event write and a catalog write also take turns, so an event's product is live in the catalog
+at its commit. Readers never wait for writers (WAL), and see whole transactions only.
 
 Durability: WAL with `synchronous=FULL`, so a write that returned is on disk, and survives the
 writer being killed or the machine losing power.
@@ -23,24 +25,31 @@ import numpy as np
 from ecomsearch.store.base import (
     META_DIMENSION,
     META_ENCODER_FINGERPRINT,
+    META_LAST_EVENT_SEQ,
     META_LAST_SEQ,
     META_NEXT_KEY,
     META_SCHEMA_VERSION,
     META_STORE_ID,
     SCHEMA_VERSION,
     CatalogStore,
+    Event,
+    EventLog,
+    EventsResult,
     ProductWrite,
     StoredProduct,
     StoreError,
+    UnknownProductsError,
     WriteResult,
     allocate_keys,
     attributes_json,
     batch_embeddings,
     check_encoder,
+    check_events,
     check_reembed,
     check_user_meta_name,
     decode_embedding,
     distinct,
+    event_log,
     price_or_none,
     reembed_matrix,
 )
@@ -51,6 +60,21 @@ BUSY_TIMEOUT_S = 10.0
 # Ids per `IN (...)` list: below SQLite's historical limit of 999 bound parameters.
 _IDS_PER_QUERY = 500
 
+# The event log, append-only. `seq` is the rowid: reading after a seq is a range scan of the
+# table itself, and appending in seq order writes at its end. Each event keeps its product's key
+# and id, so a reader needs no join (and the key still names the product once it is deleted).
+# `kind` indexes contract.EVENT_KINDS. Created on opening a store made before the log existed.
+_EVENTS_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        product_key INTEGER NOT NULL,
+        product_id TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        quantity INTEGER NOT NULL,
+        timestamp_s REAL NOT NULL
+    )""",
+)
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # `key` is the rowid; keys come from the next_key counter in meta, never from SQLite.
@@ -70,6 +94,7 @@ _SCHEMA = (
         embedding BLOB
     )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS products_seq ON products (seq)",
+    *_EVENTS_SCHEMA,
 )
 _COLUMNS = (
     "key, id, seq, deleted, title, brand, category_path, description, price, in_stock, attributes"
@@ -82,6 +107,9 @@ _UPSERT = f"""
         price = excluded.price, in_stock = excluded.in_stock, attributes = excluded.attributes,
         embedding = excluded.embedding
 """
+_EVENT_COLUMNS = "seq, user_id, product_key, product_id, kind, quantity, timestamp_s"
+_RECORD = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_READ_EVENTS = f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
 
 
 def _select(with_embeddings: bool) -> str:
@@ -201,6 +229,7 @@ class SqliteStore(CatalogStore):
                         (META_SCHEMA_VERSION, str(SCHEMA_VERSION)),
                         (META_STORE_ID, str(uuid.uuid4())),
                         (META_LAST_SEQ, "0"),
+                        (META_LAST_EVENT_SEQ, "0"),
                         (META_NEXT_KEY, "1"),
                     ],
                 )
@@ -213,11 +242,28 @@ class SqliteStore(CatalogStore):
         store_id = self._meta(META_STORE_ID)
         if store_id is None:
             raise StoreError(f"catalog store {self.url} has no store id: not an ecomsearch store")
+        self._open_events()
         return store_id
 
+    def _open_events(self) -> None:
+        """Adds the event log to a store made before it had one, under the write lock (two
+        processes may open such a store at once). Other tables are left as they are, so the
+        schema version stays; a store made with the log only reads sqlite_master here."""
+        if self._has_table("events"):
+            return
+        with self._transaction(write=True) as cursor:
+            for statement in _EVENTS_SCHEMA:
+                cursor.execute(statement)
+            cursor.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES (?, '0')", (META_LAST_EVENT_SEQ,)
+            )
+
     def _has_meta(self) -> bool:
+        return self._has_table("meta")
+
+    def _has_table(self, name: str) -> bool:
         row = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
         ).fetchone()
         return row is not None
 
@@ -345,6 +391,30 @@ class SqliteStore(CatalogStore):
             else:
                 self._set(cursor, {META_DIMENSION: str(dimension)})
 
+    def record_events(self, events: Sequence[Event]) -> EventsResult:
+        rows = check_events(events)
+        if not rows:
+            return EventsResult(first_seq=None, last_seq=None, recorded=0)
+        product_ids = distinct(row[1] for row in rows)
+        with self._errors(), self._transaction(write=True) as cursor:
+            # Under the write lock: no catalog write can delete a product before this commits.
+            keys = self._keys(cursor, product_ids, live_only=True)
+            if len(keys) != len(product_ids):
+                raise UnknownProductsError(self.url, [i for i in product_ids if i not in keys])
+            first_seq = int(self._meta(META_LAST_EVENT_SEQ, cursor) or 0) + 1
+            # One prepared statement for every row, in the one transaction: a few hundred
+            # thousand events a second.
+            cursor.executemany(
+                _RECORD,
+                (
+                    (first_seq + i, user_id, keys[product_id], product_id, kind, quantity, when)
+                    for i, (user_id, product_id, kind, quantity, when) in enumerate(rows)
+                ),
+            )
+            last_seq = first_seq + len(rows) - 1
+            self._set(cursor, {META_LAST_EVENT_SEQ: str(last_seq)})
+        return EventsResult(first_seq=first_seq, last_seq=last_seq, recorded=len(rows))
+
     def set_meta(self, name: str, value: str) -> None:
         check_user_meta_name(name)
         if not isinstance(value, str):
@@ -382,6 +452,19 @@ class SqliteStore(CatalogStore):
                 (int(after_seq), -1 if limit is None else int(limit)),
             ).fetchall()
         return [_product(row) for row in rows]
+
+    def events_head(self) -> int:
+        with self._errors():
+            return int(self._meta(META_LAST_EVENT_SEQ) or 0)
+
+    def events(self, after_seq: int, limit: int | None = None) -> EventLog:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        with self._errors():
+            rows = self._db.execute(
+                _READ_EVENTS, (int(after_seq), -1 if limit is None else int(limit))
+            ).fetchall()
+        return event_log(rows)
 
     def snapshot(self, with_embeddings: bool = True) -> tuple[int, list[StoredProduct]]:
         with self._errors(), self._transaction(write=False) as cursor:
