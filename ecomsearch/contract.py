@@ -63,6 +63,37 @@ WRITE_KEY_PARAMETER: Final = "write_key"
 SEQUENCE_NUMBER: Final = "sequence_number"  # INT64 [1]: the catalog's change number after it
 CHANGED: Final = "changed"  # INT64 [1]: products written (deletes of unknown ids do not count)
 
+# Recommendation (see docs/recommendations.md). Shoppers' events go in through `events`; the
+# `recommend` and `similar` pipelines answer with the same outputs as `search`.
+EVENTS_MODEL: Final = "events"  # records shoppers' events: views, carts, purchases
+RECOMMEND_MODEL: Final = "recommend"  # user (and recent products) -> ranked products
+SIMILAR_MODEL: Final = "similar"  # product -> products bought with it or like it
+RECOMMEND_CANDIDATES_MODEL: Final = "recommend_candidates"
+SIMILAR_CANDIDATES_MODEL: Final = "similar_candidates"
+RECOMMEND_RANKER_MODEL: Final = "recommend_ranker"
+
+# Inputs of the `events` model: one request is one write (a transaction) of n events.
+EVENT_USER_IDS: Final = "user_ids"  # BYTES [n]
+EVENT_PRODUCT_IDS: Final = "product_ids"  # BYTES [n]: products of the live catalog
+EVENT_KINDS_INPUT: Final = "kinds"  # BYTES [n]: one of EVENT_KINDS
+EVENT_QUANTITIES: Final = "quantities"  # INT32 [n], optional: 1 each when absent
+EVENT_TIMESTAMPS: Final = "timestamps_s"  # FP64 [n], optional: seconds since the epoch (UTC);
+# absent means when the server receives the write. Events older than the log's newest are kept
+# (the log is in arrival order), but time-decayed statistics treat them as of their own time.
+RECORDED: Final = "recorded"  # INT64 [1]: events written (the output beside SEQUENCE_NUMBER)
+EVENT_KINDS: Final = ("view", "cart", "purchase")
+MAX_EVENTS_PER_WRITE: Final = 1000
+MAX_USER_ID_BYTES: Final = 256
+MAX_EVENT_QUANTITY: Final = 1_000_000
+
+# Inputs of `recommend` ([batch, 1] unless said) and `similar`.
+USER_ID: Final = "user_id"  # BYTES: an unknown user gets the non-personal answer
+RECENT_PRODUCT_IDS: Final = "recent_product_ids"  # BYTES [batch, r], optional, "" pads: what
+# the shopper looked at in this session and the log does not hold yet
+MAX_RECENT_PRODUCTS: Final = 50
+PRODUCT_ID: Final = "product_id"  # BYTES: the product `similar` starts from (INVALID_ARG if
+# it is not in the live catalog)
+
 # Tensors between the composing models.
 INPUT_IDS: Final = "input_ids"  # INT64 [batch, sequence]
 ATTENTION_MASK: Final = "attention_mask"  # INT64 [batch, sequence]

@@ -39,6 +39,7 @@ INDEX_DIR = "index"
 RANKER_FILE = "model.onnx"
 RANKER_INFO_FILE = "ranker.json"
 RANKER_CARD_FILE = "MODEL_CARD.md"
+RECOMMENDER_INFO_FILE = "recommender.json"
 # Left in a model repository made from the packaged template: the template's digest.
 TEMPLATE_STAMP = ".template-sha256"
 # Where a writer puts an artefact for a model that has no version directory yet.
@@ -114,6 +115,20 @@ class ModelRepositoryLayout:
     @property
     def ranker_card(self) -> Path:
         return self.model_dir(contract.RANKER_MODEL) / RANKER_CARD_FILE
+
+    @property
+    def recommend_ranker_onnx(self) -> Path:
+        return self.version_dir(contract.RECOMMEND_RANKER_MODEL) / RANKER_FILE
+
+    @property
+    def recommender_info(self) -> Path:
+        """What `train-recommender` recorded: the ranker's features and export checks, and the
+        settings the candidate models read (the tuned `similar` blend)."""
+        return self.version_dir(contract.RECOMMEND_RANKER_MODEL) / RECOMMENDER_INFO_FILE
+
+    @property
+    def recommend_ranker_card(self) -> Path:
+        return self.model_dir(contract.RECOMMEND_RANKER_MODEL) / RANKER_CARD_FILE
 
     @property
     def catalog_store_path(self) -> Path:

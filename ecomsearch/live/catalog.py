@@ -185,6 +185,12 @@ class LiveCatalog:
         self._keys[: self.base_count] = base.keys
         self._alive = np.ones(self.base_count + 256, dtype=bool)
         self._row_of_key: dict[int, int] = {key: row for row, key in enumerate(base.keys.tolist())}
+        # Live products' ids -> keys: how requests that name products (`similar`, events'
+        # recent products) find them.
+        self._key_of_id: dict[str, int] = {
+            product_id.decode("utf-8"): key
+            for product_id, key in zip(base.ids.tolist(), base.keys.tolist(), strict=True)
+        }
         self._delta_vectors = np.empty((256, self.dimension), dtype=np.float32)
         self.delta_rows = 0  # appended since the base, superseded ones included
         self._delta_ids: list[bytes] = []
@@ -228,6 +234,10 @@ class LiveCatalog:
     def row_of(self, key: int) -> int | None:
         return self._row_of_key.get(key)
 
+    def key_of_id(self, product_id: str) -> int | None:
+        """The store key of a live product, by id; None for unknown and deleted ids."""
+        return self._key_of_id.get(product_id)
+
     def product_ids(self, rows: np.ndarray) -> np.ndarray:
         """Product ids (UTF-8 bytes) of rows of this catalog, for in-process callers; b"" for
         padding."""
@@ -266,13 +276,16 @@ class LiveCatalog:
             if row is not None:
                 self._alive[row] = False
                 self._all_alive = False
-            if not change.deleted:
+            if change.deleted:
+                self._key_of_id.pop(change.id, None)
+            else:
                 if change.embedding is None or change.embedding.shape != (self.dimension,):
                     raise ValueError(
                         f"change {change.seq} of product {change.id!r} has no "
                         f"{self.dimension}-d embedding"
                     )
                 self._row_of_key[change.key] = self.count + len(appended)
+                self._key_of_id[change.id] = change.key
                 appended.append(change)
         self._append(appended)
         self.applied_seq = fresh[-1].seq

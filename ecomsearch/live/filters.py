@@ -144,6 +144,11 @@ class FilterColumns:
             code = codes[value] = len(codes)
         return code
 
+    @property
+    def prices(self) -> np.ndarray:
+        """float32 [count]: each row's price, NaN without one (a view: read, never write)."""
+        return self._price[: self.count]
+
     def mask(self, search_filter: SearchFilter) -> np.ndarray:
         """bool [count]: the rows that pass `search_filter`."""
         n = self.count
