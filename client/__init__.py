@@ -1,5 +1,5 @@
-"""Thin client for the `search` ensemble and the `catalog` writer: needs only tritonclient[grpc]
-and numpy."""
+"""Thin client for `search`, `recommend` and `similar`, and the `catalog` and `events` writers:
+needs only tritonclient[grpc] and numpy."""
 
 from ecomsearch.client.aio import AsyncSearchClient
 from ecomsearch.client.errors import (
@@ -8,17 +8,19 @@ from ecomsearch.client.errors import (
     SearchTimeoutError,
     ServiceUnavailableError,
 )
-from ecomsearch.client.protocol import Filters, Hit, WriteAck
+from ecomsearch.client.protocol import EventsAck, Filters, Hit, ShopperEvent, WriteAck
 from ecomsearch.client.sync import SearchClient
 
 __all__ = [
     "AsyncSearchClient",
     "BadRequestError",
+    "EventsAck",
     "Filters",
     "Hit",
     "SearchClient",
     "SearchError",
     "SearchTimeoutError",
     "ServiceUnavailableError",
+    "ShopperEvent",
     "WriteAck",
 ]

@@ -1,4 +1,5 @@
-"""asyncio gRPC client for the `search` ensemble and the `catalog` writer."""
+"""asyncio gRPC client: `search`, `recommend` and `similar`, and the `catalog` and `events`
+writers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from ecomsearch import contract
 from ecomsearch.client import protocol
 from ecomsearch.client.errors import from_server_exception
-from ecomsearch.client.protocol import Hit, WriteAck
+from ecomsearch.client.protocol import EventsAck, Hit, ShopperEvent, WriteAck
 
 
 class AsyncSearchClient(protocol.SearchClientBase):
@@ -76,6 +77,61 @@ class AsyncSearchClient(protocol.SearchClientBase):
             )
         )
         return [hits for result in results for hits in protocol.parse_hits(result)]
+
+    async def recommend(
+        self,
+        user_id: str,
+        k: int = contract.DEFAULT_TOP_K,
+        *,
+        recent_product_ids: Sequence[str] = (),
+        category: str | None = None,
+        brand: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+        in_stock: bool | None = None,
+    ) -> list[Hit]:
+        """See SearchClient.recommend."""
+        filters = protocol.Filters(category, brand, min_price, max_price, in_stock)
+        filters.validate()
+        inputs = protocol.build_recommend_inputs(
+            self._grpc, user_id, k, recent_product_ids, filters
+        )
+        result = await self._infer(contract.RECOMMEND_MODEL, inputs, self._outputs, self.timeout_s)
+        return protocol.parse_hits(result)[0]
+
+    async def similar(
+        self,
+        product_id: str,
+        k: int = contract.DEFAULT_TOP_K,
+        *,
+        category: str | None = None,
+        brand: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+        in_stock: bool | None = None,
+    ) -> list[Hit]:
+        """See SearchClient.similar."""
+        filters = protocol.Filters(category, brand, min_price, max_price, in_stock)
+        filters.validate()
+        inputs = protocol.build_similar_inputs(self._grpc, product_id, k, filters)
+        result = await self._infer(contract.SIMILAR_MODEL, inputs, self._outputs, self.timeout_s)
+        return protocol.parse_hits(result)[0]
+
+    async def record_events(
+        self,
+        events: Sequence[ShopperEvent | Mapping],
+        timeout_s: float = protocol.DEFAULT_WRITE_TIMEOUT_S,
+    ) -> EventsAck:
+        """See SearchClient.record_events."""
+        inputs = protocol.build_event_inputs(self._grpc, events)
+        result = await self._infer(
+            contract.EVENTS_MODEL,
+            inputs,
+            self._event_outputs,
+            timeout_s,
+            parameters=self._write_parameters,
+        )
+        return protocol.parse_events_ack(result)
 
     async def upsert_products(
         self, products: Sequence[Mapping], timeout_s: float = protocol.DEFAULT_WRITE_TIMEOUT_S

@@ -1,5 +1,6 @@
-"""Building `search` and `catalog` requests and reading their responses; shared by the sync and
-async clients. Each check here is the server's own rule, applied before anything is sent."""
+"""Building `search`, `recommend`, `similar`, `catalog` and `events` requests and reading their
+responses; shared by the sync and async clients. Each check here is the server's own rule,
+applied before anything is sent."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ecomsearch.query import visible_text
 # What every `search` answer has; `prices` and `in_stock` come from servers with a live catalog.
 OUTPUTS = (contract.PRODUCT_IDS, contract.SCORES, contract.TITLES)
 WRITE_OUTPUTS = (contract.SEQUENCE_NUMBER, contract.CHANGED)
+EVENT_OUTPUTS = (contract.SEQUENCE_NUMBER, contract.RECORDED)
 # Prices travel as FP32: a bound beyond it is infinite on the server, not a price.
 _FP32_MAX = float(np.finfo(np.float32).max)
 # A write embeds what changed before it answers: seconds for a large one on a CPU.
@@ -41,14 +43,38 @@ class WriteAck:
     changed: int
 
 
+@dataclass(frozen=True)
+class EventsAck:
+    """Committed events: the event log's sequence number after them, and how many."""
+
+    sequence_number: int
+    recorded: int
+
+
+@dataclass(frozen=True)
+class ShopperEvent:
+    """What a shopper did: viewed, carted or purchased (`kind`) a product. `timestamp_s` is
+    when, in seconds since the epoch (UTC); None means now, as the server's clock has it."""
+
+    user_id: str
+    product_id: str
+    kind: str = "view"
+    quantity: int = 1
+    timestamp_s: float | None = None
+
+
+def validate_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= contract.MAX_TOP_K:
+        raise BadRequestError(f"k must be an integer between 1 and {contract.MAX_TOP_K}, got {k!r}")
+
+
 def validate(queries: Sequence[str], k: int) -> None:
     """Rejects what the server would reject, before anything is sent."""
     if isinstance(queries, str):
         raise BadRequestError("expected a sequence of queries, got one string")
     if not queries:
         raise BadRequestError("no queries given")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= contract.MAX_TOP_K:
-        raise BadRequestError(f"k must be an integer between 1 and {contract.MAX_TOP_K}, got {k!r}")
+    validate_k(k)
     for position, query in enumerate(queries):
         # The server's own rule, so a query of zero-width spaces fails here, not after a trip.
         if not isinstance(query, str) or not visible_text(query):
@@ -255,6 +281,133 @@ def parse_ack(result) -> WriteAck:
     return WriteAck(sequence_number=int(sequence_number[0]), changed=int(changed[0]))
 
 
+# --- Recommendations and shoppers' events ---------------------------------------------------------
+
+
+def _one_string(value: object, name: str, limit_bytes: int, allow_empty: bool = False) -> bytes:
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise BadRequestError(f"{name} must be a non-empty string, got {value!r}")
+    data = value.encode("utf-8")
+    if len(data) > limit_bytes:
+        raise BadRequestError(f"{name} is longer than {limit_bytes} bytes")
+    return data
+
+
+def build_recommend_inputs(
+    grpc_module,
+    user_id: str,
+    k: int,
+    recent_product_ids: Sequence[str] = (),
+    filters: Filters = NO_FILTERS,
+) -> list:
+    """InferInputs of one `recommend` query. An empty user id asks for the non-personal answer."""
+    validate_k(k)
+    user = _one_string(user_id, "user_id", contract.MAX_USER_ID_BYTES, allow_empty=True)
+    if isinstance(recent_product_ids, str):
+        raise BadRequestError("recent_product_ids must be a sequence of ids, got one string")
+    if len(recent_product_ids) > contract.MAX_RECENT_PRODUCTS:
+        raise BadRequestError(
+            f"at most {contract.MAX_RECENT_PRODUCTS} recent products, got {len(recent_product_ids)}"
+        )
+    inputs = [
+        _tensor(grpc_module, contract.USER_ID, np.array([[user]], dtype=np.object_), "BYTES"),
+        _tensor(grpc_module, contract.TOP_K, np.full((1, 1), k, dtype=np.int32), "INT32"),
+    ]
+    if recent_product_ids:
+        recent = np.empty((1, len(recent_product_ids)), dtype=np.object_)
+        recent[0, :] = [
+            _check_id(pid, f"recent product {i}").encode("utf-8")
+            for i, pid in enumerate(recent_product_ids)
+        ]
+        inputs.append(_tensor(grpc_module, contract.RECENT_PRODUCT_IDS, recent, "BYTES"))
+    return inputs + filters.inputs(grpc_module, 1)
+
+
+def build_similar_inputs(
+    grpc_module, product_id: str, k: int, filters: Filters = NO_FILTERS
+) -> list:
+    validate_k(k)
+    product = _check_id(product_id, "product_id").encode("utf-8")
+    return [
+        _tensor(grpc_module, contract.PRODUCT_ID, np.array([[product]], dtype=np.object_), "BYTES"),
+        _tensor(grpc_module, contract.TOP_K, np.full((1, 1), k, dtype=np.int32), "INT32"),
+        *filters.inputs(grpc_module, 1),
+    ]
+
+
+def _tensor(grpc_module, name: str, value: np.ndarray, datatype: str):
+    tensor = grpc_module.InferInput(name, list(value.shape), datatype)
+    tensor.set_data_from_numpy(value)
+    return tensor
+
+
+def build_event_inputs(grpc_module, events: Sequence[ShopperEvent | Mapping]) -> list:
+    """The inputs of one `events` write (all or nothing). Checked here: the shape of each event,
+    the kinds and the sizes; the server checks that the products exist. Timestamps are sent
+    when any event has one (the others get now, from this machine's clock)."""
+    import time
+
+    if isinstance(events, str | bytes | Mapping) or not events:
+        raise BadRequestError("expected a non-empty sequence of events")
+    if len(events) > contract.MAX_EVENTS_PER_WRITE:
+        raise BadRequestError(
+            f"{len(events)} events in one write; the maximum is {contract.MAX_EVENTS_PER_WRITE} "
+            "(send several writes, each all or nothing)"
+        )
+    parsed = []
+    for position, event in enumerate(events):
+        if isinstance(event, Mapping):
+            try:
+                event = ShopperEvent(**event)
+            except TypeError as e:
+                raise BadRequestError(f"event {position}: {e}") from None
+        if not isinstance(event, ShopperEvent):
+            raise BadRequestError(f"event {position} must be a ShopperEvent or a mapping")
+        if event.kind not in contract.EVENT_KINDS:
+            raise BadRequestError(
+                f"event {position}: kind must be one of {contract.EVENT_KINDS}, got {event.kind!r}"
+            )
+        quantity = event.quantity
+        if isinstance(quantity, bool) or not isinstance(quantity, int):
+            raise BadRequestError(f"event {position}: quantity must be an integer")
+        if not 1 <= quantity <= contract.MAX_EVENT_QUANTITY:
+            raise BadRequestError(
+                f"event {position}: quantity must be 1 to {contract.MAX_EVENT_QUANTITY}"
+            )
+        _one_string(event.user_id, f"event {position}: user_id", contract.MAX_USER_ID_BYTES)
+        _check_id(event.product_id, f"event {position}")
+        parsed.append(event)
+    n = len(parsed)
+
+    def strings(values: list[str]) -> np.ndarray:
+        array = np.empty(n, dtype=np.object_)
+        array[:] = [value.encode("utf-8") for value in values]
+        return array
+
+    columns = (
+        (contract.EVENT_USER_IDS, [e.user_id for e in parsed]),
+        (contract.EVENT_PRODUCT_IDS, [e.product_id for e in parsed]),
+        (contract.EVENT_KINDS_INPUT, [e.kind for e in parsed]),
+    )
+    inputs = [_tensor(grpc_module, name, strings(values), "BYTES") for name, values in columns]
+    quantities = np.array([e.quantity for e in parsed], dtype=np.int32)
+    inputs.append(_tensor(grpc_module, contract.EVENT_QUANTITIES, quantities, "INT32"))
+    if any(e.timestamp_s is not None for e in parsed):
+        now = time.time()
+        times = np.array(
+            [now if e.timestamp_s is None else e.timestamp_s for e in parsed], dtype=np.float64
+        )
+        if not np.isfinite(times).all() or (times < 0).any():
+            raise BadRequestError("timestamps must be finite seconds since the epoch")
+        inputs.append(_tensor(grpc_module, contract.EVENT_TIMESTAMPS, times, "FP64"))
+    return inputs
+
+
+def parse_events_ack(result) -> EventsAck:
+    sequence_number, recorded = (result.as_numpy(name) for name in EVENT_OUTPUTS)
+    return EventsAck(sequence_number=int(sequence_number[0]), recorded=int(recorded[0]))
+
+
 class SearchClientBase:
     """What the sync and asyncio clients share: address, deadline, model, requested outputs."""
 
@@ -278,3 +431,4 @@ class SearchClientBase:
         # no error where it does not (naming an output the model lacks fails the request).
         self._outputs = None
         self._write_outputs = [grpcclient.InferRequestedOutput(name) for name in WRITE_OUTPUTS]
+        self._event_outputs = [grpcclient.InferRequestedOutput(name) for name in EVENT_OUTPUTS]

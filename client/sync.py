@@ -1,4 +1,5 @@
-"""Blocking gRPC client for the `search` ensemble and the `catalog` writer."""
+"""Blocking gRPC client: `search`, `recommend` and `similar`, and the `catalog` and `events`
+writers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from ecomsearch import contract
 from ecomsearch.client import protocol
 from ecomsearch.client.errors import ServiceUnavailableError, from_server_exception
-from ecomsearch.client.protocol import Hit, WriteAck
+from ecomsearch.client.protocol import EventsAck, Hit, ShopperEvent, WriteAck
 
 
 class SearchClient(protocol.SearchClientBase):
@@ -78,6 +79,66 @@ class SearchClient(protocol.SearchClientBase):
             )
             hits.extend(protocol.parse_hits(result))
         return hits
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int = contract.DEFAULT_TOP_K,
+        *,
+        recent_product_ids: Sequence[str] = (),
+        category: str | None = None,
+        brand: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+        in_stock: bool | None = None,
+    ) -> list[Hit]:
+        """The top-k products for a shopper, best first, among those passing the filters.
+        `recent_product_ids`: what the shopper looked at that the event log does not hold yet.
+        An unknown (or empty) user id gets the popular products."""
+        filters = protocol.Filters(category, brand, min_price, max_price, in_stock)
+        filters.validate()
+        inputs = protocol.build_recommend_inputs(
+            self._grpc, user_id, k, recent_product_ids, filters
+        )
+        result = self._infer(contract.RECOMMEND_MODEL, inputs, self._outputs, self.timeout_s)
+        return protocol.parse_hits(result)[0]
+
+    def similar(
+        self,
+        product_id: str,
+        k: int = contract.DEFAULT_TOP_K,
+        *,
+        category: str | None = None,
+        brand: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+        in_stock: bool | None = None,
+    ) -> list[Hit]:
+        """Products bought with `product_id` or like it, best first (BadRequestError if the
+        catalog has no such product)."""
+        filters = protocol.Filters(category, brand, min_price, max_price, in_stock)
+        filters.validate()
+        inputs = protocol.build_similar_inputs(self._grpc, product_id, k, filters)
+        result = self._infer(contract.SIMILAR_MODEL, inputs, self._outputs, self.timeout_s)
+        return protocol.parse_hits(result)[0]
+
+    def record_events(
+        self,
+        events: Sequence[ShopperEvent | Mapping],
+        timeout_s: float = protocol.DEFAULT_WRITE_TIMEOUT_S,
+    ) -> EventsAck:
+        """Records up to MAX_EVENTS_PER_WRITE events in one transaction: all or none (an
+        error, e.g. for a product the catalog does not have). The ack comes after the commit;
+        from then on the events shape every recommendation."""
+        inputs = protocol.build_event_inputs(self._grpc, events)
+        result = self._infer(
+            contract.EVENTS_MODEL,
+            inputs,
+            self._event_outputs,
+            timeout_s,
+            parameters=self._write_parameters,
+        )
+        return protocol.parse_events_ack(result)
 
     def upsert_products(
         self, products: Sequence[Mapping], timeout_s: float = protocol.DEFAULT_WRITE_TIMEOUT_S

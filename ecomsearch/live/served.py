@@ -89,6 +89,15 @@ class LiveRetriever:
         self.follower.start()
         return self
 
+    def catch_up_and_start(self) -> LiveRetriever:
+        """Checks the store, brings the catalog to the store's state now (before the model
+        reports ready), then follows it in the background."""
+        self.check_store()
+        self.follower.catch_up(self.follower.store())
+        with self.lock:
+            self.drain()
+        return self.start()
+
     def stop(self) -> None:
         self.follower.stop()
         if self._compaction is not None:

@@ -11,12 +11,9 @@ is durable, and a search instance that has followed the change log up to that nu
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import time
-import traceback
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +29,7 @@ from ecomsearch.live.location import WRITE_KEY_ENV
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.query import visible_text
 from ecomsearch.serving.base import input_array
+from ecomsearch.serving.writes import StoreWriter, byte_strings
 from ecomsearch.store import (
     ProductWrite,
     StoredProduct,
@@ -143,21 +141,11 @@ class _Write:
     delete_ids: list[str] | None = None  # or a delete
 
 
-def _byte_strings(raw: np.ndarray, name: str, what: str) -> list[bytes]:
-    if raw.ndim != 1:
-        raise RequestError(f"input {name!r} must have shape [n], got {list(raw.shape)}")
-    if not 1 <= len(raw) <= contract.MAX_PRODUCTS_PER_WRITE:
-        raise RequestError(
-            f"{len(raw)} {what} in one write; a write holds 1 to "
-            f"{contract.MAX_PRODUCTS_PER_WRITE} (send more as several writes)"
-        )
-    return [value if isinstance(value, bytes) else str(value).encode("utf-8") for value in raw]
-
-
 def parse_products(raw: np.ndarray) -> list[Product]:
     """The `products` input: one JSON object per product, all valid, or RequestError."""
     records = []
-    for position, data in enumerate(_byte_strings(raw, contract.PRODUCTS, "products")):
+    values = byte_strings(raw, contract.PRODUCTS, "products", contract.MAX_PRODUCTS_PER_WRITE)
+    for position, data in enumerate(values):
         if len(data) > contract.MAX_PRODUCT_JSON_BYTES:
             raise RequestError(
                 f"product {position} is {len(data)} bytes of JSON; the maximum is "
@@ -195,7 +183,8 @@ def parse_products(raw: np.ndarray) -> list[Product]:
 def parse_delete_ids(raw: np.ndarray) -> list[str]:
     """The `delete_ids` input: product ids, each once (repeats are fine), or RequestError."""
     ids = []
-    for position, data in enumerate(_byte_strings(raw, contract.DELETE_IDS, "ids")):
+    values = byte_strings(raw, contract.DELETE_IDS, "ids", contract.MAX_PRODUCTS_PER_WRITE)
+    for position, data in enumerate(values):
         if len(data) > contract.MAX_PRODUCT_ID_BYTES:
             raise RequestError(
                 f"id {position} is {len(data)} bytes; the maximum is "
@@ -211,7 +200,7 @@ def parse_delete_ids(raw: np.ndarray) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-class CatalogModel:
+class CatalogModel(StoreWriter):
     """Writes to the live catalog. Not a BatchedModel: a request is one transaction, so the
     requests of an `execute` are handled in turn, one response each, in order.
 
@@ -219,6 +208,8 @@ class CatalogModel:
     served catalog is a file (every write is then UNSUPPORTED); `embed` turns texts into
     embeddings (BlsEmbedder when served); `encoder_fingerprint` identifies the served encoder
     (embeddings of another encoder are never reused or mixed)."""
+
+    what = "catalog write"
 
     def __init__(
         self,
@@ -228,13 +219,10 @@ class CatalogModel:
         encoder_fingerprint: str,
         write_key: str | None = None,
     ) -> None:
-        self.pb_utils = pb_utils
-        self.logger = pb_utils.Logger
+        super().__init__(pb_utils, write_key)
         self.store = store
         self.embed = embed
         self.encoder_fingerprint = encoder_fingerprint
-        # When set, a write must carry it (request parameter WRITE_KEY_PARAMETER).
-        self.write_key = write_key
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> CatalogModel:
@@ -269,19 +257,6 @@ class CatalogModel:
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         return [self._handle(request) for request in requests]
 
-    def authorised(self, request) -> bool:
-        """Whether the request may write: no key is set, or it carries the key."""
-        if self.write_key is None:
-            return True
-        try:
-            given = json.loads(request.parameters() or "{}").get(contract.WRITE_KEY_PARAMETER)
-        except (ValueError, AttributeError):
-            return False
-        # Compared in constant time: the answer must not tell how much of a guess was right.
-        return isinstance(given, str) and hmac.compare_digest(
-            given.encode("utf-8"), self.write_key.encode("utf-8")
-        )
-
     def parse(self, request) -> _Write:
         products = input_array(self.pb_utils, request, contract.PRODUCTS)
         delete_ids = input_array(self.pb_utils, request, contract.DELETE_IDS)
@@ -297,16 +272,12 @@ class CatalogModel:
     def _handle(self, request):
         pb_utils = self.pb_utils
         if self.store is None:
-            return self._error(
+            return self.error(
                 "this server's catalog is a file, not a store: it takes no writes",
                 pb_utils.TritonError.UNSUPPORTED,
             )
         if not self.authorised(request):
-            return self._error(
-                f"this server takes writes only with its write key, in the request parameter "
-                f"{contract.WRITE_KEY_PARAMETER!r} (ecomsearch clients: write_key=...)",
-                pb_utils.TritonError.INVALID_ARG,
-            )
+            return self.unauthorised()
         started = time.perf_counter()
         try:
             write = self.parse(request)
@@ -318,25 +289,18 @@ class CatalogModel:
                 what = f"delete of {len(write.delete_ids)} ids"
             sequence_number = result.last_seq if result.last_seq is not None else self.store.head()
         except RequestError as e:
-            return self._error(str(e), pb_utils.TritonError.INVALID_ARG)
+            return self.error(str(e), pb_utils.TritonError.INVALID_ARG)
         except EmbeddingError as e:
             self.logger.log_warn(f"catalog: nothing written: {e}")
-            return self._error(f"nothing was written: {e}", e.code)
+            return self.error(f"nothing was written: {e}", e.code)
         except Exception as e:  # the store failed, or a bug: INTERNAL, logged in full
-            return self._internal(e)
+            return self.internal(e)
         milliseconds = (time.perf_counter() - started) * 1000
         self.logger.log_info(
             f"catalog: {what}: {result.changed} changed, seq {sequence_number}, "
             f"{milliseconds:.1f} ms"
         )
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor(
-                    contract.SEQUENCE_NUMBER, np.array([sequence_number], dtype=np.int64)
-                ),
-                pb_utils.Tensor(contract.CHANGED, np.array([result.changed], dtype=np.int64)),
-            ]
-        )
+        return self.acknowledge(sequence_number, contract.CHANGED, result.changed)
 
     def upsert(self, products: Sequence[Product]) -> tuple[WriteResult, int]:
         """Writes `products` (validated) in one transaction; returns the result and how many
@@ -372,23 +336,3 @@ class CatalogModel:
 
     def delete(self, ids: Sequence[str]) -> WriteResult:
         return self.store.delete(ids)
-
-    def _error(self, message: str, code: int):
-        pb_utils = self.pb_utils
-        return pb_utils.InferenceResponse(
-            output_tensors=[], error=pb_utils.TritonError(message, code)
-        )
-
-    def _internal(self, error: Exception):
-        """INTERNAL: the traceback goes to the server log under an id, the writer gets the id
-        (no paths, no connection strings)."""
-        error_id = uuid.uuid4().hex[:12]
-        self.logger.log_error(
-            f"catalog: internal error {error_id}, nothing acknowledged: "
-            + "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        )
-        return self._error(
-            f"the catalog write failed (internal error {error_id}, see the server log); "
-            "retrying the same write is safe",
-            self.pb_utils.TritonError.INTERNAL,
-        )

@@ -207,13 +207,7 @@ class RetrieveModel(BatchedModel):
                 warn=pb_utils.Logger.log_warn,
                 interval_s=settings.catalog_poll_interval_ms / 1000,
                 compact_delta_rows=settings.compact_delta_rows,
-            )
-            model.live.check_store()
-            # The catalog as the store has it now, before the model reports ready.
-            model.live.follower.catch_up(model.live.follower.store())
-            with model.lock:
-                model.live.drain()
-            model.live.start()
+            ).catch_up_and_start()
         catalog = retriever.catalog
         pb_utils.Logger.log_info(
             f"retrieve: {catalog.live_count} products ({manifest.count} in the "

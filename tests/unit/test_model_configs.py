@@ -52,11 +52,17 @@ def test_repository_has_the_pipeline_models():
         contract.SEARCH_MODEL,
         contract.SEARCH_UNRANKED_MODEL,
         contract.CATALOG_MODEL,
+        contract.EVENTS_MODEL,
+        contract.RECOMMEND_CANDIDATES_MODEL,
+        contract.RECOMMEND_RANKER_MODEL,
+        contract.RECOMMEND_MODEL,
+        contract.SIMILAR_CANDIDATES_MODEL,
+        contract.SIMILAR_MODEL,
     }
 
 
-# One request is one write and one store transaction: the catalog model must not batch.
-UNBATCHED = {contract.CATALOG_MODEL}
+# One request is one write and one store transaction: the writing models must not batch.
+UNBATCHED = {contract.CATALOG_MODEL, contract.EVENTS_MODEL}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
@@ -156,13 +162,21 @@ def graph_tensors(values) -> dict[str, tuple[int, list[int]]]:
 
 @pytest.mark.parametrize(
     ("name", "second_axis"),
-    [(contract.ENCODER_MODEL, "sequence"), (contract.RANKER_MODEL, "candidates")],
+    [
+        (contract.ENCODER_MODEL, "sequence"),
+        (contract.RANKER_MODEL, "candidates"),
+        (contract.RECOMMEND_RANKER_MODEL, "candidates"),
+    ],
 )
 def test_onnx_model_configs_match_their_graphs(name, second_axis):
     config = default_configs()[name]
     assert config.backend == "onnxruntime"
     layout = ModelRepositoryLayout(REPOSITORY)
-    path = layout.encoder_onnx if name == contract.ENCODER_MODEL else layout.ranker_onnx
+    path = {
+        contract.ENCODER_MODEL: layout.encoder_onnx,
+        contract.RANKER_MODEL: layout.ranker_onnx,
+        contract.RECOMMEND_RANKER_MODEL: layout.recommend_ranker_onnx,
+    }[name]
     if not path.is_file():
         pytest.fail(f"{path} missing: run `make test`, which exports the encoder first")
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -182,7 +196,24 @@ def test_ranker_was_trained_on_the_features_retrieve_computes():
     assert list(features.dims) == [-1, len(FEATURE_NAMES)]
 
 
-@pytest.mark.parametrize("name", [contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL])
+def test_recommend_ranker_was_trained_on_the_features_its_candidates_carry():
+    from ecomsearch.recommend.candidates import FEATURE_NAMES as RECOMMEND_FEATURES
+
+    info = json.loads(ModelRepositoryLayout(REPOSITORY).recommender_info.read_text())
+    assert info["feature_names"] == list(RECOMMEND_FEATURES)
+    outputs = tensors(default_configs()[contract.RECOMMEND_CANDIDATES_MODEL].output)
+    assert outputs[contract.CANDIDATE_FEATURES] == (mc.TYPE_FP32, [-1, len(RECOMMEND_FEATURES)])
+
+
+ENSEMBLES = [
+    contract.SEARCH_MODEL,
+    contract.SEARCH_UNRANKED_MODEL,
+    contract.RECOMMEND_MODEL,
+    contract.SIMILAR_MODEL,
+]
+
+
+@pytest.mark.parametrize("name", ENSEMBLES)
 def test_ensemble_maps_refer_to_real_tensors_with_matching_types(name):
     configs = default_configs()
     ensemble = configs[name]
@@ -227,31 +258,51 @@ def test_the_filter_tensors_are_the_contracts():
     assert set(FILTER_TENSORS) == set(contract.FILTER_INPUTS)
 
 
-@pytest.mark.parametrize("name", [contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL])
+# What each ensemble takes before the filters (which all of them take, optional, at the end).
+ENSEMBLE_INPUTS = {
+    contract.SEARCH_MODEL: {contract.QUERY: (mc.TYPE_STRING, [1])},
+    contract.SEARCH_UNRANKED_MODEL: {contract.QUERY: (mc.TYPE_STRING, [1])},
+    contract.RECOMMEND_MODEL: {
+        contract.USER_ID: (mc.TYPE_STRING, [1]),
+        contract.RECENT_PRODUCT_IDS: (mc.TYPE_STRING, [-1]),
+    },
+    contract.SIMILAR_MODEL: {contract.PRODUCT_ID: (mc.TYPE_STRING, [1])},
+}
+# The step that takes the filters: the one that makes the candidates.
+CANDIDATE_STEP = {
+    contract.SEARCH_MODEL: contract.RETRIEVE_MODEL,
+    contract.SEARCH_UNRANKED_MODEL: contract.RETRIEVE_MODEL,
+    contract.RECOMMEND_MODEL: contract.RECOMMEND_CANDIDATES_MODEL,
+    contract.SIMILAR_MODEL: contract.SIMILAR_CANDIDATES_MODEL,
+}
+
+
+@pytest.mark.parametrize("name", ENSEMBLES)
 def test_ensemble_contract_is_the_clients(name):
     ensemble = default_configs()[name]
     assert tensors(ensemble.input) == {
-        contract.QUERY: (mc.TYPE_STRING, [1]),
+        **ENSEMBLE_INPUTS[name],
         contract.TOP_K: (mc.TYPE_INT32, [1]),
         **FILTER_TENSORS,
     }
-    assert [t.name for t in ensemble.input if t.optional] == [
-        contract.TOP_K,
-        *contract.FILTER_INPUTS,
-    ]
+    optional = [contract.TOP_K, *contract.FILTER_INPUTS]
+    if name == contract.RECOMMEND_MODEL:
+        optional = [contract.RECENT_PRODUCT_IDS, *optional]
+    assert [t.name for t in ensemble.input if t.optional] == optional
     assert tensors(ensemble.output) == RESULT_TENSORS
     assert ensemble.max_batch_size == contract.MAX_QUERIES_PER_REQUEST
 
 
-@pytest.mark.parametrize("name", [contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL])
-def test_ensembles_pass_the_filters_to_retrieve_and_the_labels_from_select(name):
+@pytest.mark.parametrize("name", ENSEMBLES)
+def test_ensembles_pass_the_filters_to_their_candidates_and_the_labels_from_select(name):
     """The maps test allows an optional input to go unmapped: a filter the ensemble accepted
     but never passed on would be silently ignored."""
     steps = {s.model_name: s for s in default_configs()[name].ensemble_scheduling.step}
-    retrieve_inputs = dict(steps[contract.RETRIEVE_MODEL].input_map)
-    assert {f: retrieve_inputs.get(f) for f in contract.FILTER_INPUTS} == {
-        f: f for f in contract.FILTER_INPUTS
-    }
+    candidate_inputs = dict(steps[CANDIDATE_STEP[name]].input_map)
+    passed_on = [*ENSEMBLE_INPUTS[name], *contract.FILTER_INPUTS]
+    assert {f: candidate_inputs.get(f) for f in passed_on} == {f: f for f in passed_on}
+    select_inputs = dict(steps[contract.SELECT_MODEL].input_map)
+    assert select_inputs[contract.TOP_K] == contract.TOP_K
     select_outputs = dict(steps[contract.SELECT_MODEL].output_map)
     assert select_outputs == {t: t for t in RESULT_TENSORS}
 
@@ -297,6 +348,35 @@ def test_models_use_the_contract_names(profile):
         contract.SEQUENCE_NUMBER: (mc.TYPE_INT64, [1]),
         contract.CHANGED: (mc.TYPE_INT64, [1]),
     }
+    events = profile_config(contract.EVENTS_MODEL, profile)
+    assert tensors(events.input) == {
+        contract.EVENT_USER_IDS: (mc.TYPE_STRING, [-1]),
+        contract.EVENT_PRODUCT_IDS: (mc.TYPE_STRING, [-1]),
+        contract.EVENT_KINDS_INPUT: (mc.TYPE_STRING, [-1]),
+        contract.EVENT_QUANTITIES: (mc.TYPE_INT32, [-1]),
+        contract.EVENT_TIMESTAMPS: (mc.TYPE_FP64, [-1]),
+    }
+    assert [t.name for t in events.input if t.optional] == [
+        contract.EVENT_QUANTITIES,
+        contract.EVENT_TIMESTAMPS,
+    ]
+    assert tensors(events.output) == {
+        contract.SEQUENCE_NUMBER: (mc.TYPE_INT64, [1]),
+        contract.RECORDED: (mc.TYPE_INT64, [1]),
+    }
+    recommend = profile_config(contract.RECOMMEND_CANDIDATES_MODEL, profile)
+    assert [t.name for t in recommend.output] == [
+        contract.CANDIDATE_ROWS,
+        contract.CANDIDATE_FEATURES,
+    ]
+    similar = profile_config(contract.SIMILAR_CANDIDATES_MODEL, profile)
+    assert tensors(similar.output) == {
+        contract.CANDIDATE_ROWS: (mc.TYPE_INT64, [-1]),
+        contract.CANDIDATE_SCORES: (mc.TYPE_FP32, [-1]),
+    }
+    recommend_ranker = profile_config(contract.RECOMMEND_RANKER_MODEL, profile)
+    assert [t.name for t in recommend_ranker.input] == [contract.CANDIDATE_FEATURES]
+    assert [t.name for t in recommend_ranker.output] == [contract.RANKING_SCORES]
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
@@ -313,5 +393,9 @@ def test_parameters_are_tunables_never_paths_or_contract_limits(path):
         # The native ONNX Runtime backend's own parameter names (the drop-in honours them).
         contract.ENCODER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
         contract.RANKER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
+        contract.RECOMMEND_RANKER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
+        # The candidate models follow the catalog as retrieve does (ecomsearch.serving.recommend).
+        contract.RECOMMEND_CANDIDATES_MODEL: {"catalog_poll_interval_ms", "compact_delta_rows"},
+        contract.SIMILAR_CANDIDATES_MODEL: {"catalog_poll_interval_ms", "compact_delta_rows"},
     }.get(config.name, set())
     assert set(config.parameters) <= known, config.name

@@ -42,12 +42,15 @@ def test_the_checked_in_repository_is_what_the_layout_describes() -> None:
     layout = ModelRepositoryLayout(MODEL_REPOSITORY)
     assert layout.ranker_onnx.is_file() and layout.ranker_info.is_file()
     assert layout.ranker_card.is_file()
+    assert layout.recommend_ranker_onnx.is_file() and layout.recommender_info.is_file()
+    assert layout.recommend_ranker_card.is_file()
     # Generated artefacts are never committed, in whichever version they are written (a file
-    # inside a generated directory stands for the directory, which may not exist yet).
+    # inside a generated directory stands for the directory, which may not exist yet; the
+    # index is a symlink once built, which git will not look beyond, so it stands for itself).
     layout = ModelRepositoryLayout(MODEL_REPOSITORY)
     for version in ("1", "2"):
         for path in layout.generated():
-            if path in (layout.tokenizer_dir, layout.index_dir):
+            if path == layout.tokenizer_dir:
                 path = path / "manifest.json"
             relative = str(path.relative_to(MODEL_REPOSITORY)).replace("/1/", f"/{version}/")
             candidate = MODEL_REPOSITORY / relative
