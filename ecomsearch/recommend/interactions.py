@@ -243,7 +243,8 @@ class Interactions:
 
     @property
     def size(self) -> int:
-        """One more than the largest product key seen (the length of the per-key arrays)."""
+        """The length of the per-key arrays: above every product key seen (they grow by
+        doubling, so it depends on how the log was applied; the arrays' contents do not)."""
         return self._size
 
     def popularity(self) -> np.ndarray:
