@@ -205,31 +205,72 @@ def _stock_column(in_stock: bool | None) -> str:
     return "" if in_stock is None else "in stock" if in_stock else "out of stock"
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def _filters(args: argparse.Namespace) -> dict:
+    return {
+        "category": args.category,
+        "brand": args.brand,
+        "min_price": args.min_price,
+        "max_price": args.max_price,
+        "in_stock": args.in_stock,
+    }
+
+
+def _print_hits(hits: list, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([hit.__dict__ for hit in hits], indent=2))
+        return
+    for rank, hit in enumerate(hits, start=1):
+        print(
+            f"{rank:3d}  {hit.score:6.3f}  {_price_column(hit.price):>9}  "
+            f"{_stock_column(hit.in_stock):<12}  {hit.product_id:<28} {hit.title}"
+        )
+
+
+def _ask(args: argparse.Namespace, call) -> int:
+    """Runs `call(client)` against a running server and prints its hits."""
     from ecomsearch.client import SearchClient, SearchError
 
     try:
         with SearchClient(args.url, timeout_s=args.timeout_s) as client:
-            hits = client.search(
-                args.query,
-                k=args.k,
-                category=args.category,
-                brand=args.brand,
-                min_price=args.min_price,
-                max_price=args.max_price,
-                in_stock=args.in_stock,
-            )
+            hits = call(client)
     except SearchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps([hit.__dict__ for hit in hits], indent=2))
-    else:
-        for rank, hit in enumerate(hits, start=1):
-            print(
-                f"{rank:3d}  {hit.score:6.3f}  {_price_column(hit.price):>9}  "
-                f"{_stock_column(hit.in_stock):<12}  {hit.product_id:<28} {hit.title}"
-            )
+    _print_hits(hits, args.json)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    return _ask(args, lambda client: client.search(args.query, k=args.k, **_filters(args)))
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    return _ask(
+        args,
+        lambda client: client.recommend(
+            args.user_id, k=args.k, recent_product_ids=args.recent, **_filters(args)
+        ),
+    )
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    return _ask(args, lambda client: client.similar(args.product_id, k=args.k, **_filters(args)))
+
+
+def cmd_events_record(args: argparse.Namespace) -> int:
+    from ecomsearch.client import SearchClient, SearchError, ShopperEvent
+
+    events = [
+        ShopperEvent(args.user_id, product_id, args.kind, args.quantity)
+        for product_id in args.product_ids
+    ]
+    try:
+        with SearchClient(args.url, write_key=_write_key(args.write_key_file)) as client:
+            ack = client.record_events(events, timeout_s=args.timeout_s)
+    except SearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{ack.recorded} events recorded; the event log is at {ack.sequence_number}")
     return 0
 
 
@@ -376,6 +417,26 @@ def cmd_train_recommender(args: argparse.Namespace) -> int:
         record["max_abs_difference"],
         layout.recommend_ranker_card,
     )
+    return 0
+
+
+def cmd_eval_recs(args: argparse.Namespace) -> int:
+    from ecomsearch.export.ranker import export_recommend_ranker
+    from ecomsearch.recommend.evaluation import run_eval_recs
+
+    run_eval_recs(
+        args.transactions,
+        args.catalog,
+        args.cutoff,
+        args.out,
+        cache_dir=args.cache_dir,
+        source_repository=_layout(args).root,
+        export=export_recommend_ranker,
+        seed=args.seed,
+        limit=args.limit,
+        similar_anchors=args.similar_anchors,
+    )
+    log.info("wrote %s and %s", args.out / "recs.json", args.out / "recs.md")
     return 0
 
 
@@ -773,6 +834,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_repository(train_recs)
     train_recs.set_defaults(handler=cmd_train_recommender)
 
+    eval_recs = command(
+        "eval-recs",
+        "recommendation quality on a time split, replayed through a server of its own",
+    )
+    _add_transactions(eval_recs)
+    eval_recs.add_argument(
+        "--cutoff",
+        type=_cutoff_s,
+        required=True,
+        help="train on purchases before this date (UTC), test on the baskets from it on",
+    )
+    eval_recs.add_argument(
+        "--out", type=Path, default=Path("results/recs"), help="where recs.json and recs.md go"
+    )
+    eval_recs.add_argument("--seed", type=int, default=0, help="training and sampling seed")
+    eval_recs.add_argument("--limit", type=int, help="only the first N test baskets (smoke runs)")
+    eval_recs.add_argument(
+        "--similar-anchors",
+        type=int,
+        default=1000,
+        help="(test basket, product) pairs `similar` is measured on",
+    )
+    _add_cache_dir(eval_recs)
+    _add_model_repository(eval_recs)
+    eval_recs.set_defaults(handler=cmd_eval_recs)
+
     evaluate = command("eval", "relevance of the served pipeline")
     _add_judged_catalog(evaluate)
     evaluate.add_argument(
@@ -955,23 +1042,82 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--web", action="store_true", help="Locust's web UI instead of headless")
     load.set_defaults(handler=cmd_loadtest)
 
-    search = command("search", "query a running server")
+    def asking(name: str, help: str) -> argparse.ArgumentParser:
+        """A command that asks a running server for products, with the filters."""
+        parser = command(name, help)
+        parser.add_argument("-k", type=int, default=contract.DEFAULT_TOP_K, help="how many results")
+        parser.add_argument("--url", default=contract.DEFAULT_GRPC_URL, help="gRPC host:port")
+        parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of the request")
+        parser.add_argument(
+            "--category", help='only this category or below it, e.g. "Components > Storage"'
+        )
+        parser.add_argument("--brand", help="only this brand (case-insensitive)")
+        parser.add_argument("--min-price", type=float, help="only products priced at least this")
+        parser.add_argument("--max-price", type=float, help="only products priced at most this")
+        parser.add_argument("--in-stock", action="store_true", help="only products in stock")
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        return parser
+
+    search = asking("search", "query a running server")
     search.add_argument("query", help="what the shopper typed")
-    search.add_argument("-k", type=int, default=contract.DEFAULT_TOP_K, help="how many results")
-    search.add_argument("--url", default=contract.DEFAULT_GRPC_URL, help="gRPC host:port")
-    search.add_argument("--timeout-s", type=float, default=5.0, help="deadline of the request")
-    search.add_argument(
-        "--category", help='only this category or below it, e.g. "Components > Storage"'
-    )
-    search.add_argument("--brand", help="only this brand (case-insensitive)")
-    search.add_argument("--min-price", type=float, help="only products priced at least this")
-    search.add_argument("--max-price", type=float, help="only products priced at most this")
-    search.add_argument("--in-stock", action="store_true", help="only products in stock")
-    search.add_argument("--json", action="store_true", help="print JSON")
     search.set_defaults(handler=cmd_search)
 
+    recommend = asking("recommend", "recommendations for a shopper from a running server")
+    recommend.add_argument("user_id", help="the shopper (unknown or empty: the popular products)")
+    recommend.add_argument(
+        "--recent",
+        nargs="+",
+        default=[],
+        metavar="PRODUCT_ID",
+        help="products of this session the event log does not hold yet",
+    )
+    recommend.set_defaults(handler=cmd_recommend)
+
+    similar = asking("similar", "products bought with a product, or like it")
+    similar.add_argument("product_id", help="a product of the live catalog")
+    similar.set_defaults(handler=cmd_similar)
+
     _add_catalog_commands(command)
+    _add_events_commands(command)
     return parser
+
+
+def _write_options(parser: argparse.ArgumentParser) -> None:
+    """What every write command takes: where, how long, and the write key."""
+    from ecomsearch.client.protocol import DEFAULT_WRITE_TIMEOUT_S
+
+    parser.add_argument("--url", default=contract.DEFAULT_GRPC_URL, help="gRPC host:port")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=DEFAULT_WRITE_TIMEOUT_S,
+        help="deadline of each write (a write that timed out may still have been made; "
+        "sending it again is safe)",
+    )
+    parser.add_argument(
+        "--write-key-file",
+        type=Path,
+        help="file holding the server's write key; else $ECOMSEARCH_WRITE_KEY; else none "
+        "(a server on loopback without a key takes writes without one)",
+    )
+
+
+def _add_events_commands(command) -> None:
+    """`ecomsearch events record ...`: shoppers' events into a running server's event log."""
+    events = command("events", "record shoppers' events on a running server")
+    actions = events.add_subparsers(dest="events_command", required=True, help="the write")
+    record = actions.add_parser(
+        "record",
+        help="record one shopper's events (one write: all or none)",
+        description="record one shopper's events, one per product, now; one write: all or none",
+        formatter_class=_Formatter,
+    )
+    record.add_argument("user_id", help="the shopper")
+    record.add_argument("kind", choices=contract.EVENT_KINDS, help="what the shopper did")
+    record.add_argument("product_ids", nargs="+", help="products of the live catalog")
+    record.add_argument("--quantity", type=int, default=1, help="quantity of each event")
+    _write_options(record)
+    record.set_defaults(handler=cmd_events_record)
 
 
 def _add_store(parser: argparse.ArgumentParser, help: str, otherwise: str) -> None:
@@ -1076,27 +1222,13 @@ def _batch_size(text: str) -> int:
 
 def _add_catalog_commands(command) -> argparse._SubParsersAction:
     """`ecomsearch catalog ...`: writes to the live catalog of a running server."""
-    from ecomsearch.client.protocol import DEFAULT_WRITE_TIMEOUT_S
 
     catalog = command("catalog", "write to the live catalog of a running server")
     actions = catalog.add_subparsers(dest="catalog_command", required=True, help="the write")
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
         parser = actions.add_parser(name, help=help, description=help, formatter_class=_Formatter)
-        parser.add_argument("--url", default=contract.DEFAULT_GRPC_URL, help="gRPC host:port")
-        parser.add_argument(
-            "--timeout-s",
-            type=float,
-            default=DEFAULT_WRITE_TIMEOUT_S,
-            help="deadline of each write (a write that timed out may still have been made; "
-            "sending it again is safe)",
-        )
-        parser.add_argument(
-            "--write-key-file",
-            type=Path,
-            help="file holding the server's write key; else $ECOMSEARCH_WRITE_KEY; else none "
-            "(a server on loopback without a key takes writes without one)",
-        )
+        _write_options(parser)
         return parser
 
     upsert = action(
