@@ -2,8 +2,10 @@
 
 Each backend gets its own server (two `retrieve` and two `select` instances, as the CPU
 profile ships) over its own copy of the fixture catalog, so the writes here never reach the
-session server other tests search. In order: exact filters, a batch with one bad product, then
-16 searchers and one writer at once followed by kill -9 of the server and a restart.
+session server other tests search. In order: exact filters, a batch with one bad product,
+shoppers' events shaping `recommend` and `similar`, compaction under load, two servers on one
+store, then 16 searchers and one writer at once followed by kill -9 of the server and a
+restart.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ecomsearch import contract
-from ecomsearch.client import SearchClient
+from ecomsearch.client import SearchClient, ShopperEvent
 from ecomsearch.client.errors import BadRequestError
 from ecomsearch.index.builder import build_index
 from ecomsearch.index.manifest import IndexManifest
@@ -212,6 +214,49 @@ def test_a_batch_with_one_bad_product_writes_nothing(live: LiveServer) -> None:
         client.delete_products(["batch-good-1"])
 
 
+# --- shoppers' events, recommend and similar ------------------------------------------------
+
+
+def test_events_shape_recommendations_within_a_second_and_a_bad_write_records_nothing(
+    live: LiveServer,
+) -> None:
+    products = store_state(live.store_url)
+    rng = random.Random(11)
+    ids = sorted(products)
+    bought = rng.sample(ids, 3)
+    shopper = f"shopper-{rng.randrange(10**6)}"
+    with (
+        SearchClient(live.grpc_url, write_key=WRITE_KEY) as client,
+        open_store(live.store_url) as store,
+    ):
+        head = store.events_head()
+        # A shopper the log has never seen gets the non-personal answer, k of them.
+        assert len(client.recommend(shopper, k=10)) == 10
+        purchases = [ShopperEvent(shopper, product_id, "purchase") for product_id in bought]
+        with pytest.raises(BadRequestError, match="no-such-product"):
+            client.record_events([*purchases, ShopperEvent(shopper, "no-such-product", "view")])
+        with SearchClient(live.grpc_url) as keyless, pytest.raises(BadRequestError, match="key"):
+            keyless.record_events(purchases)
+        assert store.events_head() == head
+        ack = client.record_events(purchases)  # one write, one time: one basket
+        assert (ack.recorded, ack.sequence_number) == (3, head + 3)
+        time.sleep(VISIBILITY_WINDOW_S)
+        # Their own purchases now lead their recommendations.
+        assert set(bought) <= {h.product_id for h in client.recommend(shopper, k=10)}
+        # Filters as search's: exact, and k whenever k products pass.
+        cheap = {pid for pid, p in products.items() if p["price"] is not None and p["price"] <= 50}
+        hits = client.recommend(shopper, k=10, max_price=50.0)
+        assert {h.product_id for h in hits} <= cheap and len(hits) == min(10, len(cheap))
+        # Bought together: each of the basket's products is similar to the others.
+        similar = {h.product_id for h in client.similar(bought[0], k=5)}
+        assert set(bought[1:]) <= similar and bought[0] not in similar
+        # A product nobody bought still has neighbours (its embedding's).
+        unbought = next(pid for pid in ids if pid not in bought)
+        assert len(client.similar(unbought, k=5)) == 5
+        with pytest.raises(BadRequestError, match="no live product"):
+            client.similar("no-such-product")
+
+
 # --- compaction under load ------------------------------------------------------------------
 
 
@@ -298,6 +343,12 @@ def test_a_second_server_on_the_same_store_serves_the_first_ones_writes(
         with SearchClient(second.grpc_url, write_key=WRITE_KEY) as second_client:
             (hit,) = second_client.search("zyxtwin", k=1)
             assert (hit.product_id, hit.price) == ("two-servers-1", 5.0)
+            # Events too: a purchase recorded through one server shapes the other's answers.
+            with SearchClient(live.grpc_url, write_key=WRITE_KEY) as first_client:
+                first_client.record_events([ShopperEvent("two-servers-shopper", "two-servers-1")])
+            time.sleep(VISIBILITY_WINDOW_S)
+            hits = second_client.recommend("two-servers-shopper", k=10)
+            assert "two-servers-1" in [h.product_id for h in hits]
             # The other way round, and with the first server stopped: the second serves on.
             assert live.server is not None
             live.server.stop()
