@@ -261,7 +261,7 @@ def cmd_events_record(args: argparse.Namespace) -> int:
     from ecomsearch.client import SearchClient, SearchError, ShopperEvent
 
     events = [
-        ShopperEvent(args.user_id, product_id, args.kind, args.quantity)
+        ShopperEvent(args.user_id, product_id, args.kind, args.quantity, args.timestamp_s)
         for product_id in args.product_ids
     ]
     try:
@@ -1109,13 +1109,19 @@ def _add_events_commands(command) -> None:
     record = actions.add_parser(
         "record",
         help="record one shopper's events (one write: all or none)",
-        description="record one shopper's events, one per product, now; one write: all or none",
+        description="record one shopper's events, one per product; one write: all or none",
         formatter_class=_Formatter,
     )
     record.add_argument("user_id", help="the shopper")
     record.add_argument("kind", choices=contract.EVENT_KINDS, help="what the shopper did")
     record.add_argument("product_ids", nargs="+", help="products of the live catalog")
     record.add_argument("--quantity", type=int, default=1, help="quantity of each event")
+    record.add_argument(
+        "--timestamp-s",
+        type=float,
+        help="when it happened, seconds since the epoch (UTC); default: when the server "
+        "receives it",
+    )
     _write_options(record)
     record.set_defaults(handler=cmd_events_record)
 
