@@ -77,7 +77,15 @@ def test_help_renders_from_the_command_line() -> None:
 
 
 def test_nested_subcommands_are_found() -> None:
-    assert {"catalog", "catalog upsert", "catalog delete", "search"} <= set(subcommands())
+    assert {
+        "catalog",
+        "catalog upsert",
+        "catalog delete",
+        "search",
+        "recommend",
+        "similar",
+        "events record",
+    } <= set(subcommands())
 
 
 # --- Commands that talk to a server, against a fake client ------------------------------------
@@ -123,6 +131,25 @@ class FakeClient:
     def upsert_products(self, products, timeout_s):
         return self._write("upsert", products, timeout_s)
 
+    def recommend(self, user_id, k, recent_product_ids=(), **filters):
+        self.searches.append(
+            {"user_id": user_id, "k": k, "recent_product_ids": list(recent_product_ids), **filters}
+        )
+        return self.search("", k)[:1]
+
+    def similar(self, product_id, k, **filters):
+        self.searches.append({"product_id": product_id, "k": k, **filters})
+        return self.search("", k)
+
+    def record_events(self, events, timeout_s):
+        from ecomsearch.client import BadRequestError, EventsAck
+
+        if FakeClient.fail_on_write == len(self.writes):
+            raise BadRequestError("nothing was written: no live product 'x' (INVALID_ARGUMENT)")
+        self.writes.append(("events", list(events), timeout_s))
+        self.seq += len(events)
+        return EventsAck(self.seq, len(events))
+
     def delete_products(self, ids, timeout_s):
         return self._write("delete", ids, timeout_s)
 
@@ -167,6 +194,50 @@ def test_search_json_carries_price_and_stock(fake_client, capsys) -> None:
     hits = json.loads(capsys.readouterr().out)
     assert hits[0]["price"] == 19.5 and hits[1]["price"] is None
     assert [hit["in_stock"] for hit in hits] == [True, False]
+
+
+def test_recommend_and_similar_send_what_they_were_given(fake_client, capsys) -> None:
+    assert cli.main(["recommend", "shopper-1", "-k", "3", "--recent", "a", "b", "--in-stock"]) == 0
+    assert cli.main(["similar", "sku-1", "--max-price", "20"]) == 0
+    recommend_client, similar_client = fake_client.instances
+    no_filters = {"category": None, "brand": None, "min_price": None, "max_price": None}
+    assert recommend_client.searches[0] == {
+        "user_id": "shopper-1",
+        "k": 3,
+        "recent_product_ids": ["a", "b"],
+        **no_filters,
+        "in_stock": True,
+    }
+    assert similar_client.searches[0] == {
+        "product_id": "sku-1",
+        "k": 10,
+        **{**no_filters, "max_price": 20.0},
+        "in_stock": False,
+    }
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "Wireless mouse" in lines[0]
+
+
+def test_events_record_sends_one_write_of_one_event_per_product(fake_client, capsys) -> None:
+    from ecomsearch.client import ShopperEvent
+
+    argv = ["events", "record", "shopper-1", "purchase", "sku-1", "sku-2", "--quantity", "2"]
+    assert cli.main([*argv, "--timestamp-s", "1000.5", "--timeout-s", "4"]) == 0
+    (client,) = fake_client.instances
+    assert client.writes == [
+        (
+            "events",
+            [
+                ShopperEvent("shopper-1", "sku-1", "purchase", 2, 1000.5),
+                ShopperEvent("shopper-1", "sku-2", "purchase", 2, 1000.5),
+            ],
+            4.0,
+        )
+    ]
+    assert "2 events recorded" in capsys.readouterr().out
+    fake_client.fail_on_write = 0  # the next command's client refuses its first write
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.startswith("error: nothing was written")
 
 
 def write_changes(path, count: int, **extra) -> None:
