@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -376,6 +377,11 @@ def build_event_inputs(grpc_module, events: Sequence[ShopperEvent | Mapping]) ->
             )
         _one_string(event.user_id, f"event {position}: user_id", contract.MAX_USER_ID_BYTES)
         _check_id(event.product_id, f"event {position}")
+        if event.timestamp_s is not None and not _is_timestamp(event.timestamp_s):
+            raise BadRequestError(
+                f"event {position}: timestamp_s must be finite seconds since the epoch (>= 0) "
+                f"or None, got {event.timestamp_s!r}"
+            )
         parsed.append(event)
     n = len(parsed)
 
@@ -397,10 +403,18 @@ def build_event_inputs(grpc_module, events: Sequence[ShopperEvent | Mapping]) ->
         times = np.array(
             [now if e.timestamp_s is None else e.timestamp_s for e in parsed], dtype=np.float64
         )
-        if not np.isfinite(times).all() or (times < 0).any():
-            raise BadRequestError("timestamps must be finite seconds since the epoch")
         inputs.append(_tensor(grpc_module, contract.EVENT_TIMESTAMPS, times, "FP64"))
     return inputs
+
+
+def _is_timestamp(value: object) -> bool:
+    """The server's rule for a timestamp: a real number (not a bool), finite, >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value) and value >= 0
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def parse_events_ack(result) -> EventsAck:

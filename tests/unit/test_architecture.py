@@ -28,6 +28,8 @@ TOOLING = (
     "ecomsearch.export",
     "ecomsearch.loadtest",
     "ecomsearch.evaluation.harness",
+    # eval-recs: starts its own server, like `ecomsearch eval`'s harness.
+    "ecomsearch.recommend.evaluation",
 )
 CLIENT = "ecomsearch.client"
 # What the thin client may import from the rest of the package: the contract, and the query

@@ -26,7 +26,8 @@ def test_the_server_extra_installs_what_the_python_models_import() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert "ecomsearch[python-backend]" in extras["server"]
     backend = {re.split(r"[\[<>=]", r)[0]: r for r in extras["python-backend"]}
-    assert set(backend) == {"numpy", "tokenizers", "bm25s", "psycopg"}
+    # scipy: the recommenders' co-purchase counts are a sparse matrix.
+    assert set(backend) == {"numpy", "tokenizers", "bm25s", "psycopg", "scipy"}
     assert "<2" in backend["numpy"], "the Python backend stub breaks under numpy 2"
     # ecomsearch.lexical reads bm25s's score matrices: an unbounded upgrade could change them.
     assert "<0.4" in backend["bm25s"]
