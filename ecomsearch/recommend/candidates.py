@@ -56,6 +56,16 @@ FEATURE_COUNT = len(FEATURE_NAMES)
 
 
 @dataclass(frozen=True)
+class Seeds:
+    """The recent products a user's candidates and features start from, with what both need of
+    them, computed once a request."""
+
+    keys: list[int]
+    copurchases: list[tuple[np.ndarray, np.ndarray]]  # each seed's (keys, co-purchase scores)
+    centre: np.ndarray | None  # the normalised mean of their embeddings; None without seeds
+
+
+@dataclass(frozen=True)
 class Candidates:
     keys: np.ndarray  # int64 [n], store keys, distinct
     features: np.ndarray  # float32 [n, FEATURE_COUNT]
@@ -72,6 +82,10 @@ class Recommender:
     def __init__(self, interactions: Interactions, catalog: LiveCatalog) -> None:
         self.interactions = interactions
         self.catalog = catalog
+        # Every catalog row, most popular first, and the state it was sorted in: sorting the
+        # whole catalog is the costliest step of a request, and only an event or a new row
+        # changes the order (deleted rows are skipped when it is read).
+        self._popular_order: tuple[tuple, np.ndarray] | None = None
 
     # --- keys and the catalog -----------------------------------------------------------------
 
@@ -99,17 +113,21 @@ class Recommender:
         """The `count` most popular live products passing the mask: decayed popularity, then
         basket count; products never bought follow in key order, so a filter that matches k
         products always yields k."""
-        catalog = self.catalog
-        rows = np.flatnonzero(catalog.alive if allowed is None else allowed)
-        keys = catalog.keys[rows]
-        interactions = self.interactions
-        known = keys < interactions.size
-        recent = np.zeros(len(keys))
-        total = np.zeros(len(keys))
-        recent[known] = interactions.popularity()[keys[known]]
-        total[known] = interactions.basket_counts[keys[known]]
-        order = np.lexsort((keys, -total, -recent))[:count]
-        return keys[order]
+        order = self._popular_rows()
+        passing = self.catalog.alive if allowed is None else allowed
+        return self.catalog.keys[order[passing[order]][:count]]
+
+    def _popular_rows(self) -> np.ndarray:
+        catalog, interactions = self.catalog, self.interactions
+        state = (id(catalog), catalog.count, interactions.events)
+        if self._popular_order is None or self._popular_order[0] != state:
+            keys = catalog.keys
+            known = keys < interactions.size  # keys no event has named have no counts yet
+            recent, total = np.zeros(len(keys)), np.zeros(len(keys))
+            recent[known] = interactions.popularity()[keys[known]]
+            total[known] = interactions.basket_counts[keys[known]]
+            self._popular_order = (state, np.lexsort((keys, -total, -recent)))
+        return self._popular_order[1]
 
     # --- recommend ----------------------------------------------------------------------------
 
@@ -124,8 +142,7 @@ class Recommender:
         interactions = self.interactions
         history = interactions.user(user_id)
         allowed = self.catalog.allowed(search_filter)
-        seeds = list(dict.fromkeys([*recent_keys, *(history.recent_keys() if history else [])]))
-        seeds = [key for key in seeds if self.catalog.row_of(key) is not None][:SEED_ITEMS]
+        seeds = self.seeds([*recent_keys, *(history.recent_keys() if history else [])])
         sources = []
         if history is not None and history.items:
             own = np.fromiter(history.items, dtype=np.int64, count=len(history.items))
@@ -136,18 +153,26 @@ class Recommender:
         if copurchase is not None:
             keys, scores = copurchase
             sources.append(keys[np.argsort(-scores, kind="stable")][:COPURCHASE_CANDIDATES])
-        if seeds:
-            centre = self._centre(seeds)
-            _, rows = self.catalog.search(centre[None, :], EMBEDDING_CANDIDATES, allowed)
+        if seeds.centre is not None:
+            _, rows = self.catalog.search(seeds.centre[None, :], EMBEDDING_CANDIDATES, allowed)
             sources.append(self.catalog.keys_of(rows[0][rows[0] >= 0]))
         sources.append(self.popular(max(POPULAR_CANDIDATES, top_k), allowed))
         keys = self._admissible(np.concatenate(sources).astype(np.int64), allowed)
         keys = keys[:MAX_CANDIDATES]
         return Candidates(keys, self.features(keys, history, seeds, set(recent_keys)))
 
-    def _copurchase_totals(self, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
-        parts = [self.copurchase_scores(seed) for seed in seeds]
-        parts = [part for part in parts if len(part[0])]
+    def seeds(self, recent: Sequence[int]) -> Seeds:
+        """The first SEED_ITEMS distinct live products of `recent` (most recent first)."""
+        keys = [key for key in dict.fromkeys(recent) if self.catalog.row_of(key) is not None]
+        keys = keys[:SEED_ITEMS]
+        return Seeds(
+            keys,
+            [self.copurchase_scores(key) for key in keys],
+            self._centre(keys) if keys else None,
+        )
+
+    def _copurchase_totals(self, seeds: Seeds) -> tuple[np.ndarray, np.ndarray] | None:
+        parts = [part for part in seeds.copurchases if len(part[0])]
         if not parts:
             return None
         keys = np.concatenate([keys for keys, _ in parts])
@@ -169,7 +194,7 @@ class Recommender:
         self,
         keys: np.ndarray,
         history: UserHistory | None,
-        seeds: Sequence[int],
+        seeds: Seeds,
         requested: set[int],
     ) -> np.ndarray:
         """float32 [len(keys), FEATURE_COUNT] in FEATURE_NAMES order."""
@@ -202,12 +227,11 @@ class Recommender:
         else:
             put("user_item_days_since_log", _log1p_days(never))
             put("user_days_since_last_log", _log1p_days(never))
-        if seeds:
+        if seeds.keys:
             sums, maxima = np.zeros(n), np.zeros(n)
             order = np.argsort(keys)
             sorted_keys = keys[order]
-            for seed in seeds:
-                found, scores = self.copurchase_scores(seed)
+            for found, scores in seeds.copurchases:
                 if not len(found):
                     continue
                 positions = np.searchsorted(sorted_keys, found)
@@ -219,10 +243,10 @@ class Recommender:
             put("copurchase_sum", sums)
             put("copurchase_max", maxima)
             vectors = catalog.vectors(rows)
-            seed_vectors = catalog.vectors(self.rows_of(seeds))
+            seed_vectors = catalog.vectors(self.rows_of(seeds.keys))
             similarity = vectors @ seed_vectors.T
             put("embedding_max", similarity.max(axis=1))
-            put("embedding_mean", vectors @ self._centre(seeds))
+            put("embedding_mean", vectors @ seeds.centre)
         known = keys < interactions.size
 
         def per_key(values: np.ndarray) -> np.ndarray:

@@ -100,6 +100,8 @@ class LiveRecommender:
         self.lock = lock
         self.live = live
         self.events = events
+        # One recommender for the model's life: it keeps what it can between batches.
+        self.recommender = Recommender(interactions, retriever.catalog)
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils, name: str) -> LiveRecommender:
@@ -150,7 +152,9 @@ class LiveRecommender:
             self.live.drain()
         if self.events is not None:
             self.events.catch_up()
-        return Recommender(self.interactions, self.retriever.catalog)
+        # A compaction may have switched the catalog to a new base version.
+        self.recommender.catalog = self.retriever.catalog
+        return self.recommender
 
     def stop(self) -> None:
         if self.live is not None:
