@@ -47,8 +47,10 @@ class LiveRetriever:
         warn: Callable[[str], None] | None = None,
         interval_s: float = DEFAULT_POLL_INTERVAL_S,
         compact_delta_rows: int = COMPACT_DELTA_ROWS,
+        name: str = "retrieve",
     ) -> None:
         self.retriever = retriever
+        self.name = name  # whose catalog this is, in logs and thread names
         self.index_dir = index_dir
         self.store_url = store_url
         self.lock = lock
@@ -70,7 +72,7 @@ class LiveRetriever:
             interval_s,
             self.warn,
             on_poll=self._after_poll,
-            name="retrieve-follower",
+            name=f"{name}-follower",
         )
 
     def check_store(self) -> None:
@@ -114,7 +116,7 @@ class LiveRetriever:
             old = self.retriever.catalog
             self.retriever.catalog = ready
             self.log(
-                f"retrieve: switched to {ready.version_dir.name} ({ready.base_count} products "
+                f"{self.name}: switched to {ready.version_dir.name} ({ready.base_count} products "
                 f"at change {ready.base.manifest.catalog_seq}, delta {old.delta_rows} -> "
                 f"{ready.delta_rows} rows)"
             )
@@ -134,7 +136,7 @@ class LiveRetriever:
             self._compaction is None or not self._compaction.is_alive()
         ):
             self._compaction = threading.Thread(
-                target=self._compact, name="retrieve-compaction", daemon=True
+                target=self._compact, name=f"{self.name}-compaction", daemon=True
             )
             self._compaction.start()
 
@@ -145,7 +147,9 @@ class LiveRetriever:
         started = time.perf_counter()
         catalog = LiveCatalog.load(self.load_base(self.index_dir))
         if catalog.base.manifest.catalog_store_id not in (None, store.store_id):
-            self.warn(f"retrieve: {catalog.version_dir} was built from another store; not served")
+            self.warn(
+                f"{self.name}: {catalog.version_dir} was built from another store; not served"
+            )
             return
         # Changes the old catalog was given are all <= read_cursor: the new one gets them
         # here, the pending ones (applied to whichever catalog is served) at the swap.
@@ -155,7 +159,7 @@ class LiveRetriever:
             catalog.apply(changes)
         self._ready = catalog
         self.log(
-            f"retrieve: loaded {catalog.version_dir.name} in "
+            f"{self.name}: loaded {catalog.version_dir.name} in "
             f"{time.perf_counter() - started:.2f} s; switching at the next search"
         )
         if self.lock.acquire(blocking=False):
@@ -182,8 +186,8 @@ class LiveRetriever:
                 started = time.perf_counter()
                 manifest = compact(self.index_dir, self.store_url)
                 self.log(
-                    f"retrieve: compacted {manifest.count} products at change "
+                    f"{self.name}: compacted {manifest.count} products at change "
                     f"{manifest.catalog_seq} in {time.perf_counter() - started:.1f} s"
                 )
         except Exception as e:
-            self.warn(f"retrieve: compaction failed: {type(e).__name__}: {e}")
+            self.warn(f"{self.name}: compaction failed: {type(e).__name__}: {e}")

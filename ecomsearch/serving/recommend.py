@@ -135,6 +135,7 @@ class LiveRecommender:
             warn=pb_utils.Logger.log_warn,
             interval_s=int_parameter(config, "catalog_poll_interval_ms", 50, 1) / 1000,
             compact_delta_rows=int_parameter(config, "compact_delta_rows", 5000, 1),
+            name=name,
         ).catch_up_and_start()
         model.events = EventCatchUp(store_url, interactions)
         applied = model.events.catch_up()

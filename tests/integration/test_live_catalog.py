@@ -260,8 +260,11 @@ def test_events_shape_recommendations_within_a_second_and_a_bad_write_records_no
 # --- compaction under load ------------------------------------------------------------------
 
 
-def switches_logged(log_path: Path) -> int:
-    return log_path.read_text(errors="replace").count("retrieve: switched to")
+RECOMMENDERS = ("recommend", "similar")
+
+
+def switches_logged(log_path: Path, model: str = "retrieve") -> int:
+    return log_path.read_text(errors="replace").count(f"{model}: switched to")
 
 
 def test_compaction_switches_every_instance_without_a_failed_or_empty_search(
@@ -276,6 +279,7 @@ def test_compaction_switches_every_instance_without_a_failed_or_empty_search(
     layout = ModelRepositoryLayout(live.repository)
     before = IndexManifest.read(layout.index_dir)
     switched_before = switches_logged(log_path)
+    recommenders_before = [switches_logged(log_path, model) for model in RECOMMENDERS]
     stop, failures, empty, searches = threading.Event(), [], [], []
 
     def search_until_stopped(query: str) -> None:
@@ -308,6 +312,15 @@ def test_compaction_switches_every_instance_without_a_failed_or_empty_search(
         for thread in threads:
             thread.join(30)
     assert switches_logged(log_path) == switched_before + 2
+    # The recommenders serve the same index, so they switch too (one instance each).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [
+        switches_logged(log_path, model) for model in RECOMMENDERS
+    ] != [n + 1 for n in recommenders_before]:
+        time.sleep(0.1)
+    assert [switches_logged(log_path, m) for m in RECOMMENDERS] == [
+        n + 1 for n in recommenders_before
+    ]
     assert manifest.catalog_seq is not None and manifest.catalog_seq >= ack.sequence_number
     assert manifest.catalog_seq > (before.catalog_seq or 0)
     assert failures == [] and empty == []
