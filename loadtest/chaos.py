@@ -60,8 +60,8 @@ def _tokens(ids: list[int], mask: list[int] | None = None) -> dict[str, np.ndarr
     }
 
 
-def _features(count: int, value: float = 0.0) -> dict[str, np.ndarray]:
-    features = np.zeros((1, count, 17), np.float32)
+def _features(count: int, value: float = 0.0, width: int = 17) -> dict[str, np.ndarray]:
+    features = np.zeros((1, count, width), np.float32)
     features[0, 0, 0] = value
     return {contract.CANDIDATE_FEATURES: features}
 
@@ -85,6 +85,17 @@ WELL_FORMED = {
     contract.RANKER_MODEL: _features(400),
     # Candidate rows are the products' store keys, which start at 1.
     contract.SELECT_MODEL: _candidates([1, 2, 3, -1], [0.5, 2.0, 1.0, 0.0]),
+    contract.RECOMMEND_MODEL: {contract.USER_ID: _texts(b"shopper-1")},
+    contract.RECOMMEND_CANDIDATES_MODEL: {contract.USER_ID: _texts(b"shopper-1")},
+    contract.RECOMMEND_RANKER_MODEL: _features(256, width=15),
+    # The demo catalog's first product (and so the test fixture's).
+    contract.SIMILAR_MODEL: {contract.PRODUCT_ID: _texts(b"case-fan-00000")},
+    contract.SIMILAR_CANDIDATES_MODEL: {contract.PRODUCT_ID: _texts(b"case-fan-00000")},
+    contract.EVENTS_MODEL: {
+        contract.EVENT_USER_IDS: np.array([b"shopper-1"], dtype=object),
+        contract.EVENT_PRODUCT_IDS: np.array([b"case-fan-00000"], dtype=object),
+        contract.EVENT_KINDS_INPUT: np.array([b"view"], dtype=object),
+    },
 }
 
 

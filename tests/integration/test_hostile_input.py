@@ -205,6 +205,92 @@ def search_inputs(draw, bad: bool) -> Inputs:
     return inputs
 
 
+@st.composite
+def recommend_inputs(draw, bad: bool) -> Inputs:
+    rows = draw(st.integers(1, 3))
+    users = np.empty((rows, 1), dtype=object)
+    users[:, 0] = [draw(hostile_text) if not bad else b"u" for _ in range(rows)]
+    inputs = {contract.USER_ID: users}
+    if bad:
+        kind = draw(st.sampled_from(["long-user", "utf8", "recent", "top-k"]))
+        if kind == "long-user":
+            users[0, 0] = b"u" * (contract.MAX_USER_ID_BYTES + draw(st.integers(1, 5000)))
+        elif kind == "utf8":
+            users[0, 0] = b"shopper \xc3\x28"
+        elif kind == "recent":
+            width = contract.MAX_RECENT_PRODUCTS + draw(st.integers(1, 20))
+            inputs[contract.RECENT_PRODUCT_IDS] = np.full((rows, width), b"x", dtype=object)
+        else:
+            top_k = draw(st.one_of(st.integers(-(2**31), 0), st.integers(101, 2**31 - 1)))
+            inputs[contract.TOP_K] = np.full((rows, 1), top_k, np.int32)
+        return inputs
+    if draw(st.booleans()):
+        width = draw(st.integers(1, 5))
+        recent = np.empty((rows, width), dtype=object)
+        for row in range(rows):
+            recent[row, :] = [draw(hostile_text) for _ in range(width)]
+        inputs[contract.RECENT_PRODUCT_IDS] = recent
+    if draw(st.booleans()):
+        inputs[contract.TOP_K] = np.full((rows, 1), draw(st.integers(-3, 120)), np.int32)
+    return inputs
+
+
+@st.composite
+def similar_inputs(draw, bad: bool) -> Inputs:
+    if bad:  # unknown products, oversized ids, invalid UTF-8
+        product = draw(
+            st.sampled_from([b"no-such-product", b"x" * 5000, b"case-fan \xc3\x28", b""])
+        )
+        return {contract.PRODUCT_ID: texts(product)}
+    inputs = {contract.PRODUCT_ID: texts(draw(st.one_of(hostile_text, st.just(b"cpu-00000"))))}
+    if draw(st.booleans()):
+        inputs[contract.TOP_K] = np.array([[draw(st.integers(-3, 120))]], np.int32)
+    return inputs
+
+
+@st.composite
+def events_inputs(draw, bad: bool) -> Inputs:
+    n = draw(st.integers(1, 4))
+
+    def column(values) -> np.ndarray:
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array
+
+    users = [draw(hostile_text) if not bad else b"shopper-2" for _ in range(n)]
+    products = [draw(st.sampled_from([b"case-fan-00000", b"cpu-00000", b"nope"])) for _ in range(n)]
+    kinds = [draw(st.sampled_from([b"view", b"cart", b"purchase", b"like"])) for _ in range(n)]
+    inputs = {
+        contract.EVENT_USER_IDS: column(users),
+        contract.EVENT_PRODUCT_IDS: column(products),
+        contract.EVENT_KINDS_INPUT: column(kinds),
+    }
+    if not bad:
+        if draw(st.booleans()):
+            quantities = draw(hnp.arrays(np.int32, (n,), elements=st.integers(-3, 10**7)))
+            inputs[contract.EVENT_QUANTITIES] = quantities
+        if draw(st.booleans()):
+            inputs[contract.EVENT_TIMESTAMPS] = draw(
+                hnp.arrays(np.float64, (n,), elements=st.floats(allow_nan=True))
+            )
+        return inputs
+    inputs[contract.EVENT_PRODUCT_IDS] = column([b"case-fan-00000"] * n)
+    inputs[contract.EVENT_KINDS_INPUT] = column([b"view"] * n)
+    kind = draw(st.sampled_from(["product", "kind", "quantity", "time", "lengths"]))
+    if kind == "product":
+        inputs[contract.EVENT_PRODUCT_IDS][0] = b"no-such-product"
+    elif kind == "kind":
+        inputs[contract.EVENT_KINDS_INPUT][0] = b"like"
+    elif kind == "quantity":
+        inputs[contract.EVENT_QUANTITIES] = np.full(n, draw(st.integers(-(2**31), 0)), np.int32)
+    elif kind == "time":
+        value = draw(st.sampled_from([np.nan, np.inf, -1.0]))
+        inputs[contract.EVENT_TIMESTAMPS] = np.full(n, value, np.float64)
+    else:
+        inputs[contract.EVENT_USER_IDS] = column([*users, b"extra"])
+    return inputs
+
+
 STRATEGIES = {
     contract.SEARCH_MODEL: search_inputs,
     contract.PREPROCESS_MODEL: lambda bad: (
@@ -218,6 +304,11 @@ STRATEGIES = {
     contract.RETRIEVE_MODEL: retrieve_inputs,
     contract.RANKER_MODEL: ranker_inputs,
     contract.SELECT_MODEL: select_inputs,
+    contract.RECOMMEND_MODEL: recommend_inputs,
+    contract.RECOMMEND_CANDIDATES_MODEL: recommend_inputs,
+    contract.SIMILAR_MODEL: similar_inputs,
+    contract.SIMILAR_CANDIDATES_MODEL: similar_inputs,
+    contract.EVENTS_MODEL: events_inputs,
 }
 
 
