@@ -32,10 +32,9 @@ from ecomsearch.serving.base import (
     RequestError,
     Tensors,
     input_array,
-    int_parameter,
     model_config,
 )
-from ecomsearch.serving.retrieve import FILTERS, parse_filters
+from ecomsearch.serving.retrieve import FILTERS, RetrieveSettings, parse_filters
 from ecomsearch.serving.select import parse_top_k
 from ecomsearch.store import open_store, redact
 
@@ -105,7 +104,12 @@ class LiveRecommender:
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils, name: str) -> LiveRecommender:
-        config = model_config(args)
+        import faiss
+
+        # The catalog is followed as retrieve follows it, with the same tunables.
+        settings = RetrieveSettings.from_config(model_config(args))
+        # One query at a time: FAISS's OpenMP fan-out would only take the encoder's core.
+        faiss.omp_set_num_threads(settings.faiss_omp_threads)
         layout, _ = ModelRepositoryLayout.of_triton_model(args)
         check_recommender_features(layout.recommender_info)
         fingerprint = file_sha256(layout.encoder_onnx)
@@ -133,8 +137,8 @@ class LiveRecommender:
             pb_utils.Logger.log_info,
             load_base,
             warn=pb_utils.Logger.log_warn,
-            interval_s=int_parameter(config, "catalog_poll_interval_ms", 50, 1) / 1000,
-            compact_delta_rows=int_parameter(config, "compact_delta_rows", 5000, 1),
+            interval_s=settings.catalog_poll_interval_ms / 1000,
+            compact_delta_rows=settings.compact_delta_rows,
             name=name,
         ).catch_up_and_start()
         model.events = EventCatchUp(store_url, interactions)
