@@ -600,7 +600,14 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from ecomsearch.loadtest.runner import run_loadtest
 
     code = run_loadtest(
-        args.url, args.users, args.spawn_rate, args.duration, args.out, args.queries, args.web
+        args.url,
+        args.users,
+        args.spawn_rate,
+        args.duration,
+        args.out,
+        args.queries,
+        args.web,
+        scenario=args.scenario,
     )
     if not args.web:
         precise = args.out / "precise_latency.json"
@@ -1040,6 +1047,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("results/loadtest"), help="where the reports go"
     )
     load.add_argument("--web", action="store_true", help="Locust's web UI instead of headless")
+    load.add_argument(
+        "--scenario",
+        choices=["search", "shopper"],
+        default="search",
+        help="search: searches back to back; shopper: searches, recommendations and recorded "
+        "views (6:3:1; the write key from $ECOMSEARCH_WRITE_KEY if the server has one)",
+    )
     load.set_defaults(handler=cmd_loadtest)
 
     def asking(name: str, help: str) -> argparse.ArgumentParser:

@@ -42,9 +42,14 @@ def run_loadtest(
     queries: Path | None = None,
     web: bool = False,
     timeout_s: float | None = None,
+    scenario: str = "search",
 ) -> int:
+    """Runs locustfile.py's `scenario`: "search" (searches back to back) or "shopper"
+    (searches, recommendations and recorded views; the write key, if the server has one, from
+    $ECOMSEARCH_WRITE_KEY)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    env["ECOMSEARCH_SCENARIO"] = scenario
     env["ECOMSEARCH_LATENCY_FILE"] = str(out_dir / "precise_latency.json")
     if queries is not None:
         env["ECOMSEARCH_QUERIES"] = str(queries.resolve())

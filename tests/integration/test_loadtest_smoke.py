@@ -71,6 +71,27 @@ def test_locust_headless_run_exits_by_itself_with_reports(grpc_url, tmp_path):
     assert (tmp_path / "locust.html").stat().st_size > 0
 
 
+def test_locust_shopper_scenario_searches_recommends_and_records_views(grpc_url, tmp_path):
+    code = run_loadtest(
+        grpc_url,
+        users=2,
+        spawn_rate=2,
+        duration="5s",
+        out_dir=tmp_path,
+        timeout_s=90,
+        scenario="shopper",
+    )
+    assert code == 0
+    with open(tmp_path / "locust_stats.csv", newline="") as stream:
+        rows = {row["Name"]: row for row in csv.DictReader(stream)}
+    for name in ("search", "recommend", "events"):
+        assert int(rows[name]["Request Count"]) > 0, name
+        assert int(rows[name]["Failure Count"]) == 0, name
+    precise = json.loads((tmp_path / "precise_latency.json").read_text())
+    assert set(precise["by_call"]) == {"search", "recommend", "events"}
+    assert precise["p50_ms"] == precise["by_call"]["search"]["p50_ms"]
+
+
 def test_scaling_reports_each_size_and_the_index_switch(tmp_path):
     from ecomsearch.loadtest.scaling import run_scaling
 
