@@ -34,10 +34,28 @@ def is_product_code(code: str) -> bool:
     return code not in NON_PRODUCT_CODES and not code.startswith(NON_PRODUCT_PREFIXES)
 
 
+# InvoiceDate layouts besides ISO 8601: the UCI spreadsheet's, as CSV exports of it write it.
+# Month first only: accepting day-first too would read 3/4 one way and 13/4 the other.
+OTHER_TIME_FORMATS = ("%m/%d/%Y %H:%M", "%m/%d/%Y %H:%M:%S")
+
+
 def parse_time_s(text: str) -> float:
     """Seconds since the epoch of an InvoiceDate, read as UTC (the file has no zone; one zone
-    for every row is all the order and the gaps need)."""
-    return datetime.fromisoformat(text.strip()).replace(tzinfo=timezone.utc).timestamp()
+    for every row is all the order and the gaps need). ISO 8601 (`2011-12-09 12:50:00`, or a
+    date alone), else the spreadsheet's month-first `12/9/2011 12:50`; ValueError otherwise."""
+    text = text.strip()
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        for layout in OTHER_TIME_FORMATS:
+            try:
+                moment = datetime.strptime(text, layout)
+                break
+            except ValueError:
+                continue
+        else:
+            raise ValueError(f"{text!r} is not a date and time (YYYY-MM-DD HH:MM:SS)") from None
+    return moment.replace(tzinfo=timezone.utc).timestamp()
 
 
 def customer_id(text: str) -> str:

@@ -974,3 +974,20 @@ def test_replay_candidates_are_made_from_the_state_just_before_the_basket(
         width = len(fresh.keys)
         assert examples.keys[row, :width].tolist() == fresh.keys.tolist()
         assert np.array_equal(examples.features[row, :width], fresh.features)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2011-12-09 12:50:00", "2011-12-09T12:50:00", "12/9/2011 12:50", "12/09/2011 12:50:00"],
+)
+def test_invoice_dates_in_iso_or_the_spreadsheets_layout_are_read_as_utc(text: str) -> None:
+    from ecomsearch.recommend.transactions import parse_time_s
+
+    assert parse_time_s(text) == 1323435000.0  # 2011-12-09 12:50:00 UTC
+
+
+def test_an_invoice_date_that_is_no_date_is_refused() -> None:
+    from ecomsearch.recommend.transactions import parse_time_s
+
+    with pytest.raises(ValueError, match="not a date"):
+        parse_time_s("yesterday")
