@@ -38,6 +38,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
         min_price: float | None = None,
         max_price: float | None = None,
         in_stock: bool | None = None,
+        user_id: str | None = None,
     ) -> list[Hit]:
         hits = await self.search_batch(
             [query],
@@ -47,6 +48,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
             min_price=min_price,
             max_price=max_price,
             in_stock=in_stock,
+            user_id=user_id,
         )
         return hits[0]
 
@@ -60,6 +62,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
         min_price: float | None = None,
         max_price: float | None = None,
         in_stock: bool | None = None,
+        user_id: str | None = None,
     ) -> list[list[Hit]]:
         """Sends the chunks of a long list concurrently; results keep the queries' order."""
         protocol.validate(queries, k)
@@ -69,7 +72,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
             *(
                 self._infer(
                     self.model_name,
-                    protocol.build_inputs(self._grpc, chunk, k, filters),
+                    protocol.build_inputs(self._grpc, chunk, k, filters, user_id),
                     self._outputs,
                     self.timeout_s,
                 )

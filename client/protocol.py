@@ -164,14 +164,25 @@ def chunks(queries: Sequence[str]) -> list[Sequence[str]]:
 
 
 def build_inputs(
-    grpc_module, queries: Sequence[str], k: int, filters: Filters = NO_FILTERS
+    grpc_module,
+    queries: Sequence[str],
+    k: int,
+    filters: Filters = NO_FILTERS,
+    user_id: str | None = None,
 ) -> list:
-    """InferInputs for one request (`grpc_module` is tritonclient.grpc or its aio variant)."""
+    """InferInputs for one request (`grpc_module` is tritonclient.grpc or its aio variant);
+    with `user_id`, a personalised search (the same shopper for every query)."""
     query = grpc_module.InferInput(contract.QUERY, [len(queries), 1], "BYTES")
     query.set_data_from_numpy(np.array([[q.encode("utf-8")] for q in queries], dtype=np.object_))
     top_k = grpc_module.InferInput(contract.TOP_K, [len(queries), 1], "INT32")
     top_k.set_data_from_numpy(np.full((len(queries), 1), k, dtype=np.int32))
-    return [query, top_k, *filters.inputs(grpc_module, len(queries))]
+    inputs = [query, top_k, *filters.inputs(grpc_module, len(queries))]
+    if user_id is not None:
+        user = _one_string(user_id, "user_id", contract.MAX_USER_ID_BYTES, allow_empty=True)
+        users = np.empty((len(queries), 1), dtype=np.object_)
+        users[:, 0] = user
+        inputs.append(_tensor(grpc_module, contract.USER_ID, users, "BYTES"))
+    return inputs
 
 
 def build_outputs(grpc_module) -> list:

@@ -41,8 +41,10 @@ class SearchClient(protocol.SearchClientBase):
         min_price: float | None = None,
         max_price: float | None = None,
         in_stock: bool | None = None,
+        user_id: str | None = None,
     ) -> list[Hit]:
-        """The top-k products for one query, best first, among those passing the filters."""
+        """The top-k products for one query, best first, among those passing the filters;
+        with `user_id`, personalised: raised by what that shopper bought."""
         return self.search_batch(
             [query],
             k,
@@ -51,6 +53,7 @@ class SearchClient(protocol.SearchClientBase):
             min_price=min_price,
             max_price=max_price,
             in_stock=in_stock,
+            user_id=user_id,
         )[0]
 
     def search_batch(
@@ -63,9 +66,10 @@ class SearchClient(protocol.SearchClientBase):
         min_price: float | None = None,
         max_price: float | None = None,
         in_stock: bool | None = None,
+        user_id: str | None = None,
     ) -> list[list[Hit]]:
-        """Top-k for many queries, the filters applying to each; sent in requests of at most
-        MAX_QUERIES_PER_REQUEST."""
+        """Top-k for many queries, the filters (and the shopper, for a personalised search)
+        applying to each; sent in requests of at most MAX_QUERIES_PER_REQUEST."""
         protocol.validate(queries, k)
         filters = protocol.Filters(category, brand, min_price, max_price, in_stock)
         filters.validate()
@@ -73,7 +77,7 @@ class SearchClient(protocol.SearchClientBase):
         for chunk in protocol.chunks(queries):
             result = self._infer(
                 self.model_name,
-                protocol.build_inputs(self._grpc, chunk, k, filters),
+                protocol.build_inputs(self._grpc, chunk, k, filters, user_id),
                 self._outputs,
                 self.timeout_s,
             )

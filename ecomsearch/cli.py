@@ -241,7 +241,10 @@ def _ask(args: argparse.Namespace, call) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    return _ask(args, lambda client: client.search(args.query, k=args.k, **_filters(args)))
+    return _ask(
+        args,
+        lambda client: client.search(args.query, k=args.k, user_id=args.user_id, **_filters(args)),
+    )
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -1074,6 +1077,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = asking("search", "query a running server")
     search.add_argument("query", help="what the shopper typed")
+    search.add_argument(
+        "--user-id", help="the shopper: a personalised search (what they bought ranks higher)"
+    )
     search.set_defaults(handler=cmd_search)
 
     recommend = asking("recommend", "recommendations for a shopper from a running server")

@@ -87,7 +87,8 @@ MAX_USER_ID_BYTES: Final = 256
 MAX_EVENT_QUANTITY: Final = 1_000_000
 
 # Inputs of `recommend` ([batch, 1] unless said) and `similar`.
-USER_ID: Final = "user_id"  # BYTES: an unknown user gets the non-personal answer
+USER_ID: Final = "user_id"  # BYTES: an unknown user gets the non-personal answer; also an
+# optional input of `search` (personalised search) and of `select`
 RECENT_PRODUCT_IDS: Final = "recent_product_ids"  # BYTES [batch, r], optional, "" pads: what
 # the shopper looked at in this session and the log does not hold yet
 MAX_RECENT_PRODUCTS: Final = 50

@@ -22,7 +22,10 @@ starts its own tritonserver, replays, and stops what it started. Protocol:
   the basket's other products; the served `similar` against pure embedding neighbours of the
   same index;
 - latency: recommend and event writes during the replay (p50/p99), and `search` at concurrency
-  1 on the same server for comparison.
+  1 on the same server for comparison;
+- personalised search, in the real-time replay: for one product of each basket (seeded), the
+  query a shopper could type for it (the last two words of its title, "t-light holder") is
+  sent to `search` without and with the customer's id; MRR@10 of that product.
 """
 
 from __future__ import annotations
@@ -102,6 +105,19 @@ def basket_events(basket: Basket, known: set[str]) -> list[dict[str, Any]]:
     ]
 
 
+SEARCH_CUTOFF = 10
+
+
+def product_query(title: str) -> str:
+    """What a shopper could type for a product: the last two words of its title."""
+    return " ".join(title.lower().split()[-2:])
+
+
+def reciprocal_rank(ranked: list[str], product: str, k: int = SEARCH_CUTOFF) -> float:
+    top = ranked[:k]
+    return 1.0 / (top.index(product) + 1) if product in top else 0.0
+
+
 def replay(
     client,
     test: list[Basket],
@@ -110,14 +126,30 @@ def replay(
     popular: list[str],
     realtime: bool,
     k: int = CUTOFF,
+    titles: dict[str, str] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """One replay of the test baskets through the served `recommend`, with the baselines."""
+    """One replay of the test baskets through the served `recommend`, with the baselines; with
+    `titles` (real-time), personalised search too."""
     repeat = RepeatThenPopular(popular)
     for basket in baskets(history):
         repeat.add(basket)
     scored: dict[str, list] = {"recommend": [], "repeat_then_popular": [], "popular": []}
     recommend_s, events_s, sent = [], [], 0
+    rng = np.random.default_rng(seed)
+    searched: dict[str, list[float]] = {"search": [], "search_with_user_id": []}
+    bought_before = 0
     for basket in test:
+        if titles is not None:
+            products = [p for p in basket.products if p in known]
+            if products:
+                product = products[int(rng.integers(len(products)))]
+                query = product_query(titles[product])
+                for name, user_id in (("search", None), ("search_with_user_id", basket.customer)):
+                    hits = client.search(query, SEARCH_CUTOFF, user_id=user_id)
+                    ranked = [h.product_id for h in hits]
+                    searched[name].append(reciprocal_rank(ranked, product))
+                bought_before += product in repeat.counts.get(basket.customer, {})
         truth = set(basket.products)
         started = time.perf_counter()
         hits = client.recommend(basket.customer, k)
@@ -143,7 +175,7 @@ def replay(
                     (),
                 )
             )
-    return {
+    report = {
         "metrics": {name: RecMetrics.of(rows, k).as_dict() for name, rows in scored.items()},
         "events_sent": sent,
         "latency": {
@@ -151,6 +183,16 @@ def replay(
             "record_events": _percentiles_ms(events_s),
         },
     }
+    if titles is not None:
+        queries = len(searched["search"])
+        report["personalised_search"] = {
+            "queries": queries,
+            "bought_before": bought_before,
+            f"mrr_at_{SEARCH_CUTOFF}": {
+                name: float(np.mean(values)) if values else 0.0 for name, values in searched.items()
+            },
+        }
+    return report
 
 
 def evaluate_similar(
@@ -280,7 +322,16 @@ def run_eval_recs(
             similar = evaluate_similar(c, recommender, test, known, similar_anchors, seed)
             log.info("similar: %s", similar["metrics"])
             search = search_latency(c, titles, search_probes, seed)
-            realtime = replay(c, test, history_known, known, popular, realtime=True)
+            realtime = replay(
+                c,
+                test,
+                history_known,
+                known,
+                popular,
+                realtime=True,
+                titles={product.id: product.title for product in products},
+                seed=seed,
+            )
             log.info("real-time: %s", realtime["metrics"])
     finally:
         server.stop()
@@ -312,6 +363,9 @@ def run_eval_recs(
             "recommend_p50_over_search_p50": (
                 frozen["latency"]["recommend"]["p50_ms"] / search["p50_ms"]
             ),
+            "personalised_search_mrr_gain": _gain(
+                realtime["personalised_search"][f"mrr_at_{SEARCH_CUTOFF}"]
+            ),
         },
         "seconds": time.perf_counter() - started,
     }
@@ -321,6 +375,11 @@ def run_eval_recs(
     print(markdown)
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _gain(mrr: dict[str, float]) -> float | None:
+    plain = mrr["search"]
+    return mrr["search_with_user_id"] / plain - 1 if plain else None
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -342,6 +401,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     search = report["search_latency"]
     summary = report["summary"]
     gain = summary["ndcg_gain_over_repeat_then_popular"]
+    personal = report["realtime"]["personalised_search"]
+    personal_mrr = personal[f"mrr_at_{SEARCH_CUTOFF}"]
     return "\n".join(
         [
             f"# Recommendations: {Path(report['transactions']).name}, cutoff {report['cutoff']}",
@@ -376,6 +437,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{latency['record_events']['count']} |",
             "",
             f"recommend p50 / search p50: {summary['recommend_p50_over_search_p50']:.2f}",
+            "",
+            "## Personalised search (real-time replay)",
+            "",
+            f"{personal['queries']} queries (the last two words of a basket product's title), "
+            f"{personal['bought_before']} of them for a product the customer had bought before.",
+            "",
+            f"| search | MRR@{SEARCH_CUTOFF} of the product bought |",
+            "|---|---|",
+            *(f"| {name} | {value:.4f} |" for name, value in personal_mrr.items()),
             "",
         ]
     )

@@ -13,6 +13,7 @@ measured from it, so a replay of old events behaves as it did when they happened
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -287,3 +288,31 @@ def event_log_of(
         quantities=np.ones(n, dtype=np.int32),
         timestamps_s=np.asarray(timestamps_s, dtype=np.float64),
     )
+
+
+# Events read from the store at a time when catching up.
+EVENTS_PER_READ = 100_000
+
+
+class EventCatchUp:
+    """Applies the store's new events to `interactions`, in the calling thread, with a
+    connection of that thread's own (a store connection is used by one thread)."""
+
+    def __init__(self, store_url: str, interactions: Interactions) -> None:
+        self.store_url = store_url
+        self.interactions = interactions
+        self._local = threading.local()
+
+    def store(self):
+        store = getattr(self._local, "store", None)
+        if store is None:
+            from ecomsearch.store import open_store
+
+            store = self._local.store = open_store(self.store_url)
+        return store
+
+    def catch_up(self) -> int:
+        store, applied = self.store(), 0
+        while len(log := store.events(self.interactions.applied_seq, limit=EVENTS_PER_READ)):
+            applied += self.interactions.apply(log)
+        return applied

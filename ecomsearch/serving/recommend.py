@@ -25,7 +25,7 @@ from ecomsearch.live.served import LiveRetriever
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.ranking.candidates import HybridRetriever
 from ecomsearch.recommend.candidates import FEATURE_COUNT, FEATURE_NAMES, Recommender
-from ecomsearch.recommend.interactions import Interactions
+from ecomsearch.recommend.interactions import EventCatchUp, Interactions
 from ecomsearch.recommend.training import similar_weight
 from ecomsearch.serving.base import (
     BatchedModel,
@@ -36,32 +36,7 @@ from ecomsearch.serving.base import (
 )
 from ecomsearch.serving.retrieve import FILTERS, RetrieveSettings, parse_filters
 from ecomsearch.serving.select import parse_top_k
-from ecomsearch.store import open_store, redact
-
-# Events read from the store at a time when catching up.
-EVENTS_PER_READ = 100_000
-
-
-class EventCatchUp:
-    """Applies the store's new events to `interactions`, in the calling thread, with a
-    connection of that thread's own (a store connection is used by one thread)."""
-
-    def __init__(self, store_url: str, interactions: Interactions) -> None:
-        self.store_url = store_url
-        self.interactions = interactions
-        self._local = threading.local()
-
-    def store(self):
-        store = getattr(self._local, "store", None)
-        if store is None:
-            store = self._local.store = open_store(self.store_url)
-        return store
-
-    def catch_up(self) -> int:
-        store, applied = self.store(), 0
-        while len(log := store.events(self.interactions.applied_seq, limit=EVENTS_PER_READ)):
-            applied += self.interactions.apply(log)
-        return applied
+from ecomsearch.store import redact
 
 
 def check_recommender_features(info_path: Path) -> dict[str, Any]:

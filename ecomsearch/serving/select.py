@@ -1,6 +1,9 @@
 """The `select` model: the top-k candidates by a score, as product ids, scores and titles.
 
 Fed the ranker's scores in `search`, and the retrieval stage's own scores in `search_unranked`.
+A query that carries a user id (personalised `search`) has each score raised by the shopper's
+affinity for the product (ecomsearch.recommend.personal), read from the event log, which this
+model then follows as the recommenders do.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from ecomsearch.live.labels import ProductLabels
 from ecomsearch.live.location import served_store_url
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.ranking.selection import top_k_rows
+from ecomsearch.recommend.interactions import EventCatchUp, Interactions
+from ecomsearch.recommend.personal import PERSONAL_WEIGHT, affinity
 from ecomsearch.serving.base import (
     BatchedModel,
     RequestError,
@@ -49,6 +54,26 @@ def parse_top_k(raw: np.ndarray | None, batch: int) -> int:
     return top_k
 
 
+def parse_user_ids(raw: np.ndarray, batch: int) -> np.ndarray:
+    """The optional `user_id` of a personalised search: one per query ("" for none)."""
+    if raw.shape != (batch, 1):
+        raise RequestError(
+            f"input {contract.USER_ID!r} must have shape [{batch}, 1], got {raw.shape}"
+        )
+    users = np.empty(batch, dtype=object)
+    for i, value in enumerate(raw[:, 0]):
+        data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        if len(data) > contract.MAX_USER_ID_BYTES:
+            raise RequestError(
+                f"{contract.USER_ID!r} is longer than {contract.MAX_USER_ID_BYTES} bytes"
+            )
+        try:
+            users[i] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"input {contract.USER_ID!r} must be UTF-8") from None
+    return users
+
+
 class SelectModel(BatchedModel):
     def __init__(self, pb_utils, labels: ProductLabels, lock: threading.Lock | None = None) -> None:
         super().__init__(pb_utils)
@@ -56,6 +81,9 @@ class SelectModel(BatchedModel):
         self.lock = lock or threading.Lock()
         self.follower: ChangeFollower | None = None
         self._catch_up_store: Any = None  # the request thread's own store connection
+        # What shoppers did, for personalised searches: read from the event log on the first
+        # one (a plain search never pays for it), then caught up before each.
+        self.events: EventCatchUp | None = None
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> SelectModel:
@@ -79,6 +107,7 @@ class SelectModel(BatchedModel):
             seq, products = store.snapshot(with_embeddings=False)
         labels.load(seq, products)
         model = cls(pb_utils, labels)
+        model.events = EventCatchUp(store_url, Interactions())
         model.follower = ChangeFollower(
             store_url,
             labels.apply,
@@ -146,11 +175,28 @@ class SelectModel(BatchedModel):
         if not np.isfinite(scores[rows >= 0]).all():
             raise RequestError("candidate scores must be finite (NaN or infinity found)")
         top_k = parse_top_k(input_array(self.pb_utils, request, contract.TOP_K), len(rows))
-        return {
+        inputs = {
             contract.CANDIDATE_ROWS: rows,
             contract.CANDIDATE_SCORES: scores,
             contract.TOP_K: np.full(len(rows), top_k, dtype=np.int32),
         }
+        users = input_array(self.pb_utils, request, contract.USER_ID)
+        if users is not None:
+            inputs[contract.USER_ID] = parse_user_ids(users, len(rows))
+        return inputs
+
+    def personalised(self, users: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The scores with each known shopper's affinity added (the caller holds the lock)."""
+        self.events.catch_up()
+        scores = scores.astype(np.float32, copy=True)
+        for row, user_id in enumerate(users):
+            valid = rows[row] >= 0
+            if not user_id or not valid.any():
+                continue
+            boost = affinity(self.events.interactions, user_id, rows[row][valid])
+            if boost is not None:
+                scores[row, valid] += np.float32(PERSONAL_WEIGHT) * boost.astype(np.float32)
+        return scores
 
     def group_key(self, inputs: Tensors) -> Hashable:
         # Requests asking for different k run apart, so each run returns exactly its k columns.
@@ -161,6 +207,9 @@ class SelectModel(BatchedModel):
         rows, scores = inputs[contract.CANDIDATE_ROWS], inputs[contract.CANDIDATE_SCORES]
         with self.lock:
             self.follower_drain()
+            users = inputs.get(contract.USER_ID)
+            if users is not None and self.events is not None and any(users):
+                scores = self.personalised(users, rows, scores)
             # A product deleted since `retrieve` found it is dropped here, where the freshest
             # state is read: the window in which a deleted product can show is the shorter.
             live = self.labels.live(rows)

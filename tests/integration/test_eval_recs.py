@@ -73,6 +73,17 @@ def test_the_served_recommender_learns_from_the_history_and_the_replayed_events(
     assert realtime["recommend"][ndcg] > frozen["recommend"][ndcg]
 
 
+def test_personalised_search_is_measured_on_every_basket(report) -> None:
+    result, _ = report
+    baskets = evaluation_baskets(read_purchases(TRANSACTIONS), parse_time_s(CUTOFF))
+    personal = result["realtime"]["personalised_search"]
+    assert personal["queries"] == len(baskets)  # every product of the fixture is in its catalog
+    assert 0 < personal["bought_before"] <= len(baskets)
+    for value in personal["mrr_at_10"].values():
+        assert 0.0 < value <= 1.0
+    assert "personalised_search" not in result["frozen"]
+
+
 def test_similar_and_the_reports(report) -> None:
     result, out = report
     similar = result["similar"]

@@ -255,6 +255,17 @@ def test_events_shape_recommendations_within_a_second_and_a_bad_write_records_no
         assert len(client.similar(unbought, k=5)) == 5
         with pytest.raises(BadRequestError, match="no live product"):
             client.similar("no-such-product")
+        # Personalised search: with the shopper's id, what they bought ranks higher; without
+        # it, or for a shopper the log does not know, the order is search's own.
+        plain = [h.product_id for h in client.search("gaming mouse", k=20)]
+        target = plain[9]
+        client.record_events([ShopperEvent(f"{shopper}-searcher", target, "purchase")])
+        time.sleep(VISIBILITY_WINDOW_S)
+        personal = client.search("gaming mouse", k=20, user_id=f"{shopper}-searcher")
+        assert [h.product_id for h in personal].index(target) < 9
+        for user_id in (None, "a-shopper-nobody-knows"):
+            hits = client.search("gaming mouse", k=20, user_id=user_id)
+            assert [h.product_id for h in hits] == plain
 
 
 # --- compaction under load ------------------------------------------------------------------

@@ -110,10 +110,12 @@ class FakeClient:
     def __exit__(self, *exc_info) -> None:
         pass
 
-    def search(self, query, k, **filters):
+    def search(self, query, k, user_id=None, **filters):
         from ecomsearch.client import Hit
 
         self.searches.append({"query": query, "k": k, **filters})
+        if user_id is not None:
+            self.searches[-1]["user_id"] = user_id
         return [
             Hit("sku-1", 0.91, "Wireless mouse", price=19.5, in_stock=True),
             Hit("sku-2", 0.5, "Mouse pad", price=None, in_stock=False),
@@ -185,6 +187,12 @@ def test_search_sends_the_filters_and_shows_price_and_stock(fake_client, capsys)
     first, second = capsys.readouterr().out.splitlines()
     assert "19.50" in first and "in stock" in first and "Wireless mouse" in first
     assert " - " in second and "out of stock" in second
+
+
+def test_search_with_a_user_id_is_personalised(fake_client) -> None:
+    assert cli.main(["search", "mouse", "--user-id", "shopper-1"]) == 0
+    (client,) = fake_client.instances
+    assert client.searches[0]["user_id"] == "shopper-1"
 
 
 def test_search_json_carries_price_and_stock(fake_client, capsys) -> None:

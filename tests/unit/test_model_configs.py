@@ -280,14 +280,18 @@ CANDIDATE_STEP = {
 @pytest.mark.parametrize("name", ENSEMBLES)
 def test_ensemble_contract_is_the_clients(name):
     ensemble = default_configs()[name]
+    personal = {contract.USER_ID: (mc.TYPE_STRING, [1])} if name == contract.SEARCH_MODEL else {}
     assert tensors(ensemble.input) == {
         **ENSEMBLE_INPUTS[name],
         contract.TOP_K: (mc.TYPE_INT32, [1]),
         **FILTER_TENSORS,
+        **personal,
     }
     optional = [contract.TOP_K, *contract.FILTER_INPUTS]
     if name == contract.RECOMMEND_MODEL:
         optional = [contract.RECENT_PRODUCT_IDS, *optional]
+    if name == contract.SEARCH_MODEL:  # personalised search
+        optional = [*optional, contract.USER_ID]
     assert [t.name for t in ensemble.input if t.optional] == optional
     assert tensors(ensemble.output) == RESULT_TENSORS
     assert ensemble.max_batch_size == contract.MAX_QUERIES_PER_REQUEST
@@ -303,6 +307,9 @@ def test_ensembles_pass_the_filters_to_their_candidates_and_the_labels_from_sele
     assert {f: candidate_inputs.get(f) for f in passed_on} == {f: f for f in passed_on}
     select_inputs = dict(steps[contract.SELECT_MODEL].input_map)
     assert select_inputs[contract.TOP_K] == contract.TOP_K
+    # Only `search` is personalised; a user id it accepted must reach select.
+    personal = {contract.USER_ID: contract.USER_ID} if name == contract.SEARCH_MODEL else {}
+    assert {k: v for k, v in select_inputs.items() if k == contract.USER_ID} == personal
     select_outputs = dict(steps[contract.SELECT_MODEL].output_map)
     assert select_outputs == {t: t for t in RESULT_TENSORS}
 
@@ -332,7 +339,9 @@ def test_models_use_the_contract_names(profile):
         contract.CANDIDATE_ROWS,
         contract.CANDIDATE_SCORES,
         contract.TOP_K,
+        contract.USER_ID,
     ]
+    assert [t.name for t in select.input if t.optional] == [contract.TOP_K, contract.USER_ID]
     assert [t.name for t in select.output] == list(RESULT_TENSORS)
     assert tensors(select.output) == RESULT_TENSORS
     ranker = profile_config(contract.RANKER_MODEL, profile)

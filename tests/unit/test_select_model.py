@@ -441,3 +441,66 @@ def test_finalize_stops_following_the_store(live_select) -> None:
     assert thread.is_alive()
     live.model.finalize()
     assert not thread.is_alive()
+
+
+# Personalised search: a user id raises each score by the shopper's affinity (the event log).
+
+
+def personal_request(triton, keys: list[int], scores: list[float], user_id: str | bytes):
+    user = user_id if isinstance(user_id, bytes) else user_id.encode()
+    return triton.request(
+        **{
+            contract.CANDIDATE_ROWS: np.array([keys], dtype=np.int64),
+            contract.CANDIDATE_SCORES: np.array([scores], dtype=np.float32),
+            contract.TOP_K: np.array([[len(keys)]], dtype=np.int32),
+            contract.USER_ID: np.array([[user]], dtype=object),
+        }
+    )
+
+
+def test_a_user_id_raises_what_that_shopper_bought_and_leaves_others_alone(
+    triton, live_select
+) -> None:
+    from ecomsearch.recommend.personal import PERSONAL_WEIGHT
+    from ecomsearch.store import Event
+
+    live = live_select()
+    products, keys = catalog(), live.keys
+    # shopper-a bought product 3 in two baskets (a day apart) after select started.
+    for day in (0, 1):
+        live.store.record_events(
+            [Event("shopper-a", products[3].id, "purchase", 1e9 + day * 86400)]
+        )
+    candidates, scores = [keys[1], keys[2], keys[3]], [2.0, 1.0, 0.5]
+    requests = [
+        personal_request(triton, candidates, scores, "shopper-a"),
+        personal_request(triton, candidates, scores, "nobody"),  # unknown: as it was
+        personal_request(triton, candidates, scores, ""),  # no shopper: as it was
+        request(triton, [candidates], [scores], top_k=3),  # no user id input at all
+    ]
+
+    personal, unknown, anonymous, plain = live.model.execute(requests)
+
+    out = triton.outputs(personal)
+    assert out[contract.PRODUCT_IDS][0].tolist() == [products[i].id.encode() for i in (3, 1, 2)]
+    boosted = 0.5 + PERSONAL_WEIGHT * np.log1p(2)  # two baskets held product 3
+    assert out[contract.SCORES][0].tolist() == pytest.approx([boosted, 2.0, 1.0])
+    for response in (unknown, anonymous, plain):
+        assert triton.outputs(response)[contract.PRODUCT_IDS][0].tolist() == [
+            products[i].id.encode() for i in (1, 2, 3)
+        ]
+        assert triton.outputs(response)[contract.SCORES][0].tolist() == pytest.approx(scores)
+
+
+def test_a_bad_user_id_gets_invalid_arg_and_its_neighbours_succeed(triton, live_select) -> None:
+    live = live_select()
+    keys = live.keys
+    good = personal_request(triton, [keys[1]], [1.0], "shopper-b")
+    long = personal_request(triton, [keys[1]], [1.0], "u" * (contract.MAX_USER_ID_BYTES + 1))
+    utf8 = personal_request(triton, [keys[1]], [1.0], b"shopper \xc3\x28")
+
+    first, too_long, not_utf8 = live.model.execute([good, long, utf8])
+
+    assert triton.outputs(first)[contract.PRODUCT_IDS].tolist() == [[b"sku-001"]]
+    triton.assert_invalid_arg(too_long, "longer than")
+    triton.assert_invalid_arg(not_utf8, "UTF-8")
