@@ -138,6 +138,7 @@ def replay(
     recommend_s, events_s, sent = [], [], 0
     rng = np.random.default_rng(seed)
     searched: dict[str, list[float]] = {"search": [], "search_with_user_id": []}
+    search_s: dict[str, list[float]] = {name: [] for name in searched}
     bought_before = 0
     for basket in test:
         if titles is not None:
@@ -146,7 +147,9 @@ def replay(
                 product = products[int(rng.integers(len(products)))]
                 query = product_query(titles[product])
                 for name, user_id in (("search", None), ("search_with_user_id", basket.customer)):
+                    started = time.perf_counter()
                     hits = client.search(query, SEARCH_CUTOFF, user_id=user_id)
+                    search_s[name].append(time.perf_counter() - started)
                     ranked = [h.product_id for h in hits]
                     searched[name].append(reciprocal_rank(ranked, product))
                 bought_before += product in repeat.counts.get(basket.customer, {})
@@ -191,6 +194,7 @@ def replay(
             f"mrr_at_{SEARCH_CUTOFF}": {
                 name: float(np.mean(values)) if values else 0.0 for name, values in searched.items()
             },
+            "latency": {name: _percentiles_ms(values) for name, values in search_s.items()},
         }
     return report
 
@@ -443,9 +447,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{personal['queries']} queries (the last two words of a basket product's title), "
             f"{personal['bought_before']} of them for a product the customer had bought before.",
             "",
-            f"| search | MRR@{SEARCH_CUTOFF} of the product bought |",
-            "|---|---|",
-            *(f"| {name} | {value:.4f} |" for name, value in personal_mrr.items()),
+            f"| search | MRR@{SEARCH_CUTOFF} of the product bought | p50 ms | p99 ms |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {value:.4f} | {personal['latency'][name]['p50_ms']:.2f} | "
+                f"{personal['latency'][name]['p99_ms']:.2f} |"
+                for name, value in personal_mrr.items()
+            ),
             "",
         ]
     )
