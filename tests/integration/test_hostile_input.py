@@ -166,8 +166,11 @@ def select_inputs(draw, bad: bool) -> Inputs:
     scores = draw(hnp.arrays(np.float32, (rows, count), elements=st.floats(-5, 5, width=32)))
     inputs = {contract.CANDIDATE_ROWS: candidate_rows, contract.CANDIDATE_SCORES: scores}
     if bad:
-        kind = draw(st.sampled_from(["negative-row", "huge-row", "nan-score", "top-k"]))
-        if kind == "negative-row":
+        kind = draw(st.sampled_from(["negative-row", "huge-row", "nan-score", "top-k", "user"]))
+        if kind == "user":  # a personalised search's shopper: oversized, or not UTF-8
+            user = draw(st.sampled_from([b"u" * (contract.MAX_USER_ID_BYTES + 1), b"\xc3\x28"]))
+            inputs[contract.USER_ID] = np.full((rows, 1), user, dtype=object)
+        elif kind == "negative-row":
             candidate_rows[0, 0] = draw(st.integers(-(2**62), -2))
         elif kind == "huge-row":
             candidate_rows[0, 0] = draw(st.integers(10**7, 2**62))
@@ -179,6 +182,8 @@ def select_inputs(draw, bad: bool) -> Inputs:
             inputs[contract.TOP_K] = np.full((rows, 1), top_k, np.int32)
     elif draw(st.booleans()):
         inputs[contract.TOP_K] = np.full((rows, 1), draw(st.integers(-5, 120)), np.int32)
+    if not bad and draw(st.booleans()):
+        inputs[contract.USER_ID] = np.full((rows, 1), draw(hostile_text), dtype=object)
     return inputs
 
 
