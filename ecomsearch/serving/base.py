@@ -25,6 +25,7 @@ __all__ = [
     "model_config",
     "parameter",
     "split_rows",
+    "text_values",
 ]
 
 
@@ -58,6 +59,22 @@ def split_rows(array: np.ndarray, row_counts: Sequence[int]) -> list[np.ndarray]
         pieces.append(array[start : start + count])
         start += count
     return pieces
+
+
+def text_values(raw: np.ndarray, name: str, limit_bytes: int) -> np.ndarray:
+    """A BYTES input as an object array of str of the same shape; RequestError when a value is
+    over limit_bytes or not UTF-8."""
+    out = np.empty(raw.shape, dtype=object)
+    flat, target = raw.reshape(-1), out.reshape(-1)
+    for i, value in enumerate(flat):
+        data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        if len(data) > limit_bytes:
+            raise RequestError(f"a value of {name!r} is longer than {limit_bytes} bytes")
+        try:
+            target[i] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"input {name!r} must be UTF-8") from None
+    return out
 
 
 def input_array(pb_utils, request, name: str) -> np.ndarray | None:

@@ -33,6 +33,7 @@ from ecomsearch.serving.base import (
     Tensors,
     input_array,
     model_config,
+    text_values,
 )
 from ecomsearch.serving.retrieve import FILTERS, RetrieveSettings, parse_filters
 from ecomsearch.serving.select import parse_top_k
@@ -141,28 +142,13 @@ class LiveRecommender:
             self.live.stop()
 
 
-def _strings(raw: np.ndarray, name: str, limit_bytes: int) -> np.ndarray:
-    """A BYTES input as an object array of str, same shape; each at most limit_bytes."""
-    out = np.empty(raw.shape, dtype=object)
-    flat, target = raw.reshape(-1), out.reshape(-1)
-    for i, value in enumerate(flat):
-        data = value if isinstance(value, bytes) else str(value).encode("utf-8")
-        if len(data) > limit_bytes:
-            raise RequestError(f"a value of {name!r} is longer than {limit_bytes} bytes")
-        try:
-            target[i] = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(f"input {name!r} must be UTF-8") from None
-    return out
-
-
 def _one_per_query(pb_utils, request, name: str, limit_bytes: int) -> np.ndarray:
     raw = input_array(pb_utils, request, name)
     if raw is None:
         raise RequestError(f"input {name!r} is required")
     if raw.ndim != 2 or raw.shape[1] != 1 or not len(raw):
         raise RequestError(f"input {name!r} must have shape [batch, 1], got {list(raw.shape)}")
-    return _strings(raw[:, 0], name, limit_bytes)
+    return text_values(raw[:, 0], name, limit_bytes)
 
 
 def _pad(pieces: list[np.ndarray], fill: float, trailing: tuple[int, ...] = ()) -> np.ndarray:
@@ -210,7 +196,7 @@ class RecommendCandidatesModel(BatchedModel):
                 f"{recent.shape[1]}"
             )
         else:
-            recent = _strings(recent, contract.RECENT_PRODUCT_IDS, contract.MAX_PRODUCT_ID_BYTES)
+            recent = text_values(recent, contract.RECENT_PRODUCT_IDS, contract.MAX_PRODUCT_ID_BYTES)
         top_k = parse_top_k(input_array(pb_utils, request, contract.TOP_K), batch)
         return {
             contract.USER_ID: users,

@@ -31,6 +31,7 @@ from ecomsearch.serving.base import (
     input_array,
     int_parameter,
     model_config,
+    text_values,
 )
 from ecomsearch.store import redact
 
@@ -60,18 +61,7 @@ def parse_user_ids(raw: np.ndarray, batch: int) -> np.ndarray:
         raise RequestError(
             f"input {contract.USER_ID!r} must have shape [{batch}, 1], got {raw.shape}"
         )
-    users = np.empty(batch, dtype=object)
-    for i, value in enumerate(raw[:, 0]):
-        data = value if isinstance(value, bytes) else str(value).encode("utf-8")
-        if len(data) > contract.MAX_USER_ID_BYTES:
-            raise RequestError(
-                f"{contract.USER_ID!r} is longer than {contract.MAX_USER_ID_BYTES} bytes"
-            )
-        try:
-            users[i] = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(f"input {contract.USER_ID!r} must be UTF-8") from None
-    return users
+    return text_values(raw[:, 0], contract.USER_ID, contract.MAX_USER_ID_BYTES)
 
 
 class SelectModel(BatchedModel):
