@@ -71,6 +71,20 @@ class Candidates:
     features: np.ndarray  # float32 [n, FEATURE_COUNT]
 
 
+def values_at(keys: np.ndarray, found: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """float64 [len(keys)]: the value `found` gives each key (found's keys are distinct), 0
+    for a key it does not name. How a seed's co-purchase row lands on candidates."""
+    out = np.zeros(len(keys))
+    if not len(keys) or not len(found):
+        return out
+    order = np.argsort(keys, kind="stable")
+    positions = np.searchsorted(keys[order], found)
+    hit = positions < len(keys)
+    hit[hit] = keys[order][positions[hit]] == found[hit]
+    out[order[positions[hit]]] = values[hit]
+    return out
+
+
 def _log1p_days(seconds: np.ndarray | float) -> np.ndarray:
     return np.log1p(np.clip(np.asarray(seconds, dtype=np.float64) / DAY_S, 0.0, NEVER_DAYS))
 
@@ -229,17 +243,10 @@ class Recommender:
             put("user_days_since_last_log", _log1p_days(never))
         if seeds.keys:
             sums, maxima = np.zeros(n), np.zeros(n)
-            order = np.argsort(keys)
-            sorted_keys = keys[order]
             for found, scores in seeds.copurchases:
-                if not len(found):
-                    continue
-                positions = np.searchsorted(sorted_keys, found)
-                hit = positions < n
-                hit[hit] = sorted_keys[positions[hit]] == found[hit]
-                targets = order[positions[hit]]
-                sums[targets] += scores[hit]
-                maxima[targets] = np.maximum(maxima[targets], scores[hit])
+                strength = values_at(keys, found, scores)  # >= 0, so 0 for "not bought with"
+                sums += strength
+                maxima = np.maximum(maxima, strength)
             put("copurchase_sum", sums)
             put("copurchase_max", maxima)
             vectors = catalog.vectors(rows)
@@ -305,10 +312,6 @@ class Recommender:
             return keys, np.empty(0, dtype=np.float32)
         total = catalog.vectors(self.rows_of(keys)) @ vector[0]
         if copurchase_weight > 0 and len(bought_with):
-            order = np.argsort(bought_with)
-            positions = np.searchsorted(bought_with[order], keys)
-            positions = np.minimum(positions, len(bought_with) - 1)
-            match = bought_with[order][positions] == keys
-            total = total + copurchase_weight * np.where(match, scores[order][positions], 0.0)
+            total = total + copurchase_weight * values_at(keys, bought_with, scores)
         ranking = np.argsort(-total, kind="stable")
         return keys[ranking], total[ranking].astype(np.float32)

@@ -14,23 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ecomsearch.recommend.candidates import COPURCHASE_SHRINK, SEED_ITEMS
+from ecomsearch.recommend.candidates import COPURCHASE_SHRINK, SEED_ITEMS, values_at
 from ecomsearch.recommend.interactions import Interactions
 
 PERSONAL_WEIGHT = 1.5
-
-
-def add_up(keys: np.ndarray, found: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """float64 [len(keys)]: for each key, the sum of `values` where `found` names it."""
-    out = np.zeros(len(keys))
-    if not len(keys) or not len(found):
-        return out
-    order = np.argsort(keys, kind="stable")
-    positions = np.searchsorted(keys[order], found)
-    hit = positions < len(keys)
-    hit[hit] = keys[order][positions[hit]] == found[hit]
-    np.add.at(out, order[positions[hit]], values[hit])
-    return out
 
 
 def affinity(interactions: Interactions, user_id: str, keys: np.ndarray) -> np.ndarray | None:
@@ -43,5 +30,5 @@ def affinity(interactions: Interactions, user_id: str, keys: np.ndarray) -> np.n
     scores = np.log1p(baskets)
     for seed in history.recent_keys(SEED_ITEMS):
         found, strength = interactions.copurchase_scores(seed, shrink=COPURCHASE_SHRINK)
-        scores += add_up(keys, found, strength)
+        scores += values_at(keys, found, strength)
     return scores
