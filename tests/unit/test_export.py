@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,33 +12,7 @@ from ecomsearch import cli, contract
 from ecomsearch.export import encoder as encoder_export
 from ecomsearch.export.onnx import ExportValidationError, compare_outputs, validate_onnx_export
 from ecomsearch.paths import ModelRepositoryLayout
-
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"tok{i}" for i in range(1100)]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT with a WordPiece tokenizer, saved like a hub checkpoint."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel
-
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(directory)
-    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "vocab.txt").write_text("\n".join(VOCAB))
-    return directory
+from tests.unit.conftest import VOCAB as TINY_VOCAB
 
 
 def test_compare_outputs_accepts_within_tolerance():
@@ -107,7 +80,7 @@ def test_validation_rejects_a_graph_that_differs_from_pytorch(tiny_checkpoint, t
     module = encoder_export.build_sentence_encoder(tiny_checkpoint)
     with torch.no_grad():
         module.transformer.embeddings.word_embeddings.weight.mul_(1.5)
-    inputs = encoder_export.sample_inputs(3, 21, len(VOCAB), seed=1)
+    inputs = encoder_export.sample_inputs(3, 21, len(TINY_VOCAB), seed=1)
     with pytest.raises(ExportValidationError, match="exceeds atol"):
         validate_onnx_export(module, layout.encoder_onnx, inputs, [contract.EMBEDDING], 1e-4)
 
