@@ -44,7 +44,10 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
     from ecomsearch.export.encoder import default_checkpoint, export_encoder
 
     checkpoint = args.checkpoint or default_checkpoint()
-    result = export_encoder(checkpoint, _layout(args), quantize=args.quantize)
+    layout = _layout(args)
+    result = export_encoder(
+        checkpoint, layout, quantize=args.quantize, adapter_dir=_encoder_adapter(args, layout)
+    )
     log.info(
         "exported %s (dimension %d, fingerprint %s) in %.1f s; ONNX Runtime matches PyTorch "
         "within %.2g",
@@ -53,6 +56,63 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
         result.fingerprint[:12],
         result.seconds,
         result.max_abs_difference,
+    )
+    return 0
+
+
+def _encoder_adapter(args: argparse.Namespace, layout) -> Path | None:
+    """The adapter export-encoder merges: --adapter, else the repository's checked-in one (when
+    there is one), none with --no-adapter."""
+    if args.no_adapter:
+        return None
+    if args.adapter is not None:
+        return args.adapter
+    return layout.encoder_adapter_dir if layout.encoder_adapter_dir.is_dir() else None
+
+
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from ecomsearch.export.encoder import export_encoder
+    from ecomsearch.tuning.bi_encoder import EncoderTrainingSettings, train_encoder_and_export
+    from ecomsearch.tuning.lora import AdapterConfig
+    from ecomsearch.tuning.sentence_encoder import default_checkpoint
+
+    layout = _layout(args)
+    checkpoint = args.checkpoint or default_checkpoint()
+
+    def export(adapter_dir: Path) -> dict:
+        result = export_encoder(checkpoint, layout, quantize=args.quantize, adapter_dir=adapter_dir)
+        return {"fingerprint": result.fingerprint, "max_abs_difference": result.max_abs_difference}
+
+    settings = EncoderTrainingSettings(
+        epochs=args.epochs,
+        batch_queries=args.batch_queries,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    result = train_encoder_and_export(
+        args.catalog,
+        args.judgments,
+        layout,
+        cache_dir=args.cache_dir,
+        export=export,
+        checkpoint=checkpoint,
+        settings=settings,
+        adapter_config=AdapterConfig(rank=args.rank, alpha=2.0 * args.rank),
+        data_description=args.data_description,
+        seed=args.seed,
+        validation_fraction=args.validation_fraction,
+    )
+    log.info(
+        "encoder adapter: %d steps in %.0f s on %d queries; saved to %s and exported to %s "
+        "(fingerprint %s, ONNX matches PyTorch within %.2g). Retrain the ranker next: "
+        "`ecomsearch train-ranker` (its cosine features come from this encoder)",
+        result.report.steps,
+        result.report.seconds,
+        result.counts["training_queries"],
+        layout.encoder_adapter_dir,
+        layout.encoder_onnx,
+        result.export["fingerprint"][:12],
+        result.export["max_abs_difference"],
     )
     return 0
 
@@ -450,6 +510,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.catalog,
         args.judgments,
         args.out,
+        qrels=args.qrels,
+        topics=args.topics,
         cache_dir=args.cache_dir,
         url=args.url,
         split=args.split,
@@ -459,6 +521,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         source_repository=_layout(args).root,
     )
     log.info("wrote %s and %s", args.out / "eval.json", args.out / "eval.md")
+    return 0
+
+
+def cmd_compare_runs(args: argparse.Namespace) -> int:
+    from ecomsearch.evaluation.harness import comparison_table, load_judgments
+    from ecomsearch.evaluation.trec import METRICS, compare_paired, per_query_scores, read_run
+
+    judgments, qids = load_judgments(args.judgments, args.qrels, args.topics)
+    query_of = {qid: query for query, qid in qids.items()}
+    scores = []
+    for path in (args.run_a, args.run_b):
+        run = read_run(path)
+        unknown = sorted(set(run) - set(query_of))
+        if unknown:
+            raise SystemExit(f"{path}: qids {unknown[:5]} are not in the judgments")
+        # Only the queries the run answered: a run over a sample is compared on that sample.
+        scored = judgments.restricted_to(query_of[qid] for qid in run)
+        scores.append(per_query_scores({query_of[q]: docs for q, docs in run.items()}, scored))
+    comparisons = [
+        compare_paired(scores[0][metric], scores[1][metric], metric, seed=args.seed)
+        for metric in METRICS
+    ]
+    print(comparison_table(comparisons, args.run_a.name, args.run_b.name), end="")
     return 0
 
 
@@ -647,6 +732,15 @@ def _add_judged_catalog(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_judgments_or_qrels(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--judgments", type=Path, help="CSV query,product_id,relevance")
+    source.add_argument("--qrels", type=Path, help="TREC qrels (qid 0 docid relevance)")
+    parser.add_argument(
+        "--topics", type=Path, help="with --qrels: the queries, `qid<TAB>query text` per line"
+    )
+
+
 def _add_transactions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--transactions",
@@ -728,8 +822,43 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="int8: ONNX Runtime dynamic quantization (faster on CPU; rebuild the index after)",
     )
+    adapter = export.add_mutually_exclusive_group()
+    adapter.add_argument(
+        "--adapter",
+        type=Path,
+        help="a fine-tuned adapter directory to merge; default: the model repository's "
+        "query_encoder/adapter/ when it exists",
+    )
+    adapter.add_argument(
+        "--no-adapter", action="store_true", help="export the checkpoint's weights as they are"
+    )
     _add_model_repository(export)
     export.set_defaults(handler=cmd_export_encoder)
+
+    tune = command(
+        "train-encoder",
+        "fine-tune the bi-encoder on graded judgments (a low-rank adapter), then export it",
+    )
+    _add_judged_catalog(tune)
+    tune.add_argument(
+        "--checkpoint", type=Path, help="base checkpoint; none means all-MiniLM-L6-v2"
+    )
+    tune.add_argument("--epochs", type=int, default=2, help="passes over the training queries")
+    tune.add_argument("--batch-queries", type=int, default=64, help="queries per step")
+    tune.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW peak rate")
+    tune.add_argument("--rank", type=int, default=8, help="adapter rank")
+    tune.add_argument(
+        "--quantize", choices=["none", "int8"], default="none", help="as for export-encoder"
+    )
+    tune.add_argument(
+        "--data-description",
+        default="",
+        help="what the training data is and under which terms, for the model card",
+    )
+    _add_cache_dir(tune)
+    _add_split_options(tune)
+    _add_model_repository(tune)
+    tune.set_defaults(handler=cmd_train_encoder)
 
     index = command("build-index", "embed a catalog and build its FAISS and BM25 index")
     index.add_argument("--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok)")
@@ -870,8 +999,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_repository(eval_recs)
     eval_recs.set_defaults(handler=cmd_eval_recs)
 
-    evaluate = command("eval", "relevance of the served pipeline")
-    _add_judged_catalog(evaluate)
+    evaluate = command(
+        "eval",
+        "relevance of the served pipeline; writes TREC runs, qrels and per-query scores too",
+    )
+    evaluate.add_argument("--catalog", type=Path, required=True, help="JSON Lines (.gz ok)")
+    _add_judgments_or_qrels(evaluate)
     evaluate.add_argument(
         "--url", help="gRPC host:port of a server already serving this catalog; none starts one"
     )
@@ -889,6 +1022,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_options(evaluate)
     _add_model_repository(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
+
+    compare = command(
+        "compare-runs",
+        "two TREC runs on the same judgments: each metric, and paired significance tests "
+        "(randomisation and Student's t) on the queries both answered",
+    )
+    compare.add_argument("run_a", type=Path, help="TREC run (qid Q0 docid rank score name)")
+    compare.add_argument("run_b", type=Path, help="TREC run; differences are b - a")
+    _add_judgments_or_qrels(compare)
+    compare.add_argument("--seed", type=int, default=0, help="randomisation test seed")
+    compare.set_defaults(handler=cmd_compare_runs)
 
     bench = command("bench", "ensemble vs in-process vs naive, side by side")
     bench.add_argument("--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok)")
