@@ -93,7 +93,7 @@ RUN set -- /tmp/dist/ecomsearch-*.whl \
     && python3 -c "import faiss, numpy; \
 assert hasattr(faiss, 'StandardGpuResources'), 'faiss is not the GPU build'; \
 assert numpy.__version__.startswith('1.'), numpy.__version__; \
-import bm25s, psycopg, scipy, ecomsearch.serving.preprocess, ecomsearch.serving.retrieve, \
+import bm25s, lightgbm, psycopg, scipy, ecomsearch.serving.preprocess, ecomsearch.serving.retrieve, \
 ecomsearch.serving.select, ecomsearch.serving.catalog, ecomsearch.serving.events, \
 ecomsearch.serving.recommend"
 

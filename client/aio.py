@@ -39,6 +39,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
         max_price: float | None = None,
         in_stock: bool | None = None,
         user_id: str | None = None,
+        explain: bool = False,
     ) -> list[Hit]:
         hits = await self.search_batch(
             [query],
@@ -49,6 +50,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
             max_price=max_price,
             in_stock=in_stock,
             user_id=user_id,
+            explain=explain,
         )
         return hits[0]
 
@@ -63,6 +65,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
         max_price: float | None = None,
         in_stock: bool | None = None,
         user_id: str | None = None,
+        explain: bool = False,
     ) -> list[list[Hit]]:
         """Sends the chunks of a long list concurrently; results keep the queries' order."""
         protocol.validate(queries, k)
@@ -72,7 +75,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
             *(
                 self._infer(
                     self.model_name,
-                    protocol.build_inputs(self._grpc, chunk, k, filters, user_id),
+                    protocol.build_inputs(self._grpc, chunk, k, filters, user_id, explain),
                     self._outputs,
                     self.timeout_s,
                 )

@@ -33,6 +33,10 @@ class Hit:
     title: str
     price: float | None = None  # None: the product has no price, or the server does not say
     in_stock: bool | None = None  # None: the server does not say
+    # With search(explain=True): the score's parts, as the server computed them; its
+    # "base_value", "contributions" (feature -> share of the ranker score) and
+    # "personalisation" (a shopper's search) sum to `score`. See docs/relevance.md.
+    explanation: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -169,9 +173,11 @@ def build_inputs(
     k: int,
     filters: Filters = NO_FILTERS,
     user_id: str | None = None,
+    explain: bool = False,
 ) -> list:
     """InferInputs for one request (`grpc_module` is tritonclient.grpc or its aio variant);
-    with `user_id`, a personalised search (the same shopper for every query)."""
+    with `user_id`, a personalised search (the same shopper for every query); with `explain`,
+    each hit's score explained."""
     query = grpc_module.InferInput(contract.QUERY, [len(queries), 1], "BYTES")
     query.set_data_from_numpy(np.array([[q.encode("utf-8")] for q in queries], dtype=np.object_))
     top_k = grpc_module.InferInput(contract.TOP_K, [len(queries), 1], "INT32")
@@ -182,6 +188,11 @@ def build_inputs(
         users = np.empty((len(queries), 1), dtype=np.object_)
         users[:, 0] = user
         inputs.append(_tensor(grpc_module, contract.USER_ID, users, "BYTES"))
+    if not isinstance(explain, bool):
+        raise BadRequestError(f"explain must be True or False, got {explain!r}")
+    if explain:
+        flags = np.ones((len(queries), 1), dtype=bool)
+        inputs.append(_tensor(grpc_module, contract.EXPLAIN, flags, "BOOL"))
     return inputs
 
 
@@ -194,6 +205,7 @@ def parse_hits(result) -> list[list[Hit]]:
     Prices (NaN: no price) and stock are read when the server sent them."""
     ids, scores, titles = (result.as_numpy(name) for name in OUTPUTS)
     prices, in_stock = result.as_numpy(contract.PRICES), result.as_numpy(contract.IN_STOCK)
+    explanations = result.as_numpy(contract.EXPLANATIONS)
     hits = []
     for row, (row_ids, row_scores, row_titles) in enumerate(zip(ids, scores, titles, strict=True)):
         row_hits = []
@@ -210,10 +222,17 @@ def parse_hits(result) -> list[list[Hit]]:
                     title.decode("utf-8"),
                     price=None if price is None or math.isnan(price) else price,
                     in_stock=None if in_stock is None else bool(in_stock[row, column]),
+                    explanation=_explanation(explanations, row, column),
                 )
             )
         hits.append(row_hits)
     return hits
+
+
+def _explanation(explanations: np.ndarray | None, row: int, column: int) -> dict | None:
+    if explanations is None or not explanations[row, column]:
+        return None
+    return json.loads(explanations[row, column])
 
 
 # --- Writes to the live catalog ------------------------------------------------------------------

@@ -42,9 +42,11 @@ class SearchClient(protocol.SearchClientBase):
         max_price: float | None = None,
         in_stock: bool | None = None,
         user_id: str | None = None,
+        explain: bool = False,
     ) -> list[Hit]:
         """The top-k products for one query, best first, among those passing the filters;
-        with `user_id`, personalised: raised by what that shopper bought."""
+        with `user_id`, personalised: raised by what that shopper bought; with `explain`, each
+        hit carries its score's parts (`Hit.explanation`)."""
         return self.search_batch(
             [query],
             k,
@@ -54,6 +56,7 @@ class SearchClient(protocol.SearchClientBase):
             max_price=max_price,
             in_stock=in_stock,
             user_id=user_id,
+            explain=explain,
         )[0]
 
     def search_batch(
@@ -67,6 +70,7 @@ class SearchClient(protocol.SearchClientBase):
         max_price: float | None = None,
         in_stock: bool | None = None,
         user_id: str | None = None,
+        explain: bool = False,
     ) -> list[list[Hit]]:
         """Top-k for many queries, the filters (and the shopper, for a personalised search)
         applying to each; sent in requests of at most MAX_QUERIES_PER_REQUEST."""
@@ -77,7 +81,7 @@ class SearchClient(protocol.SearchClientBase):
         for chunk in protocol.chunks(queries):
             result = self._infer(
                 self.model_name,
-                protocol.build_inputs(self._grpc, chunk, k, filters, user_id),
+                protocol.build_inputs(self._grpc, chunk, k, filters, user_id, explain),
                 self._outputs,
                 self.timeout_s,
             )

@@ -284,6 +284,28 @@ def _print_hits(hits: list, as_json: bool) -> None:
             f"{rank:3d}  {hit.score:6.3f}  {_price_column(hit.price):>9}  "
             f"{_stock_column(hit.in_stock):<12}  {hit.product_id:<28} {hit.title}"
         )
+        if getattr(hit, "explanation", None):
+            print(_explanation_lines(hit.explanation))
+
+
+# Contributions shown per hit by `search --explain` (the JSON output has them all).
+EXPLAINED_FEATURES = 5
+
+
+def _explanation_lines(explanation: dict) -> str:
+    """The largest contributions (the server sends them largest first), then the rest summed:
+    the printed parts add up to the score."""
+    contributions = list(explanation["contributions"].items())
+    shown, rest = contributions[:EXPLAINED_FEATURES], contributions[EXPLAINED_FEATURES:]
+    parts = [f"base {explanation['base_value']:+.3f}"]
+    parts += [
+        f"{name}={explanation['feature_values'][name]:.3g} {value:+.3f}" for name, value in shown
+    ]
+    if rest:
+        parts.append(f"{len(rest)} others {sum(v for _, v in rest):+.3f}")
+    if "personalisation" in explanation:
+        parts.append(f"personalisation {explanation['personalisation']:+.3f}")
+    return "       " + ", ".join(parts)
 
 
 def _ask(args: argparse.Namespace, call) -> int:
@@ -303,7 +325,9 @@ def _ask(args: argparse.Namespace, call) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     return _ask(
         args,
-        lambda client: client.search(args.query, k=args.k, user_id=args.user_id, **_filters(args)),
+        lambda client: client.search(
+            args.query, k=args.k, user_id=args.user_id, explain=args.explain, **_filters(args)
+        ),
     )
 
 
@@ -408,8 +432,8 @@ def cmd_catalog_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_train_ranker(args: argparse.Namespace) -> int:
-    from ecomsearch.export.ranker import export_ranker
-    from ecomsearch.ranking.training import train_and_export
+    from ecomsearch.export.ranker import export_search_ranker
+    from ecomsearch.ranking.training import RANKER_KINDS, train_and_export
 
     layout = _layout(args)
     result = train_and_export(
@@ -417,17 +441,17 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
         args.judgments,
         layout,
         cache_dir=args.cache_dir,
-        export=export_ranker,
+        export=export_search_ranker,
+        kinds=RANKER_KINDS if args.model == "compare" else (args.model,),
         seed=args.seed,
         validation_fraction=args.validation_fraction,
         recall_weight=args.recall_weight,
         data_description=args.data_description,
     )
     log.info(
-        "ranker: best epoch %d of %d (%.0f s); exported to %s (ONNX matches PyTorch within %.2g); "
-        "model card %s",
-        result.report.best_epoch,
-        result.report.epochs_run,
+        "ranker: %s shipped (trained in %.0f s); exported to %s (ONNX matches the trained model "
+        "within %.2g); model card %s",
+        result.export["kind"],
         result.report.seconds,
         layout.ranker_onnx,
         result.export["max_abs_difference"],
@@ -947,7 +971,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--recall-weight",
         type=float,
         default=0.0,
-        help="weight of a second loss term over all relevant candidates (trades NDCG for recall)",
+        help="MLP only: weight of a second loss term over all relevant candidates (trades "
+        "NDCG for recall)",
+    )
+    train.add_argument(
+        "--model",
+        choices=["compare", "mlp", "lambdamart"],
+        default="compare",
+        help="compare: train the ListNet MLP and LambdaMART on the same split and ship the one "
+        "better on the early-stopping queries",
     )
     _add_split_options(train)
     _add_model_repository(train)
@@ -1223,6 +1255,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query", help="what the shopper typed")
     search.add_argument(
         "--user-id", help="the shopper: a personalised search (what they bought ranks higher)"
+    )
+    search.add_argument(
+        "--explain",
+        action="store_true",
+        help="show why each product ranks there: its features' contributions to the score",
     )
     search.set_defaults(handler=cmd_search)
 

@@ -35,6 +35,12 @@ SCORES: Final = "scores"  # FP32 [batch, k], higher is better
 TITLES: Final = "titles"  # BYTES [batch, k]
 PRICES: Final = "prices"  # FP32 [batch, k], NaN when the product has no price
 IN_STOCK: Final = "in_stock"  # BOOL [batch, k]
+# Optional: why each hit ranks where it does. With `explain` true for a query, each of its
+# hits' `explanations` entry is UTF-8 JSON: the score, the ranker's base value, and each
+# feature's value and contribution (summing, with a personalised search's term, to the score);
+# otherwise the entries are empty.
+EXPLAIN: Final = "explain"  # BOOL [batch, 1], optional
+EXPLANATIONS: Final = "explanations"  # BYTES [batch, k]
 
 # Optional filters of `search` and `search_unranked`, one value per query ([batch, 1]); an
 # absent input, an empty string or a NaN bound means no filter of that kind. Exact: a result

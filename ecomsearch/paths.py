@@ -40,6 +40,7 @@ INDEX_DIR = "index"
 RANKER_FILE = "model.onnx"
 RANKER_INFO_FILE = "ranker.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
+RANKER_TREE_FILE = "model.txt"
 RECOMMENDER_INFO_FILE = "recommender.json"
 # Left in a model repository made from the packaged template: the template's digest.
 TEMPLATE_STAMP = ".template-sha256"
@@ -122,6 +123,12 @@ class ModelRepositoryLayout:
     @property
     def ranker_info(self) -> Path:
         return self.version_dir(contract.RANKER_MODEL) / RANKER_INFO_FILE
+
+    @property
+    def ranker_tree_model(self) -> Path:
+        """The ranker in LightGBM's own format when it is trees (`model.onnx` is the same
+        model for serving); `select` reads it to explain scores."""
+        return self.version_dir(contract.RANKER_MODEL) / RANKER_TREE_FILE
 
     @property
     def ranker_card(self) -> Path:

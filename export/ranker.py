@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 
 from ecomsearch import contract
-from ecomsearch.export.onnx import OPSET, OnnxSignature, install, verified_export
+from ecomsearch.export.onnx import (
+    OPSET,
+    ExportValidationError,
+    OnnxSignature,
+    install,
+    verified_export,
+)
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.ranking.features import FEATURE_NAMES
 
@@ -33,10 +39,25 @@ def sample_features(batch: int, candidates: int, model, seed: int) -> np.ndarray
     return (mean + std * rng.normal(size=shape)).astype(np.float32)
 
 
+def export_search_ranker(
+    model, layout: ModelRepositoryLayout, info: dict[str, Any]
+) -> dict[str, Any]:
+    """The `RankerExporter` of `ecomsearch.ranking.training`: trees (a TreeScorer) or the MLP
+    (a torch module), each through its verified path."""
+    from ecomsearch.ranking.trees import TreeScorer
+
+    if isinstance(model, TreeScorer):
+        return export_tree_ranker(model, layout, info)
+    return export_ranker(model, layout, info)
+
+
 def export_ranker(model, layout: ModelRepositoryLayout, info: dict[str, Any]) -> dict[str, Any]:
     """Writes the search ranker's model.onnx and ranker.json (`info` plus what the export
-    checked); returns that record. A `RankerExporter` for `ecomsearch.ranking.training`."""
-    return export_scorer(model, layout.ranker_onnx, layout.ranker_info, info, FEATURE_NAMES)
+    checked); returns that record. An MLP leaves no tree model behind."""
+    info = {k: v for k, v in info.items() if k != "feature_sample"}
+    record = export_scorer(model, layout.ranker_onnx, layout.ranker_info, info, FEATURE_NAMES)
+    layout.ranker_tree_model.unlink(missing_ok=True)
+    return record
 
 
 def export_recommend_ranker(
@@ -84,3 +105,123 @@ def export_scorer(
     }
     info_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+# Trees compare float32 features with thresholds stored as float32 in ONNX (double in
+# LightGBM): a feature within a rounding step of a threshold can take the other branch, so the
+# check allows a small difference on a few candidates and reports the largest.
+TREE_ATOL = 1e-3
+TREE_FILE = "model.txt"
+# onnxmltools converts LightGBM at opset 15 at most; the graph is then raised to OPSET.
+CONVERTER_OPSET = 15  # LightGBM's own text model, beside the ONNX: `explain` reads it
+
+
+def tree_to_onnx(booster, feature_count: int):
+    """LightGBM booster -> ONNX graph with the ranker's signature: candidate_features
+    [batch, candidates, F] -> ranking_scores [batch, candidates] (the converted ensemble runs
+    on [batch * candidates, F], reshaped around it)."""
+    import onnx
+    import onnxmltools
+    from onnx import TensorProto, helper
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    flat = onnxmltools.convert_lightgbm(
+        booster,
+        initial_types=[("flat_features", FloatTensorType([None, feature_count]))],
+        target_opset=CONVERTER_OPSET,
+        zipmap=False,
+    )
+    graph = flat.graph
+    (tree_output,) = [o.name for o in graph.output]
+    del graph.input[:]
+    del graph.output[:]
+    graph.input.append(
+        helper.make_tensor_value_info(
+            contract.CANDIDATE_FEATURES, TensorProto.FLOAT, ["batch", "candidates", feature_count]
+        )
+    )
+    graph.output.append(
+        helper.make_tensor_value_info(
+            contract.RANKING_SCORES, TensorProto.FLOAT, ["batch", "candidates"]
+        )
+    )
+    graph.initializer.append(
+        helper.make_tensor("flat_shape", TensorProto.INT64, [2], [-1, feature_count])
+    )
+    graph.node.insert(
+        0,
+        helper.make_node("Reshape", [contract.CANDIDATE_FEATURES, "flat_shape"], ["flat_features"]),
+    )
+    graph.node.extend(
+        [
+            helper.make_node(
+                "Shape", [contract.CANDIDATE_FEATURES], ["batch_candidates"], start=0, end=2
+            ),
+            helper.make_node(
+                "Reshape", [tree_output, "batch_candidates"], [contract.RANKING_SCORES]
+            ),
+        ]
+    )
+    graph.name = "lambdamart_ranker"
+    # Every exported graph shares OPSET; none of the ops here changed between the two.
+    model = onnx.version_converter.convert_version(flat, OPSET)
+    onnx.checker.check_model(model)
+    return model
+
+
+def export_tree_ranker(
+    scorer, layout: ModelRepositoryLayout, info: dict[str, Any]
+) -> dict[str, Any]:
+    """The search ranker as LightGBM trees: model.onnx, verified against LightGBM at shapes
+    other than any training batch, plus model.txt (for explanations) and ranker.json."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    booster = scorer.booster
+    feature_count = booster.num_feature()
+    if feature_count != len(FEATURE_NAMES):
+        raise ValueError(f"the trees take {feature_count} features, not {len(FEATURE_NAMES)}")
+    model = tree_to_onnx(booster, feature_count)
+    differences = []
+    with tempfile.TemporaryDirectory(prefix="ecomsearch-export-") as scratch:
+        onnx_path = Path(scratch) / "model.onnx"
+        onnx.save(model, str(onnx_path))
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        for batch, candidates, seed in ((CHECK_BATCH, CHECK_CANDIDATES, 1), (1, 400, 2)):
+            features = info_features(info, batch, candidates, seed)
+            (served,) = session.run(None, {contract.CANDIDATE_FEATURES: features})
+            expected = scorer(features)
+            if served.shape != expected.shape:
+                raise ExportValidationError(
+                    f"ranking_scores: shape {served.shape} from ONNX Runtime, "
+                    f"{expected.shape} from LightGBM"
+                )
+            differences.append(float(np.max(np.abs(served - expected))))
+        difference = max(differences)
+        if not difference <= TREE_ATOL:
+            raise ExportValidationError(
+                f"ranking_scores: max absolute difference {difference:.3g} exceeds {TREE_ATOL}"
+            )
+        install(onnx_path, layout.ranker_onnx)
+    booster.save_model(str(layout.ranker_tree_model))
+    record = {
+        **{k: v for k, v in info.items() if k != "feature_sample"},
+        "feature_names": list(FEATURE_NAMES),
+        "opset": OPSET,
+        "validated_at": {"batch": CHECK_BATCH, "candidates": CHECK_CANDIDATES},
+        "max_abs_difference": difference,
+        "tree_model": layout.ranker_tree_model.name,
+    }
+    layout.ranker_info.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def info_features(info: dict[str, Any], batch: int, candidates: int, seed: int) -> np.ndarray:
+    """Check inputs drawn from real candidates' features (info["feature_sample"], rows of the
+    training set): trees split on the values real features take, which random normals miss."""
+    sample = np.asarray(info["feature_sample"], dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(sample), size=batch * candidates)
+    return sample[rows].reshape(batch, candidates, sample.shape[1])

@@ -185,12 +185,27 @@ def train(
     return model, report
 
 
-def compare_on(examples: ExampleSet, model, judgments: Judgments, ids: Mapping[int, bytes]) -> dict:
-    """Retrieval-order and ranked metrics on `examples` with the real metric code."""
-    import torch
+class MlpScorer:
+    """The trained MLP as a candidate scorer: [n, width, F] -> [n, width] (numpy in and out)."""
 
-    with torch.inference_mode():
-        ranked_scores = model(torch.from_numpy(examples.features)).numpy()
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(features)).numpy()
+
+
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def compare_on(
+    examples: ExampleSet, scorer: Scorer, judgments: Judgments, ids: Mapping[int, bytes]
+) -> dict:
+    """Retrieval-order and ranked metrics on `examples` with the real metric code."""
+    ranked_scores = scorer(examples.features)
     subset = judgments.restricted_to(examples.queries)
     result: dict[str, Metrics] = {}
     for name, scores in (("retrieval", examples.retrieval_scores), ("ranked", ranked_scores)):
@@ -198,15 +213,33 @@ def compare_on(examples: ExampleSet, model, judgments: Judgments, ids: Mapping[i
     return result
 
 
-# Writes the trained ranker into a model repository (ONNX and ranker.json, verified against
-# PyTorch) and returns what it recorded: `ecomsearch.export.ranker.export_ranker`. Passed in by
-# the caller, so training does not depend on the export tooling.
+# Writes the trained ranker (an MLP's torch module, or a TreeScorer) into a model repository
+# (ONNX and ranker.json, verified against the training framework) and returns what it recorded:
+# `ecomsearch.export.ranker.export_search_ranker`. Passed in by the caller, so training does
+# not depend on the export tooling.
 RankerExporter = Callable[[Any, ModelRepositoryLayout, dict[str, Any]], dict[str, Any]]
+
+
+RANKER_KINDS = ("mlp", "lambdamart")
+
+
+def _training_summary(kind: str, report) -> dict[str, Any]:
+    if kind == "mlp":
+        return {
+            "objective": "ListNet",
+            "best_epoch": report.best_epoch,
+            "epochs_run": report.epochs_run,
+        }
+    return {
+        "objective": "LambdaMART (LightGBM lambdarank)",
+        "best_round": report.best_round,
+        "rounds_run": report.rounds_run,
+    }
 
 
 @dataclass(frozen=True)
 class TrainRankerResult:
-    report: TrainingReport
+    report: TrainingReport | Any  # the chosen model's training report
     validation: dict[str, Metrics]
     counts: dict[str, int]
     export: dict[str, Any]  # what the exporter recorded (opset, max |ONNX - PyTorch|, ...)
@@ -223,9 +256,14 @@ def train_and_export(
     early_stop_fraction: float = 0.1,
     recall_weight: float = 0.0,
     data_description: str = "",
+    kinds: Sequence[str] = RANKER_KINDS,
 ) -> TrainRankerResult:
     """The whole command: index, split, candidates, training, validation, export (by `export`)
-    and the model card. `data_description` says what the training data is, for the card."""
+    and the model card. `data_description` says what the training data is, for the card.
+
+    Every kind in `kinds` is trained on the same candidates and split; the one with the best
+    NDCG@10 on the early-stopping queries (training data, never validation) ships, and the
+    card shows all of them on the validation queries."""
     from ecomsearch.evaluation.metrics import read_judgments
     from ecomsearch.index.store import CatalogIndex
     from ecomsearch.live.catalog import LiveCatalog
@@ -259,10 +297,37 @@ def train_and_export(
     )
     fit_set, early_set, validation_set = (examples.subset(side == s) for s in (0, 1, 2))
 
-    model, report = train(
-        fit_set, early_set, seed, relevant_gain=judgments.relevant_gain, recall_weight=recall_weight
-    )
-    validation = compare_on(validation_set, model, judgments, ids)
+    trained: dict[str, tuple[Any, Scorer, Any]] = {}
+    if "mlp" in kinds:
+        model, report = train(
+            fit_set,
+            early_set,
+            seed,
+            relevant_gain=judgments.relevant_gain,
+            recall_weight=recall_weight,
+        )
+        trained["mlp"] = (model, MlpScorer(model), report)
+    if "lambdamart" in kinds:
+        from ecomsearch.ranking.trees import train_lambdamart
+
+        scorer, report = train_lambdamart(fit_set, early_set, seed)
+        trained["lambdamart"] = (scorer, scorer, report)
+    if not trained:
+        raise ValueError(f"kinds must name at least one of {RANKER_KINDS}")
+    comparison = {
+        kind: {
+            "early_stop_ndcg_at_10": ndcg_at_10(scorer(early_set.features), early_set),
+            "validation_in_process": compare_on(validation_set, scorer, judgments, ids)[
+                "ranked"
+            ].as_dict(),
+            "training_seconds": round(report.seconds, 1),
+        }
+        for kind, (_, scorer, report) in trained.items()
+    }
+    chosen = max(comparison, key=lambda kind: comparison[kind]["early_stop_ndcg_at_10"])
+    model, scorer, report = trained[chosen]
+    log.info("ranker comparison: %s; shipping %s", comparison, chosen)
+    validation = compare_on(validation_set, scorer, judgments, ids)
     for name, metrics in validation.items():
         log.info(
             "validation (%d queries, in-process) %s: NDCG@10 %.4f, Recall@100 %.4f, MRR@10 %.4f",
@@ -290,11 +355,16 @@ def train_and_export(
         "recall_weight": recall_weight,
         "validation_fraction": validation_fraction,
         "counts": counts,
-        "best_epoch": report.best_epoch,
-        "epochs_run": report.epochs_run,
+        "kind": chosen,
+        "training": _training_summary(chosen, report),
+        "comparison": comparison,
         "candidate_pools": {"vector": retriever.vector_pool, "lexical": retriever.lexical_pool},
         "validation_in_process": {k: v.as_dict() for k, v in validation.items()},
     }
+    sample_rows = np.random.default_rng(seed).choice(
+        int(fit_set.valid.sum()), size=min(4000, int(fit_set.valid.sum())), replace=False
+    )
+    info["feature_sample"] = fit_set.features[fit_set.valid][sample_rows]
     record = export(model, layout, info)
     write_model_card(layout.ranker_card, record)
     return TrainRankerResult(report, validation, counts, record)

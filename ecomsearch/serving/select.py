@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,9 @@ from ecomsearch.live.follower import DEFAULT_POLL_INTERVAL_S, ChangeFollower
 from ecomsearch.live.labels import ProductLabels
 from ecomsearch.live.location import served_store_url
 from ecomsearch.paths import ModelRepositoryLayout
-from ecomsearch.ranking.selection import top_k_rows
+from ecomsearch.ranking.explain import ExplainerError, TreeExplainer, explanations_json
+from ecomsearch.ranking.features import FEATURE_COUNT
+from ecomsearch.ranking.selection import best_positions
 from ecomsearch.recommend.interactions import EventCatchUp, Interactions
 from ecomsearch.recommend.personal import PERSONAL_WEIGHT, affinity
 from ecomsearch.serving.base import (
@@ -55,6 +58,17 @@ def parse_top_k(raw: np.ndarray | None, batch: int) -> int:
     return top_k
 
 
+def parse_explain(raw: np.ndarray | None, batch: int) -> np.ndarray:
+    """The optional `explain` flag of each query (all false when absent)."""
+    if raw is None:
+        return np.zeros(batch, dtype=bool)
+    if raw.shape != (batch, 1) or raw.dtype != np.bool_:
+        raise RequestError(
+            f"input {contract.EXPLAIN!r} must be BOOL [{batch}, 1], got {raw.dtype} {raw.shape}"
+        )
+    return raw[:, 0].copy()
+
+
 def parse_user_ids(raw: np.ndarray, batch: int) -> np.ndarray:
     """The optional `user_id` of a personalised search: one per query ("" for none)."""
     if raw.shape != (batch, 1):
@@ -65,9 +79,19 @@ def parse_user_ids(raw: np.ndarray, batch: int) -> np.ndarray:
 
 
 class SelectModel(BatchedModel):
-    def __init__(self, pb_utils, labels: ProductLabels, lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self,
+        pb_utils,
+        labels: ProductLabels,
+        lock: threading.Lock | None = None,
+        ranker_tree_model: Path | None = None,
+    ) -> None:
         super().__init__(pb_utils)
         self.labels = labels
+        # The served ranker's explainer, loaded on the first `explain` (a plain search never
+        # pays for LightGBM); None until then.
+        self.ranker_tree_model = ranker_tree_model
+        self._explainer: TreeExplainer | None = None
         self.lock = lock or threading.Lock()
         self.follower: ChangeFollower | None = None
         self._catch_up_store: Any = None  # the request thread's own store connection
@@ -87,7 +111,11 @@ class SelectModel(BatchedModel):
         store_url = served_store_url(layout, manifest)
         if store_url is None:
             index = CatalogIndex.load(layout.index_dir, load_vectors=False)
-            model = cls(pb_utils, ProductLabels.from_index(index.keys, index.metadata))
+            model = cls(
+                pb_utils,
+                ProductLabels.from_index(index.keys, index.metadata),
+                ranker_tree_model=layout.ranker_tree_model,
+            )
             pb_utils.Logger.log_info(f"select: {index.count} products from {layout.index_dir}")
             return model
         from ecomsearch.store import open_store
@@ -96,7 +124,7 @@ class SelectModel(BatchedModel):
         with open_store(store_url) as store:
             seq, products = store.snapshot(with_embeddings=False)
         labels.load(seq, products)
-        model = cls(pb_utils, labels)
+        model = cls(pb_utils, labels, ranker_tree_model=layout.ranker_tree_model)
         model.events = EventCatchUp(store_url, Interactions())
         model.follower = ChangeFollower(
             store_url,
@@ -173,6 +201,21 @@ class SelectModel(BatchedModel):
         users = input_array(self.pb_utils, request, contract.USER_ID)
         if users is not None:
             inputs[contract.USER_ID] = parse_user_ids(users, len(rows))
+        features = input_array(self.pb_utils, request, contract.CANDIDATE_FEATURES)
+        explain = parse_explain(input_array(self.pb_utils, request, contract.EXPLAIN), len(rows))
+        if explain.any():
+            if features is None:
+                raise RequestError(
+                    f"{contract.EXPLAIN!r} needs the candidates' features (the `search` "
+                    "ensemble sends them; `search_unranked` has no ranker to explain)"
+                )
+            if features.shape != (*rows.shape, FEATURE_COUNT):
+                raise RequestError(
+                    f"{contract.CANDIDATE_FEATURES!r} must be [batch, candidates, "
+                    f"{FEATURE_COUNT}] like the rows {rows.shape}, got {features.shape}"
+                )
+            inputs[contract.CANDIDATE_FEATURES] = features.astype(np.float32, copy=False)
+            inputs[contract.EXPLAIN] = explain
         return inputs
 
     def personalised(self, users: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -195,6 +238,7 @@ class SelectModel(BatchedModel):
     def run(self, inputs: Tensors) -> Tensors:
         k = int(inputs[contract.TOP_K][0])
         rows, scores = inputs[contract.CANDIDATE_ROWS], inputs[contract.CANDIDATE_SCORES]
+        ranker_scores = scores
         with self.lock:
             self.follower_drain()
             users = inputs.get(contract.USER_ID)
@@ -205,14 +249,66 @@ class SelectModel(BatchedModel):
             live = self.labels.live(rows)
             if not live.all():
                 rows = np.where(live, rows, -1)
-                scores = np.where(live, scores, -np.inf).astype(np.float32)
-            top_rows, top_scores = top_k_rows(rows, scores, k)
+            valid = rows >= 0
+            positions = best_positions(scores, valid, k)
+            top_rows = np.take_along_axis(np.where(valid, rows, -1), positions, axis=1)
+            top_scores = np.take_along_axis(
+                np.where(valid, scores, -np.inf).astype(np.float32), positions, axis=1
+            )
             labels = self.labels.labels(top_rows)
         # Fewer candidates than k (a tiny catalog): empty ids that clients skip.
-        return {
+        outputs = {
             contract.PRODUCT_IDS: labels["ids"],
             contract.SCORES: top_scores,
             contract.TITLES: labels["titles"],
             contract.PRICES: labels["prices"],
             contract.IN_STOCK: labels["in_stock"],
         }
+        explanations = np.full(top_rows.shape, b"", dtype=object)
+        explain = inputs.get(contract.EXPLAIN)
+        if explain is not None and explain.any():
+            self._explain(
+                inputs, explain, positions, top_rows, top_scores, ranker_scores, explanations
+            )
+        outputs[contract.EXPLANATIONS] = explanations
+        return outputs
+
+    def explainer(self) -> TreeExplainer:
+        if self._explainer is None:
+            if self.ranker_tree_model is None:
+                raise RequestError("this server's ranker cannot be explained")
+            try:
+                self._explainer = TreeExplainer(self.ranker_tree_model)
+            except ExplainerError as e:
+                raise RequestError(f"explanations are unavailable: {e}") from None
+        return self._explainer
+
+    def _explain(
+        self,
+        inputs: Tensors,
+        explain: np.ndarray,
+        positions: np.ndarray,
+        top_rows: np.ndarray,
+        top_scores: np.ndarray,
+        ranker_scores: np.ndarray,
+        out: np.ndarray,
+    ) -> None:
+        """Fills `out` (object [batch, k]) for the queries that asked, all in one TreeSHAP
+        call; the personalisation term is what select added to the ranker's score."""
+        explainer = self.explainer()
+        features = inputs[contract.CANDIDATE_FEATURES]
+        wanted = explain[:, None] & (top_rows >= 0)
+        query, column = np.nonzero(wanted)
+        if not len(query):
+            return
+        position = positions[query, column]
+        chosen = features[query, position]
+        contributions = explainer.contributions(chosen)
+        served = top_scores[query, column]
+        personal = served - ranker_scores[query, position]
+        for (q, c), text in zip(
+            zip(query, column, strict=True),
+            explanations_json(chosen, contributions, served, personal),
+            strict=True,
+        ):
+            out[q, c] = text

@@ -110,14 +110,28 @@ class FakeClient:
     def __exit__(self, *exc_info) -> None:
         pass
 
-    def search(self, query, k, user_id=None, **filters):
+    def search(self, query, k, user_id=None, explain=False, **filters):
         from ecomsearch.client import Hit
 
         self.searches.append({"query": query, "k": k, **filters})
         if user_id is not None:
             self.searches[-1]["user_id"] = user_id
+        explanation = None
+        if explain:
+            self.searches[-1]["explain"] = True
+            contributions = {"cosine": 0.5, "bm25_title": 0.25, "in_both_lists": -0.04}
+            contributions.update({f"f{i}": 0.01 for i in range(4)})
+            explanation = {
+                "score": 0.91,
+                "base_value": 0.1,
+                "contributions": contributions,
+                "feature_values": {name: 1.0 for name in contributions},
+                "personalisation": 0.06,
+            }
         return [
-            Hit("sku-1", 0.91, "Wireless mouse", price=19.5, in_stock=True),
+            Hit(
+                "sku-1", 0.91, "Wireless mouse", price=19.5, in_stock=True, explanation=explanation
+            ),
             Hit("sku-2", 0.5, "Mouse pad", price=None, in_stock=False),
         ]
 
@@ -187,6 +201,20 @@ def test_search_sends_the_filters_and_shows_price_and_stock(fake_client, capsys)
     first, second = capsys.readouterr().out.splitlines()
     assert "19.50" in first and "in stock" in first and "Wireless mouse" in first
     assert " - " in second and "out of stock" in second
+
+
+def test_search_explain_shows_the_parts_of_the_score_adding_up(fake_client, capsys) -> None:
+    assert cli.main(["search", "mouse", "--explain"]) == 0
+    (client,) = fake_client.instances
+    assert client.searches[0]["explain"] is True
+    lines = capsys.readouterr().out.splitlines()
+    assert "Wireless mouse" in lines[0] and "Mouse pad" in lines[2]
+    parts = lines[1].split(", ")
+    assert parts[0].strip() == "base +0.100"
+    assert parts[1] == "cosine=1 +0.500"
+    # Five named, the other two summed, then the shopper's term: 0.1 + 0.75 + 0.06 = 0.91.
+    assert parts[-2:] == ["2 others +0.020", "personalisation +0.060"]
+    assert sum(float(p.rsplit(" ", 1)[1]) for p in parts) == pytest.approx(0.91, abs=1e-3)
 
 
 def test_search_with_a_user_id_is_personalised(fake_client) -> None:

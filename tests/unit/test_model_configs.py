@@ -280,20 +280,28 @@ CANDIDATE_STEP = {
 @pytest.mark.parametrize("name", ENSEMBLES)
 def test_ensemble_contract_is_the_clients(name):
     ensemble = default_configs()[name]
-    personal = {contract.USER_ID: (mc.TYPE_STRING, [1])} if name == contract.SEARCH_MODEL else {}
+    # Only the ranked search personalises, and has a ranker to explain.
+    search_only = (
+        {contract.USER_ID: (mc.TYPE_STRING, [1]), contract.EXPLAIN: (mc.TYPE_BOOL, [1])}
+        if name == contract.SEARCH_MODEL
+        else {}
+    )
     assert tensors(ensemble.input) == {
         **ENSEMBLE_INPUTS[name],
         contract.TOP_K: (mc.TYPE_INT32, [1]),
         **FILTER_TENSORS,
-        **personal,
+        **search_only,
     }
     optional = [contract.TOP_K, *contract.FILTER_INPUTS]
     if name == contract.RECOMMEND_MODEL:
         optional = [contract.RECENT_PRODUCT_IDS, *optional]
-    if name == contract.SEARCH_MODEL:  # personalised search
-        optional = [*optional, contract.USER_ID]
+    if name == contract.SEARCH_MODEL:  # personalised and explained search
+        optional = [*optional, contract.USER_ID, contract.EXPLAIN]
     assert [t.name for t in ensemble.input if t.optional] == optional
-    assert tensors(ensemble.output) == RESULT_TENSORS
+    explained = (
+        {contract.EXPLANATIONS: (mc.TYPE_STRING, [-1])} if name == contract.SEARCH_MODEL else {}
+    )
+    assert tensors(ensemble.output) == {**RESULT_TENSORS, **explained}
     assert ensemble.max_batch_size == contract.MAX_QUERIES_PER_REQUEST
 
 
@@ -310,8 +318,21 @@ def test_ensembles_pass_the_filters_to_their_candidates_and_the_labels_from_sele
     # Only `search` is personalised; a user id it accepted must reach select.
     personal = {contract.USER_ID: contract.USER_ID} if name == contract.SEARCH_MODEL else {}
     assert {k: v for k, v in select_inputs.items() if k == contract.USER_ID} == personal
+    # ... and its explain flag, with the candidates' features that the explanation needs.
+    explained = (
+        {
+            contract.EXPLAIN: contract.EXPLAIN,
+            contract.CANDIDATE_FEATURES: contract.CANDIDATE_FEATURES,
+        }
+        if name == contract.SEARCH_MODEL
+        else {}
+    )
+    assert {k: v for k, v in select_inputs.items() if k in explained} == explained
     select_outputs = dict(steps[contract.SELECT_MODEL].output_map)
-    assert select_outputs == {t: t for t in RESULT_TENSORS}
+    explanations = (
+        {contract.EXPLANATIONS: contract.EXPLANATIONS} if name == contract.SEARCH_MODEL else {}
+    )
+    assert select_outputs == {**{t: t for t in RESULT_TENSORS}, **explanations}
 
 
 @pytest.mark.parametrize("profile", [None, "gpu"])
@@ -340,10 +361,25 @@ def test_models_use_the_contract_names(profile):
         contract.CANDIDATE_SCORES,
         contract.TOP_K,
         contract.USER_ID,
+        contract.CANDIDATE_FEATURES,
+        contract.EXPLAIN,
     ]
-    assert [t.name for t in select.input if t.optional] == [contract.TOP_K, contract.USER_ID]
-    assert [t.name for t in select.output] == list(RESULT_TENSORS)
-    assert tensors(select.output) == RESULT_TENSORS
+    assert [t.name for t in select.input if t.optional] == [
+        contract.TOP_K,
+        contract.USER_ID,
+        contract.CANDIDATE_FEATURES,
+        contract.EXPLAIN,
+    ]
+    # The features select explains are exactly the ones retrieve makes and the ranker takes.
+    select_features = next(t for t in select.input if t.name == contract.CANDIDATE_FEATURES)
+    retrieve_features = next(t for t in retrieve.output if t.name == contract.CANDIDATE_FEATURES)
+    assert (select_features.data_type, list(select_features.dims)) == (
+        retrieve_features.data_type,
+        list(retrieve_features.dims),
+    )
+    explanations = {contract.EXPLANATIONS: (mc.TYPE_STRING, [-1])}
+    assert [t.name for t in select.output] == [*RESULT_TENSORS, contract.EXPLANATIONS]
+    assert tensors(select.output) == {**RESULT_TENSORS, **explanations}
     ranker = profile_config(contract.RANKER_MODEL, profile)
     assert [t.name for t in ranker.input] == [contract.CANDIDATE_FEATURES]
     assert [t.name for t in ranker.output] == [contract.RANKING_SCORES]

@@ -16,7 +16,7 @@ import pytest
 from ecomsearch import contract
 from ecomsearch.export import encoder as encoder_export
 from ecomsearch.export.onnx import OPSET
-from ecomsearch.export.ranker import export_ranker
+from ecomsearch.export.ranker import export_ranker, export_search_ranker
 from ecomsearch.paths import ModelRepositoryLayout, demo_catalog, prepare_model_repository
 from ecomsearch.ranking.card import render_model_card
 from ecomsearch.ranking.features import FEATURE_COUNT, FEATURE_NAMES
@@ -157,7 +157,7 @@ def test_train_and_export_uses_the_exporter_it_is_given(tmp_path: Path) -> None:
 
     def exporter(model, target, info):
         calls.append(target)
-        return export_ranker(model, target, info)
+        return export_search_ranker(model, target, info)
 
     result = train_and_export(
         catalog,
@@ -177,3 +177,94 @@ def test_train_and_export_uses_the_exporter_it_is_given(tmp_path: Path) -> None:
     recorded = json.loads(layout.ranker_info.read_text())
     assert recorded["training_data"]["grade_scale"] == [1.0, 3.0]
     assert result.validation["ranked"].queries == result.counts["validation_queries"] > 0
+
+
+def synthetic_examples(queries: int, seed: int):
+    """Candidates whose gain follows two of the features (plus noise), in ExampleSet form."""
+    from ecomsearch.ranking.training import ExampleSet
+
+    rng = np.random.default_rng(seed)
+    width = 30
+    features = rng.normal(size=(queries, width, FEATURE_COUNT)).astype(np.float32)
+    signal = features[:, :, 0] + 0.5 * features[:, :, 9] + rng.normal(0, 0.3, (queries, width))
+    gains = np.clip(np.round(signal), 0, 2).astype(np.float32)
+    rows = np.tile(np.arange(width), (queries, 1)).astype(np.int64)
+    rows[:, -3:] = -1  # padding never reaches the trees
+    gains[:, -3:] = 0
+    ideal = np.array([np.sum(np.sort(g)[::-1][:10] / np.log2(np.arange(2, 12))) for g in gains])
+    return ExampleSet(
+        [f"q{i}" for i in range(queries)], rows, features, features[:, :, 0], gains, ideal
+    )
+
+
+@pytest.fixture(scope="module")
+def lambdamart():
+    from ecomsearch.ranking.trees import LambdaMartSettings, train_lambdamart
+
+    settings = LambdaMartSettings(max_rounds=60, min_data_in_leaf=20, early_stopping_rounds=10)
+    train_set, early_set = synthetic_examples(200, 0), synthetic_examples(50, 1)
+    return train_lambdamart(train_set, early_set, seed=3, settings=settings), early_set
+
+
+def test_lambdamart_learns_the_features_that_carry_the_gain(lambdamart):
+    from ecomsearch.ranking.training import ndcg_at_10
+
+    (scorer, report), early_set = lambdamart
+    assert 1 <= report.best_round <= report.rounds_run <= 60
+    learned = ndcg_at_10(scorer(early_set.features), early_set)
+    shuffled = ndcg_at_10(np.random.default_rng(0).random(early_set.rows.shape), early_set)
+    assert learned > shuffled + 0.2
+    importance = scorer.booster.feature_importance("gain")
+    assert set(np.argsort(importance)[-2:]) == {0, 9}
+
+
+def test_tree_contributions_sum_to_the_score_and_follow_the_features(lambdamart):
+    (scorer, _), early_set = lambdamart
+    features = early_set.features[0]
+    contributions = scorer.contributions(features)
+    assert contributions.shape == (len(features), FEATURE_COUNT + 1)
+    np.testing.assert_allclose(
+        contributions.sum(axis=1), scorer(features[None])[0], rtol=1e-5, atol=1e-5
+    )
+    changed = features.copy()
+    changed[:, 0] += 3.0  # much more of the feature that matters most
+    assert (scorer.contributions(changed)[:, 0] >= contributions[:, 0] - 1e-9).all()
+    assert (scorer.contributions(changed)[:, 0] > contributions[:, 0]).any()
+
+
+def test_the_tree_export_is_verified_against_lightgbm(lambdamart, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from ecomsearch.export.ranker import export_search_ranker
+
+    (scorer, report), early_set = lambdamart
+    layout = ModelRepositoryLayout(tmp_path)
+    info = {
+        **TRAINING_INFO,
+        "kind": "lambdamart",
+        "training": {"best_round": report.best_round, "rounds_run": report.rounds_run},
+        "feature_sample": early_set.features[early_set.valid],
+    }
+    record = export_search_ranker(scorer, layout, info)
+
+    assert "feature_sample" not in record
+    assert record["max_abs_difference"] <= 1e-3
+    assert layout.ranker_tree_model.is_file()
+    graph = onnx.load(str(layout.ranker_onnx)).graph
+    assert [i.name for i in graph.input] == [contract.CANDIDATE_FEATURES]
+    assert [o.name for o in graph.output] == [contract.RANKING_SCORES]
+    assert [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim] == [
+        "batch",
+        "candidates",
+    ]
+    features = early_set.features[:5, :11]
+    (served,) = ort.InferenceSession(str(layout.ranker_onnx)).run(
+        None, {contract.CANDIDATE_FEATURES: features}
+    )
+    np.testing.assert_allclose(served, scorer(features), atol=1e-3)
+    card = render_model_card({**record, "opset": OPSET})
+    assert "LambdaMART" in card and f"{report.best_round} rounds" in card
+
+    # An MLP exported over it leaves no stale tree model behind.
+    export_search_ranker(tiny_ranker(), layout, info)
+    assert not layout.ranker_tree_model.exists()

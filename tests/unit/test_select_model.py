@@ -75,8 +75,12 @@ def assert_selected(triton, response, products, rows: list[list[int]], scores) -
         contract.TITLES,
         contract.PRICES,
         contract.IN_STOCK,
+        contract.EXPLANATIONS,
     }
     shape = (len(rows), len(rows[0]))
+    # Nobody asked for explanations: every entry is empty.
+    assert out[contract.EXPLANATIONS].shape == shape
+    assert set(out[contract.EXPLANATIONS].flat) == {b""}
     for name in (contract.PRODUCT_IDS, contract.TITLES):
         # TYPE_STRING outputs: object arrays of bytes.
         assert out[name].dtype == np.object_ and out[name].shape == shape, name
@@ -504,3 +508,133 @@ def test_a_bad_user_id_gets_invalid_arg_and_its_neighbours_succeed(triton, live_
     assert triton.outputs(first)[contract.PRODUCT_IDS].tolist() == [[b"sku-001"]]
     triton.assert_invalid_arg(too_long, "longer than")
     triton.assert_invalid_arg(not_utf8, "UTF-8")
+
+
+# --- explain -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tree_ranker_file(tmp_path_factory) -> Path:
+    """A small LightGBM ranker over the real feature count, saved as the export saves it."""
+    import lightgbm
+
+    from ecomsearch.ranking.features import FEATURE_COUNT
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(3000, FEATURE_COUNT))
+    labels = np.clip(np.rint(features[:, 0] + 0.5 * features[:, 2]), 0, 2).astype(int)
+    booster = lightgbm.train(
+        {"objective": "lambdarank", "verbosity": -1, "min_data_in_leaf": 20, "seed": 0},
+        lightgbm.Dataset(features, labels, group=[30] * 100),
+        num_boost_round=30,
+    )
+    path = tmp_path_factory.mktemp("ranker") / "model.txt"
+    booster.save_model(str(path))
+    return path
+
+
+def explain_request(triton, rows, scores, features, explain: list[bool], top_k: int = 3):
+    return triton.request(
+        **{
+            contract.CANDIDATE_ROWS: np.array(rows, dtype=np.int64),
+            contract.CANDIDATE_SCORES: np.array(scores, dtype=np.float32),
+            contract.CANDIDATE_FEATURES: np.array(features, dtype=np.float32),
+            contract.EXPLAIN: np.array(explain, dtype=bool).reshape(-1, 1),
+            contract.TOP_K: np.full((len(rows), 1), top_k, dtype=np.int32),
+        }
+    )
+
+
+@pytest.fixture
+def explaining_select(triton, repo, tree_ranker_file):
+    from ecomsearch.paths import ModelRepositoryLayout
+
+    target = ModelRepositoryLayout(repo.select_dir.parent).ranker_tree_model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(tree_ranker_file.read_bytes())
+    return initialize(triton, repo.select_dir)
+
+
+def tree_scores(tree_ranker_file: Path, features: np.ndarray) -> np.ndarray:
+    import lightgbm
+
+    booster = lightgbm.Booster(model_file=str(tree_ranker_file))
+    flat = features.reshape(-1, features.shape[-1])
+    return booster.predict(flat, raw_score=True).reshape(features.shape[:-1]).astype(np.float32)
+
+
+def test_explanations_sum_to_each_hits_score_and_follow_the_features(
+    triton, explaining_select, tree_ranker_file
+):
+    import json
+
+    from ecomsearch.ranking.explain import explained_total
+    from ecomsearch.ranking.features import FEATURE_COUNT, FEATURE_NAMES
+
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(2, 6, FEATURE_COUNT)).astype(np.float32)
+    scores = tree_scores(tree_ranker_file, features)
+    rows = [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, -1]]
+    first, second = explaining_select.execute(
+        [
+            explain_request(triton, rows, scores, features, [True, False]),
+            explain_request(triton, rows[:1], scores[:1], features[:1], [True]),
+        ]
+    )
+    out = triton.outputs(first)
+    explained = [json.loads(text) for text in out[contract.EXPLANATIONS][0]]
+    assert set(out[contract.EXPLANATIONS][1].flat) == {b""}  # the second query did not ask
+    for record, score in zip(explained, out[contract.SCORES][0], strict=True):
+        assert record["score"] == pytest.approx(float(score), abs=1e-5)
+        assert explained_total(record) == pytest.approx(float(score), abs=1e-4)
+        assert list(record["contributions"]) == sorted(
+            record["contributions"], key=lambda n: -abs(record["contributions"][n])
+        )
+        assert set(record["feature_values"]) == set(FEATURE_NAMES)
+    # The same query alone gets the same explanations.
+    assert triton.outputs(second)[contract.EXPLANATIONS][0].tolist() == (
+        out[contract.EXPLANATIONS][0].tolist()
+    )
+
+    # More of the feature the trees rely on most: its contribution grows, the sum still holds.
+    top_row = int(out[contract.PRODUCT_IDS][0][0].decode().split("-")[1])
+    changed = features.copy()
+    changed[0, top_row, 0] += 2.0
+    changed_scores = tree_scores(tree_ranker_file, changed)
+    (response,) = explaining_select.execute(
+        [explain_request(triton, rows[:1], changed_scores[:1], changed[:1], [True], top_k=6)]
+    )
+    again = triton.outputs(response)
+    records = {
+        pid.decode(): json.loads(text)
+        for pid, text in zip(
+            again[contract.PRODUCT_IDS][0], again[contract.EXPLANATIONS][0], strict=True
+        )
+    }
+    before = explained[0]
+    after = records[f"sku-{top_row:03d}"]
+    assert after["contributions"][FEATURE_NAMES[0]] > before["contributions"][FEATURE_NAMES[0]]
+    assert explained_total(after) == pytest.approx(after["score"], abs=1e-4)
+
+
+def test_explain_without_features_is_a_bad_request(triton, explaining_select):
+    bare = triton.request(
+        **{
+            contract.CANDIDATE_ROWS: np.array([[0, 1]], dtype=np.int64),
+            contract.CANDIDATE_SCORES: np.array([[0.5, 0.1]], dtype=np.float32),
+            contract.EXPLAIN: np.array([[True]]),
+        }
+    )
+    fine = request(triton, [[0, 1]], [[0.5, 0.1]])
+    bad, good = explaining_select.execute([bare, fine])
+    triton.assert_invalid_arg(bad, "explain", "features")
+    triton.outputs(good)
+
+
+def test_explain_without_a_tree_model_is_a_bad_request_and_search_goes_on(triton, select):
+    """A server whose ranker has no model.txt (an MLP): INVALID_ARG, the model keeps serving."""
+    features = np.zeros((1, 2, 17), dtype=np.float32)
+    asked = explain_request(triton, [[0, 1]], [[0.5, 0.1]], features, [True], top_k=2)
+    (response,) = select.execute([asked])
+    triton.assert_invalid_arg(response, "explanations are unavailable")
+    triton.outputs(select.execute([request(triton, [[0, 1]], [[0.5, 0.1]])])[0])
