@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # QUANTIZE=int8 exports an int8 encoder (about 2.3x faster on CPU, see docs/performance.md).
 QUANTIZE ?= none
 
-.PHONY: help install models index serve test lint clean bench loadtest
+.PHONY: help install models index serve test lint clean bench loadtest relevance-gate
 
 help:
 	@echo "make serve   set up (venv, encoder export, demo index) and run tritonserver"
@@ -24,7 +24,10 @@ $(BIN)/ecomsearch: pyproject.toml
 
 install: $(BIN)/ecomsearch
 
-$(ENCODER_ONNX): | $(BIN)/ecomsearch
+# The fine-tuned adapter (ecomsearch train-encoder) is part of the encoder: a new one re-exports.
+ENCODER_ADAPTER := $(wildcard $(MODEL_REPOSITORY)/query_encoder/adapter/adapter.safetensors)
+
+$(ENCODER_ONNX): $(ENCODER_ADAPTER) | $(BIN)/ecomsearch
 	$(BIN)/ecomsearch export-encoder --model-repository $(MODEL_REPOSITORY) --quantize $(QUANTIZE)
 
 models: $(ENCODER_ONNX)
@@ -50,6 +53,11 @@ bench: index
 
 loadtest: install
 	$(BIN)/ecomsearch loadtest --users 16 --spawn-rate 4 --duration 60s --out results/loadtest
+
+# The relevance gate that `make test` runs, on its own; RECORD=1 records new figures after a
+# deliberate change of the models (see docs/relevance.md).
+relevance-gate: models
+	$(BIN)/ecomsearch relevance-gate $(if $(RECORD),--record)
 
 # Generated artefacts are exactly what .gitignore lists under model_repository/.
 clean:

@@ -548,6 +548,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relevance_gate(args: argparse.Namespace) -> int:
+    from ecomsearch.evaluation.gate import GATE_TOLERANCE, run_gate
+
+    result = run_gate(
+        args.data_dir,
+        args.record_file,
+        args.out,
+        cache_dir=args.cache_dir,
+        source_repository=_layout(args).root,
+        record=args.record,
+    )
+    if result.recorded is None:
+        print(f"no recorded figure in {args.record_file}: run with --record", file=sys.stderr)
+        return 1
+    verdict = "pass" if result.passed else "FAIL"
+    print(
+        f"relevance gate: NDCG@10 {result.ndcg_at_10:.4f}, recorded "
+        f"{result.recorded['ranked']['ndcg_at_10']:.4f} (floor {result.floor:.4f}, a drop of "
+        f"{GATE_TOLERANCE} allowed): {verdict}"
+    )
+    return 0 if result.passed else 1
+
+
 def cmd_compare_runs(args: argparse.Namespace) -> int:
     from ecomsearch.evaluation.harness import comparison_table, load_judgments
     from ecomsearch.evaluation.trec import METRICS, compare_paired, per_query_scores, read_run
@@ -1054,6 +1077,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_options(evaluate)
     _add_model_repository(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
+
+    gate = command(
+        "relevance-gate",
+        "NDCG@10 of the served pipeline on a fixed judged sample against the recorded figure",
+    )
+    gate.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("ECOMSEARCH_RELEVANCE_DATA", "../shared/data/home_depot")),
+        help="catalog.jsonl and judgments.csv to sample ($ECOMSEARCH_RELEVANCE_DATA)",
+    )
+    gate.add_argument(
+        "--record-file",
+        type=Path,
+        default=Path("tests/integration/relevance_gate.json"),
+        help="the recorded figures",
+    )
+    gate.add_argument(
+        "--record", action="store_true", help="measure and record new figures (after a retrain)"
+    )
+    gate.add_argument("--out", type=Path, default=Path("results/relevance-gate"))
+    _add_cache_dir(gate)
+    _add_model_repository(gate)
+    gate.set_defaults(handler=cmd_relevance_gate)
 
     compare = command(
         "compare-runs",
