@@ -111,6 +111,9 @@ class FakeServer:
             contract.SCORES: np.array([[0.9, 0.5, 0.0]] * n, dtype=np.float32),
             contract.TITLES: np.array([[b"Mouse", "Café mug".encode(), b""]] * n, dtype=object),
         }
+        if contract.EXPLAIN in request:
+            explained = json.dumps({"score": 0.9, "base_value": 0.1, "contributions": {}})
+            result[contract.EXPLANATIONS] = np.array([[explained.encode(), b"", b""]] * n, object)
         if self.with_prices:
             result[contract.PRICES] = np.array([[19.5, np.nan, np.nan]] * n, dtype=np.float32)
             result[contract.IN_STOCK] = np.array([[True, False, False]] * n)
@@ -153,6 +156,22 @@ def test_search_sends_no_filter_inputs_when_none_are_set(client, server):
         Hit("sku-1", pytest.approx(0.9), "Mouse", price=19.5, in_stock=True),
         Hit("sku-2", pytest.approx(0.5), "Café mug", price=None, in_stock=False),
     ]
+
+
+def test_explain_asks_for_every_query_and_reads_each_hits_explanation(client, server):
+    plain = client.search("mouse")
+    assert all(hit.explanation is None for hit in plain)
+    assert contract.EXPLAIN not in server.calls[-1]["inputs"]
+
+    first, second = client.search_batch(["mouse", "pad"], k=3, explain=True)
+    flags = server.calls[-1]["inputs"][contract.EXPLAIN]
+    assert server.calls[-1]["shapes"][contract.EXPLAIN] == ([2, 1], "BOOL")
+    assert flags.tolist() == [[True], [True]]
+    assert first[0].explanation == {"score": 0.9, "base_value": 0.1, "contributions": {}}
+    assert first[1].explanation is None  # the server sent no explanation for it
+    assert second[0].explanation == first[0].explanation
+    with pytest.raises(BadRequestError, match="explain"):
+        client.search("mouse", explain="yes")
 
 
 def test_hits_from_a_server_without_prices_say_nothing_about_them():
