@@ -41,6 +41,7 @@ RANKER_FILE = "model.onnx"
 RANKER_INFO_FILE = "ranker.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 RANKER_TREE_FILE = "model.txt"
+RANKER_MLP_FILE = "mlp.npz"
 RECOMMENDER_INFO_FILE = "recommender.json"
 # Left in a model repository made from the packaged template: the template's digest.
 TEMPLATE_STAMP = ".template-sha256"
@@ -129,6 +130,12 @@ class ModelRepositoryLayout:
         """The ranker in LightGBM's own format when it is trees (`model.onnx` is the same
         model for serving); `select` reads it to explain scores."""
         return self.version_dir(contract.RANKER_MODEL) / RANKER_TREE_FILE
+
+    @property
+    def ranker_mlp_weights(self) -> Path:
+        """The MLP ranker's weights as arrays (`model.onnx` is the same network for serving);
+        `select` reads them to explain scores."""
+        return self.version_dir(contract.RANKER_MODEL) / RANKER_MLP_FILE
 
     @property
     def ranker_card(self) -> Path:

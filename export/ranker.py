@@ -56,8 +56,29 @@ def export_ranker(model, layout: ModelRepositoryLayout, info: dict[str, Any]) ->
     checked); returns that record. An MLP leaves no tree model behind."""
     info = {k: v for k, v in info.items() if k != "feature_sample"}
     record = export_scorer(model, layout.ranker_onnx, layout.ranker_info, info, FEATURE_NAMES)
+    save_mlp_weights(model, layout.ranker_mlp_weights)
     layout.ranker_tree_model.unlink(missing_ok=True)
     return record
+
+
+def save_mlp_weights(model, path: Path) -> None:
+    """The MLP's standardisation and linear layers as arrays, for the explainer; the weights
+    are the ones just exported and verified."""
+    import torch
+
+    linears = [m for m in model.network if isinstance(m, torch.nn.Linear)]
+    arrays = {
+        "feature_mean": model.feature_mean.numpy(),
+        "feature_std": model.feature_std.numpy(),
+        "layers": np.array(len(linears)),
+    }
+    for i, linear in enumerate(linears):
+        arrays[f"weight_{i}"] = linear.weight.detach().numpy()
+        arrays[f"bias_{i}"] = linear.bias.detach().numpy()
+    staging = path.with_name(f".{path.name}.writing")
+    with staging.open("wb") as out:
+        np.savez(out, **arrays)
+    staging.replace(path)
 
 
 def export_recommend_ranker(
@@ -206,6 +227,7 @@ def export_tree_ranker(
             )
         install(onnx_path, layout.ranker_onnx)
     booster.save_model(str(layout.ranker_tree_model))
+    layout.ranker_mlp_weights.unlink(missing_ok=True)
     record = {
         **{k: v for k, v in info.items() if k != "feature_sample"},
         "feature_names": list(FEATURE_NAMES),

@@ -22,7 +22,12 @@ from ecomsearch.live.follower import DEFAULT_POLL_INTERVAL_S, ChangeFollower
 from ecomsearch.live.labels import ProductLabels
 from ecomsearch.live.location import served_store_url
 from ecomsearch.paths import ModelRepositoryLayout
-from ecomsearch.ranking.explain import ExplainerError, TreeExplainer, explanations_json
+from ecomsearch.ranking.explain import (
+    Explainer,
+    ExplainerError,
+    explanations_json,
+    load_explainer,
+)
 from ecomsearch.ranking.features import FEATURE_COUNT
 from ecomsearch.ranking.selection import best_positions
 from ecomsearch.recommend.interactions import EventCatchUp, Interactions
@@ -84,14 +89,14 @@ class SelectModel(BatchedModel):
         pb_utils,
         labels: ProductLabels,
         lock: threading.Lock | None = None,
-        ranker_tree_model: Path | None = None,
+        repository: Path | None = None,
     ) -> None:
         super().__init__(pb_utils)
         self.labels = labels
-        # The served ranker's explainer, loaded on the first `explain` (a plain search never
-        # pays for LightGBM); None until then.
-        self.ranker_tree_model = ranker_tree_model
-        self._explainer: TreeExplainer | None = None
+        # The served ranker's explainer (from the model repository), loaded on the first
+        # `explain`: a plain search never pays for it.
+        self.ranker_layout = None if repository is None else ModelRepositoryLayout(repository)
+        self._explainer: Explainer | None = None
         self.lock = lock or threading.Lock()
         self.follower: ChangeFollower | None = None
         self._catch_up_store: Any = None  # the request thread's own store connection
@@ -114,7 +119,7 @@ class SelectModel(BatchedModel):
             model = cls(
                 pb_utils,
                 ProductLabels.from_index(index.keys, index.metadata),
-                ranker_tree_model=layout.ranker_tree_model,
+                repository=layout.root,
             )
             pb_utils.Logger.log_info(f"select: {index.count} products from {layout.index_dir}")
             return model
@@ -124,7 +129,7 @@ class SelectModel(BatchedModel):
         with open_store(store_url) as store:
             seq, products = store.snapshot(with_embeddings=False)
         labels.load(seq, products)
-        model = cls(pb_utils, labels, ranker_tree_model=layout.ranker_tree_model)
+        model = cls(pb_utils, labels, repository=layout.root)
         model.events = EventCatchUp(store_url, Interactions())
         model.follower = ChangeFollower(
             store_url,
@@ -273,12 +278,14 @@ class SelectModel(BatchedModel):
         outputs[contract.EXPLANATIONS] = explanations
         return outputs
 
-    def explainer(self) -> TreeExplainer:
+    def explainer(self) -> Explainer:
         if self._explainer is None:
-            if self.ranker_tree_model is None:
+            if self.ranker_layout is None:
                 raise RequestError("this server's ranker cannot be explained")
             try:
-                self._explainer = TreeExplainer(self.ranker_tree_model)
+                self._explainer = load_explainer(
+                    self.ranker_layout.ranker_tree_model, self.ranker_layout.ranker_mlp_weights
+                )
             except ExplainerError as e:
                 raise RequestError(f"explanations are unavailable: {e}") from None
         return self._explainer

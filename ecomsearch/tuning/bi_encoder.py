@@ -284,6 +284,7 @@ def train_encoder_and_export(
     from ecomsearch.live.catalog import LiveCatalog
     from ecomsearch.paths import ModelRepositoryLayout
     from ecomsearch.ranking.candidates import HybridRetriever
+    from ecomsearch.tuning.card import write_encoder_card
     from ecomsearch.tuning.lora import AdapterConfig, adapter_weights, save_adapter
     from ecomsearch.tuning.sentence_encoder import default_checkpoint
     from ecomsearch.workspace import catalog_repository
@@ -331,7 +332,11 @@ def train_encoder_and_export(
     }
     info = {
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "base_checkpoint": checkpoint.name,
+        "base_checkpoint": (
+            "all-MiniLM-L6-v2"
+            if checkpoint == default_checkpoint()
+            else f"the checkpoint `{checkpoint.name}`"
+        ),
         "training_data": {
             "catalog": str(catalog),
             "judgments": str(judgments_path),
@@ -349,5 +354,6 @@ def train_encoder_and_export(
     save_adapter(
         layout.encoder_adapter_dir, adapter_weights(model.transformer), adapter_config, info
     )
+    write_encoder_card(layout.encoder_card, {"adapter": adapter_config.as_dict(), **info})
     record = export(layout.encoder_adapter_dir)
     return TrainEncoderResult(report, counts, record)

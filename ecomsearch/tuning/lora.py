@@ -113,6 +113,9 @@ def save_adapter(
 
     directory.mkdir(parents=True, exist_ok=True)
     save_file(dict(weights), str(directory / ADAPTER_FILE))
+    # safetensors writes 0600; the adapter is a shipped file that any reader (the image's
+    # export step, another user's checkout) must be able to read.
+    (directory / ADAPTER_FILE).chmod(0o644)
     record = {"adapter": config.as_dict(), **info}
     (directory / ADAPTER_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -176,3 +176,41 @@ def test_training_pulls_queries_towards_their_products(tiny_checkpoint):
     )
     assert report.steps == 6 * 3 and report.with_negatives == 48
     assert margin(model) > before + 0.05
+
+
+def test_the_encoder_card_states_what_was_trained():
+    from ecomsearch.tuning.card import render_encoder_card
+
+    record = {
+        "adapter": SMALL.as_dict(),
+        "trained_at": "2026-01-01T00:00:00+00:00",
+        "base_checkpoint": "all-MiniLM-L6-v2",
+        "training_data": {"catalog": "/x/shop.jsonl", "judgments": "/x/j.csv", "description": ""},
+        "mining": {"depth": 50, "skip_unjudged": 10},
+        "settings": EncoderTrainingSettings(epochs=3).as_dict(),
+        "counts": {
+            "training_queries": 1234,
+            "validation_queries_held_out": 56,
+            "catalog_products": 7890,
+        },
+        "steps": 60,
+        "training_seconds": 99.4,
+    }
+    card = render_encoder_card(record)
+    assert "LoRA rank 2, alpha 4" in card and "3 epochs" in card and "(60 steps)" in card
+    assert "1,234 training queries" in card and "7,890 products" in card and "99 s" in card
+    assert "`shop.jsonl`" in card and "--data-description" in card
+    described = {**record, "training_data": {**record["training_data"], "description": "A shop."}}
+    assert "A shop." in render_encoder_card(described)
+
+
+def test_a_shipped_adapter_has_the_card_of_its_record():
+    from ecomsearch.tuning.card import render_encoder_card
+    from tests.project import MODEL_REPOSITORY
+
+    layout = ModelRepositoryLayout(MODEL_REPOSITORY)
+    if not layout.encoder_adapter_dir.is_dir():
+        pytest.skip("no adapter is shipped")
+    _, weights, info = load_adapter(layout.encoder_adapter_dir)
+    assert weights and all(np.isfinite(w).all() for w in weights.values())
+    assert layout.encoder_card.read_text() == render_encoder_card(info)

@@ -265,6 +265,45 @@ def test_the_tree_export_is_verified_against_lightgbm(lambdamart, tmp_path: Path
     card = render_model_card({**record, "opset": OPSET})
     assert "LambdaMART" in card and f"{report.best_round} rounds" in card
 
+    assert not layout.ranker_mlp_weights.exists()
     # An MLP exported over it leaves no stale tree model behind.
     export_search_ranker(tiny_ranker(), layout, info)
-    assert not layout.ranker_tree_model.exists()
+    assert not layout.ranker_tree_model.exists() and layout.ranker_mlp_weights.is_file()
+
+
+def test_the_mlp_export_writes_weights_whose_deeplift_contributions_sum_to_the_score(
+    tmp_path: Path,
+) -> None:
+    import onnxruntime as ort
+
+    from ecomsearch.ranking.explain import MlpExplainer, load_explainer
+
+    layout = ModelRepositoryLayout(tmp_path)
+    model = tiny_ranker()
+    export_search_ranker(model, layout, TRAINING_INFO)
+    explainer = load_explainer(layout.ranker_tree_model, layout.ranker_mlp_weights)
+    assert isinstance(explainer, MlpExplainer)
+
+    features = np.random.default_rng(5).normal(size=(1, 40, FEATURE_COUNT)).astype(np.float32)
+    (served,) = ort.InferenceSession(str(layout.ranker_onnx)).run(
+        None, {contract.CANDIDATE_FEATURES: features}
+    )
+    contributions = explainer.contributions(features[0])
+    np.testing.assert_allclose(contributions.sum(axis=1), served[0], atol=1e-4)
+    # The base value is the score of the training mean, where every contribution is zero.
+    mean = model.feature_mean.numpy()[None]
+    at_mean = explainer.contributions(mean)
+    np.testing.assert_allclose(at_mean[0, :-1], 0.0, atol=1e-12)
+    (mean_score,) = ort.InferenceSession(str(layout.ranker_onnx)).run(
+        None, {contract.CANDIDATE_FEATURES: mean[None].astype(np.float32)}
+    )
+    assert contributions[0, -1] == pytest.approx(float(mean_score[0, 0]), abs=1e-5)
+    # Moving one feature moves its own contribution, and the sum still holds.
+    changed = features[0].copy()
+    changed[:, 3] += 2.0
+    moved = explainer.contributions(changed)
+    assert not np.allclose(moved[:, 3], contributions[:, 3])
+    (served_changed,) = ort.InferenceSession(str(layout.ranker_onnx)).run(
+        None, {contract.CANDIDATE_FEATURES: changed[None]}
+    )
+    np.testing.assert_allclose(moved.sum(axis=1), served_changed[0], atol=1e-4)
