@@ -88,6 +88,19 @@ def test_batch_above_maximum_rejected_at_maximum_accepted(raw):
     assert result.as_numpy(contract.PRODUCT_IDS).shape == (limit, contract.DEFAULT_TOP_K)
 
 
+def test_explain_must_be_a_bool_per_query(raw):
+    query = query_input([[b"mouse"], [b"keyboard"]])
+    wrong_type = grpcclient.InferInput(contract.EXPLAIN, [2, 1], "INT32")
+    wrong_type.set_data_from_numpy(np.ones((2, 1), dtype=np.int32))
+    assert_invalid(raw, [query, wrong_type], "explain")
+    one_for_two = grpcclient.InferInput(contract.EXPLAIN, [1, 1], "BOOL")
+    one_for_two.set_data_from_numpy(np.ones((1, 1), dtype=bool))
+    with pytest.raises(InferenceServerException) as caught:
+        search(raw, [query, one_for_two])
+    assert caught.value.status() == INVALID_ARGUMENT
+    assert raw.is_server_ready()
+
+
 def test_good_requests_beside_bad_ones_succeed(grpc_url):
     """Sent together so the dynamic batchers merge them: only the bad ones fail."""
     bad = {1: b"", 4: b"\xff\xfe", 6: b"x" * 5000}

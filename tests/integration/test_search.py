@@ -46,6 +46,25 @@ def test_nvme_ssd_finds_storage_not_cases(client):
     assert "case" not in found
 
 
+def test_explained_hits_add_up_to_their_scores_and_differ_by_product(client):
+    from ecomsearch.ranking.explain import explained_total
+    from ecomsearch.ranking.features import FEATURE_NAMES
+
+    plain = client.search("wireless gaming mouse", k=5)
+    explained = client.search("wireless gaming mouse", k=5, explain=True)
+    assert [h.product_id for h in explained] == [h.product_id for h in plain]
+    assert all(h.explanation is None for h in plain)
+    for hit in explained:
+        record = hit.explanation
+        assert set(record["contributions"]) == set(FEATURE_NAMES)
+        assert record["score"] == pytest.approx(hit.score, abs=1e-5)
+        # float32 scores from the served ranker, float64 attributions: equal to 1e-3.
+        assert explained_total(record) == pytest.approx(hit.score, abs=1e-3)
+    first, last = explained[0].explanation, explained[-1].explanation
+    assert first["feature_values"] != last["feature_values"]
+    assert first["contributions"] != last["contributions"]
+
+
 def test_default_top_k_when_absent(grpc_url):
     import numpy as np
     import tritonclient.grpc as grpcclient

@@ -187,6 +187,7 @@ def test_the_encoder_card_states_what_was_trained():
         "base_checkpoint": "all-MiniLM-L6-v2",
         "training_data": {"catalog": "/x/shop.jsonl", "judgments": "/x/j.csv", "description": ""},
         "mining": {"depth": 50, "skip_unjudged": 10},
+        "mined_with_encoder": "ab" * 32,
         "settings": EncoderTrainingSettings(epochs=3).as_dict(),
         "counts": {
             "training_queries": 1234,
@@ -197,8 +198,11 @@ def test_the_encoder_card_states_what_was_trained():
         "training_seconds": 99.4,
     }
     card = render_encoder_card(record)
-    assert "LoRA rank 2, alpha 4" in card and "3 epochs" in card and "(60 steps)" in card
-    assert "1,234 training queries" in card and "7,890 products" in card and "99 s" in card
+    flat = " ".join(card.split())
+    assert "LoRA rank 2, alpha 4" in flat and "3 epochs" in flat and "(60 steps)" in flat
+    assert "1,234 training queries" in flat and "7,890 products" in flat and "99 s" in flat
+    assert "encoder abababababab" in flat
+    assert max(len(line) for line in card.splitlines()) <= 100
     assert "`shop.jsonl`" in card and "--data-description" in card
     described = {**record, "training_data": {**record["training_data"], "description": "A shop."}}
     assert "A shop." in render_encoder_card(described)
