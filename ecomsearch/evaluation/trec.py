@@ -131,10 +131,10 @@ def write_run(
         for query, hits in rankings.items():
             previous = math.inf
             for rank, hit in enumerate(hits, start=1):
-                score = float(hit.score)
+                # Compared as written: two scores that differ only beyond nine digits are a tie.
+                score = float(f"{hit.score:.9g}")
                 if not score < previous:
-                    score = previous - 1e-6 * max(1.0, abs(previous))
-                score = float(f"{score:.9g}")
+                    score = float(f"{previous - 1e-6 * max(1.0, abs(previous)):.9g}")
                 out.write(f"{qids[query]} Q0 {hit.product_id} {rank} {score:.9g} {name}\n")
                 previous = score
 

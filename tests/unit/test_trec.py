@@ -93,8 +93,11 @@ def test_fractional_grades_are_scaled_to_whole_numbers_without_changing_ndcg(tmp
 
 def test_run_files_read_back_in_the_served_order_even_with_tied_scores(tmp_path):
     hits = [RankedHit("b", 0.5), RankedHit("a", 0.5), RankedHit("c", 0.5), RankedHit("d", 0.1)]
+    # Different floats that print the same at nine digits (a float32 score next to its
+    # rounded neighbour) are a tie in the file, and must be told apart too.
+    hits += [RankedHit("e", 0.0999999999), RankedHit("f", 0.0999999998)]
     write_run(tmp_path / "run", {"q": hits}, {"q": "7"}, "tied")
-    assert read_run(tmp_path / "run") == {"7": ["b", "a", "c", "d"]}
+    assert read_run(tmp_path / "run") == {"7": ["b", "a", "c", "d", "e", "f"]}
     lines = (tmp_path / "run").read_text().splitlines()
     assert lines[0].split()[:4] == ["7", "Q0", "b", "1"] and lines[0].split()[5] == "tied"
 
