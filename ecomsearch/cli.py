@@ -1086,7 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=Path(os.environ.get("ECOMSEARCH_RELEVANCE_DATA", "../shared/data/home_depot")),
-        help="catalog.jsonl and judgments.csv to sample ($ECOMSEARCH_RELEVANCE_DATA)",
+        help="catalog.jsonl and judgments_dev.csv to sample ($ECOMSEARCH_RELEVANCE_DATA)",
     )
     gate.add_argument(
         "--record-file",

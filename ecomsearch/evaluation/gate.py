@@ -16,7 +16,8 @@ from typing import Any
 from ecomsearch.evaluation.sample import SAMPLE_DISTRACTORS, SAMPLE_QUERIES, write_judged_sample
 
 GATE_TOLERANCE = 0.01
-CATALOG_FILE, JUDGMENTS_FILE = "catalog.jsonl", "judgments.csv"
+# The layout of the Home Depot data in ../shared/data/home_depot (and of any stand-in).
+CATALOG_FILE, JUDGMENTS_FILE = "catalog.jsonl", "judgments_dev.csv"
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def run_gate(
     source_repository: Path | None = None,
     record: bool = False,
 ) -> GateResult:
-    """Builds the sample from data_dir (catalog.jsonl, judgments.csv), evaluates it through a
+    """Builds the sample from data_dir (CATALOG_FILE, JUDGMENTS_FILE), evaluates it through a
     server of its own, and compares with record_path (or writes it, with `record`)."""
     from ecomsearch.evaluation.harness import run_eval
     from ecomsearch.fingerprint import file_sha256
