@@ -62,11 +62,14 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
 
 def _encoder_adapter(args: argparse.Namespace, layout) -> Path | None:
     """The adapter export-encoder merges: --adapter, else the repository's checked-in one (when
-    there is one), none with --no-adapter."""
+    there is one and the checkpoint is the one it was trained on, all-MiniLM-L6-v2), none with
+    --no-adapter."""
     if args.no_adapter:
         return None
     if args.adapter is not None:
         return args.adapter
+    if args.checkpoint is not None:
+        return None  # another model: the shipped adapter does not fit it
     return layout.encoder_adapter_dir if layout.encoder_adapter_dir.is_dir() else None
 
 
@@ -874,7 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter",
         type=Path,
         help="a fine-tuned adapter directory to merge; default: the model repository's "
-        "query_encoder/adapter/ when it exists",
+        "query_encoder/adapter/ when it exists and --checkpoint is not given",
     )
     adapter.add_argument(
         "--no-adapter", action="store_true", help="export the checkpoint's weights as they are"
@@ -1097,7 +1100,12 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument(
         "--record", action="store_true", help="measure and record new figures (after a retrain)"
     )
-    gate.add_argument("--out", type=Path, default=Path("results/relevance-gate"))
+    gate.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/relevance-gate"),
+        help="where the sample, eval.json, the TREC runs and per-query scores go",
+    )
     _add_cache_dir(gate)
     _add_model_repository(gate)
     gate.set_defaults(handler=cmd_relevance_gate)
@@ -1530,10 +1538,20 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     and a non-zero exit, not a traceback. Each module here imports only numpy and the stdlib."""
     from ecomsearch.catalog import CatalogError
     from ecomsearch.evaluation.metrics import JudgmentsError
+    from ecomsearch.evaluation.trec import TrecFormatError
     from ecomsearch.export.onnx import ExportValidationError
     from ecomsearch.index.manifest import IndexLoadError
+    from ecomsearch.tuning.lora import AdapterError
 
-    return (CatalogError, ExportValidationError, FileNotFoundError, IndexLoadError, JudgmentsError)
+    return (
+        AdapterError,
+        CatalogError,
+        ExportValidationError,
+        FileNotFoundError,
+        IndexLoadError,
+        JudgmentsError,
+        TrecFormatError,
+    )
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:

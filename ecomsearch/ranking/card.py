@@ -36,8 +36,8 @@ def _architecture(record: dict[str, Any]) -> str:
         training = record["training"]
         return (
             f"- **Architecture**: gradient-boosted trees, {training['best_round']} rounds "
-            "(LightGBM), exported with onnxmltools as an ONNX TreeEnsembleRegressor (opset "
-            f"{record['opset']}, ai.onnx.ml 3); `model.txt` beside it is the same model in "
+            "(LightGBM), exported with onnxmltools as a TreeEnsembleRegressor, ONNX opset "
+            f"{record['opset']} (ai.onnx.ml domain); `model.txt` beside it is the same model in "
             "LightGBM's format, which `explain` reads for exact per-feature contributions.\n"
             "- **Objective**: LambdaMART (lambdarank, linear label gains as in the reported NDCG),"
             f" seed {record['seed']}, early stopping on NDCG@10 of held-out training queries "

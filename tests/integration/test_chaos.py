@@ -160,13 +160,21 @@ def test_http_when_enabled_listens_on_loopback_only(model_repository, tmp_path: 
         model_repository, tmp_path / "tritonserver.log", http=True, restart_dead_stubs=False
     ) as server:
         server_process = psutil.Process(server.process.pid)
-        listening = {
-            c.laddr.port: c.laddr.ip
-            for c in server_process.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN
-        }
-        assert listening[server.ports.http] == "127.0.0.1"
-        assert server.ports.metrics not in listening  # the ops endpoint is the launcher's
+
+        def listening() -> dict[int, str]:
+            return {
+                c.laddr.port: c.laddr.ip
+                for c in server_process.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            }
+
+        # Ready is reported once gRPC answers; tritonserver may open its HTTP socket a moment
+        # later on a loaded machine, so wait for it (briefly) before looking at its address.
+        deadline = time.monotonic() + 15
+        while server.ports.http not in listening() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert listening()[server.ports.http] == "127.0.0.1"
+        assert server.ports.metrics not in listening()  # the ops endpoint is the launcher's
         with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=5) as reply:
             assert reply.status == 200
         index_url = f"{server.http_url}/v2/repository/index"

@@ -28,6 +28,8 @@ TOOLING = (
     "ecomsearch.export",
     "ecomsearch.loadtest",
     "ecomsearch.evaluation.harness",
+    # the relevance gate drives the eval harness on its sample
+    "ecomsearch.evaluation.gate",
     # eval-recs: starts its own server, like `ecomsearch eval`'s harness.
     "ecomsearch.recommend.evaluation",
 )
