@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecomsearch.encoder import OnnxEncoder
 from ecomsearch.fingerprint import file_sha256
 from ecomsearch.index.store import CatalogIndex
 from ecomsearch.lexical import FIELDS
@@ -148,3 +149,35 @@ def open_retriever(
         index_dir, encoder_fingerprint=file_sha256(encoder_onnx), dimension=dimension
     )
     return HybridRetriever(LiveCatalog.load(index), vector_pool, lexical_pool)
+
+
+@dataclass(frozen=True)
+class CatalogRetrieval:
+    """The served retrieval stage over a catalog, in-process, for training: the candidates and
+    the encoder of a model repository built for it (ecomsearch.workspace)."""
+
+    index: CatalogIndex
+    retriever: HybridRetriever
+    encoder: OnnxEncoder  # the served query encoder
+    ids: dict[int, bytes]  # store key -> product id: candidates come back as keys
+
+
+def catalog_retrieval(catalog: Path, cache_dir: Path, source: Path) -> CatalogRetrieval:
+    """Builds (or reuses, under cache_dir) the index of `catalog` with the encoder of the model
+    repository `source`, and opens its retrieval stage and query encoder."""
+    from ecomsearch import contract
+    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.workspace import catalog_repository
+
+    repository, _ = catalog_repository(catalog, cache_dir, source=source)
+    workspace = ModelRepositoryLayout(repository)
+    index = CatalogIndex.load(workspace.index_dir)
+    encoder = OnnxEncoder(
+        workspace.encoder_onnx, workspace.tokenizer_dir, max_length=contract.MAX_QUERY_TOKENS
+    )
+    return CatalogRetrieval(
+        index,
+        HybridRetriever(LiveCatalog.load(index)),
+        encoder,
+        dict(zip(index.keys.tolist(), index.ids, strict=True)),
+    )

@@ -18,7 +18,7 @@ from ecomsearch.encoder import OnnxEncoder
 from ecomsearch.evaluation.metrics import Judgments, Metrics, dcg, evaluate
 from ecomsearch.evaluation.splits import DEFAULT_SEED, DEFAULT_VALIDATION_FRACTION, split_queries
 from ecomsearch.paths import ModelRepositoryLayout
-from ecomsearch.ranking.candidates import HybridRetriever
+from ecomsearch.ranking.candidates import HybridRetriever, catalog_retrieval
 from ecomsearch.ranking.selection import best_positions, top_k_rows
 
 log = logging.getLogger(__name__)
@@ -265,20 +265,10 @@ def train_and_export(
     NDCG@10 on the early-stopping queries (training data, never validation) ships, and the
     card shows all of them on the validation queries."""
     from ecomsearch.evaluation.metrics import read_judgments
-    from ecomsearch.index.store import CatalogIndex
-    from ecomsearch.live.catalog import LiveCatalog
     from ecomsearch.ranking.card import write_model_card
-    from ecomsearch.workspace import catalog_repository
 
-    repository, _ = catalog_repository(catalog, cache_dir, source=layout.root)
-    workspace = ModelRepositoryLayout(repository)
-    index = CatalogIndex.load(workspace.index_dir)
-    retriever = HybridRetriever(LiveCatalog.load(index))
-    # Candidates come back as store keys; the evaluation wants product ids.
-    ids = dict(zip(index.keys.tolist(), index.ids, strict=True))
-    encoder = OnnxEncoder(
-        workspace.encoder_onnx, workspace.tokenizer_dir, max_length=contract.MAX_QUERY_TOKENS
-    )
+    served = catalog_retrieval(catalog, cache_dir, layout.root)
+    index, retriever, encoder, ids = served.index, served.retriever, served.encoder, served.ids
     judgments = read_judgments(judgments_path)
     evaluable = judgments.evaluable_queries()
     train_queries, validation_queries = split_queries(evaluable, seed, validation_fraction)

@@ -272,22 +272,16 @@ def train_encoder_and_export(
     from datetime import datetime, timezone
 
     from ecomsearch.catalog import iter_catalog, product_text
-    from ecomsearch.encoder import OnnxEncoder
     from ecomsearch.evaluation.metrics import read_judgments
     from ecomsearch.evaluation.splits import (
         DEFAULT_SEED,
         DEFAULT_VALIDATION_FRACTION,
         split_queries,
     )
-    from ecomsearch.fingerprint import file_sha256
-    from ecomsearch.index.store import CatalogIndex
-    from ecomsearch.live.catalog import LiveCatalog
-    from ecomsearch.paths import ModelRepositoryLayout
-    from ecomsearch.ranking.candidates import HybridRetriever
+    from ecomsearch.ranking.candidates import catalog_retrieval
     from ecomsearch.tuning.card import write_encoder_card
     from ecomsearch.tuning.lora import AdapterConfig, adapter_weights, save_adapter
     from ecomsearch.tuning.sentence_encoder import default_checkpoint
-    from ecomsearch.workspace import catalog_repository
 
     settings = settings or EncoderTrainingSettings()
     adapter_config = adapter_config or AdapterConfig()
@@ -304,16 +298,11 @@ def train_encoder_and_export(
     examples = judged_examples(train_queries, judgments, set(texts))
 
     # The current served retrieval over this catalog mines the negatives.
-    repository, _ = catalog_repository(catalog, cache_dir, source=layout.root)
-    workspace = ModelRepositoryLayout(repository)
-    index = CatalogIndex.load(workspace.index_dir)
-    retriever = HybridRetriever(LiveCatalog.load(index))
-    ids = dict(zip(index.keys.tolist(), index.ids, strict=True))
-    encoder = OnnxEncoder(
-        workspace.encoder_onnx, workspace.tokenizer_dir, max_length=contract.MAX_QUERY_TOKENS
-    )
+    served = catalog_retrieval(catalog, cache_dir, layout.root)
     mined_at = time.perf_counter()
-    rankings = retrieval_rankings([e.query for e in examples], encoder, retriever, ids)
+    rankings = retrieval_rankings(
+        [e.query for e in examples], served.encoder, served.retriever, served.ids
+    )
     examples = add_mined_negatives(examples, rankings, judgments)
     mining_s = time.perf_counter() - mined_at
     log.info(
@@ -343,7 +332,7 @@ def train_encoder_and_export(
             "description": data_description,
             "split": {"seed": seed, "validation_fraction": validation_fraction},
         },
-        "mined_with_encoder": file_sha256(workspace.encoder_onnx),
+        "mined_with_encoder": served.encoder.fingerprint,
         "mining": {"depth": MINE_DEPTH, "skip_unjudged": MINE_SKIP, "seconds": round(mining_s, 1)},
         "settings": settings.as_dict(),
         "counts": counts,

@@ -218,3 +218,61 @@ def test_a_shipped_adapter_has_the_card_of_its_record():
     _, weights, info = load_adapter(layout.encoder_adapter_dir)
     assert weights and all(np.isfinite(w).all() for w in weights.values())
     assert layout.encoder_card.read_text() == render_encoder_card(info)
+
+
+@pytest.mark.slow
+def test_train_encoder_mines_trains_saves_and_exports_through_the_given_exporter(
+    tiny_checkpoint, tmp_path
+):
+    """The whole command on a small judged slice of the demo catalog: negatives are mined with
+    the repository's served encoder, the adapter is trained on the tiny checkpoint (so it is
+    quick), saved with its card, and handed to the exporter."""
+    from ecomsearch.paths import prepare_model_repository
+    from ecomsearch.tuning.bi_encoder import train_encoder_and_export
+    from tests.project import MODEL_REPOSITORY
+    from tests.unit.test_ranker_training import small_judged_catalog
+
+    layout = ModelRepositoryLayout(prepare_model_repository(tmp_path / "repository"))
+    source = ModelRepositoryLayout(MODEL_REPOSITORY)
+    if not source.encoder_onnx.is_file():
+        pytest.fail("the exported encoder is missing: `make test` exports it first")
+    layout.encoder_onnx.symlink_to(source.encoder_onnx)
+    layout.tokenizer_dir.symlink_to(source.tokenizer_dir, target_is_directory=True)
+    catalog, judgments = small_judged_catalog(tmp_path)
+    exported = []
+
+    def exporter(adapter_dir):
+        exported.append(adapter_dir)
+        return {"fingerprint": "f" * 64, "max_abs_difference": 0.0}
+
+    result = train_encoder_and_export(
+        catalog,
+        judgments,
+        layout,
+        cache_dir=tmp_path / "cache",
+        export=exporter,
+        checkpoint=tiny_checkpoint,
+        settings=EncoderTrainingSettings(epochs=1, batch_queries=8),
+        adapter_config=SMALL,
+        data_description="Made-up judgments over the demo catalog.",
+        validation_fraction=0.3,
+    )
+
+    assert exported == [layout.encoder_adapter_dir]
+    config, weights, info = load_adapter(layout.encoder_adapter_dir)
+    assert config == SMALL and len(weights) == 2 * 12
+    counts = info["counts"]
+    assert counts["training_queries"] == result.report.examples > 0
+    assert counts["validation_queries_held_out"] > 0
+    # Every training query has a negative: judged-irrelevant products of other categories.
+    assert counts["training_queries_with_negatives"] == counts["training_queries"]
+    assert info["mined_with_encoder"] == source_fingerprint(source)
+    card = layout.encoder_card.read_text()
+    assert "Made-up judgments over the demo catalog." in card
+    assert f"{counts['training_queries']:,} training queries" in " ".join(card.split())
+
+
+def source_fingerprint(layout: ModelRepositoryLayout) -> str:
+    from ecomsearch.fingerprint import file_sha256
+
+    return file_sha256(layout.encoder_onnx)
