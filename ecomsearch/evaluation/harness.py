@@ -111,29 +111,22 @@ def load_judgments(
 def write_trec_files(
     out_dir: Path,
     rankings: dict[str, dict[str, list[RankedHit]]],
+    scores: dict[str, dict[str, dict[str, float]]],
     judgments: Judgments,
     qids: dict[str, str],
-) -> dict[str, dict[str, dict[str, float]]]:
+) -> None:
     """run.<stage>.trec per stage, qrels.txt and topics.tsv of the queries sent (so trec_eval
     or ranx can score the runs without this project; gains scaled to whole numbers, see
-    write_qrels), and per_query.tsv; returns the per-query
-    scores, stage -> metric -> query -> score."""
+    write_qrels), and per_query.tsv of `scores` (stage -> metric -> query -> score)."""
     sent = {query: qids[query] for query in next(iter(rankings.values()))}
     for stage, by_query in rankings.items():
         write_run(out_dir / f"run.{stage}.trec", by_query, qids, f"ecomsearch-{stage}")
     scale = write_qrels(out_dir / "qrels.txt", judgments, qids)
     write_topics(out_dir / "topics.tsv", sent)
-    scores = {
-        stage: per_query_scores(
-            {q: [h.product_id for h in hits] for q, hits in by_query.items()}, judgments
-        )
-        for stage, by_query in rankings.items()
-    }
     write_per_query(out_dir / "per_query.tsv", scores, qids)
     log.info(
         "qrels.txt gains are the judgments' gains times %d (whole numbers for trec_eval)", scale
     )
-    return scores
 
 
 def comparison_table(comparisons: Sequence[PairedComparison], a: str, b: str) -> str:
@@ -196,7 +189,8 @@ def run_eval(
         for stage, r in rankings.items()
     }
     metrics = {stage: evaluate(ids[stage], judgments) for stage in STAGES}
-    scores = write_trec_files(out_dir, rankings, judgments, qids)
+    scores = {stage: per_query_scores(ids[stage], judgments) for stage in STAGES}
+    write_trec_files(out_dir, rankings, scores, judgments, qids)
     # Does the ranker's gain over retrieval hold query by query, or is it noise?
     comparisons = [
         compare_paired(scores["retrieval"][metric], scores["ranked"][metric], metric)

@@ -91,20 +91,19 @@ class MlpExplainer(Explainer):
 class TreeExplainer(Explainer):
     """Exact per-feature contributions of a LightGBM ranker (TreeSHAP)."""
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, booster) -> None:
+        if booster.num_feature() != FEATURE_COUNT:
+            raise ExplainerError(
+                f"the tree ranker takes {booster.num_feature()} features, not {FEATURE_COUNT}"
+            )
+        self.booster = booster
+
+    @classmethod
+    def from_file(cls, model_path: Path) -> TreeExplainer:
+        """From the `model.txt` the tree export writes beside `model.onnx`."""
         import lightgbm
 
-        if not model_path.is_file():
-            raise ExplainerError(
-                f"{model_path} not found: the served ranker has no tree model to explain "
-                "(an MLP ranker, or one trained before explanations); retrain with "
-                "`ecomsearch train-ranker`"
-            )
-        self.booster = lightgbm.Booster(model_file=str(model_path))
-        if self.booster.num_feature() != FEATURE_COUNT:
-            raise ExplainerError(
-                f"{model_path} takes {self.booster.num_feature()} features, not {FEATURE_COUNT}"
-            )
+        return cls(lightgbm.Booster(model_file=str(model_path)))
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
         _check_features(features)
@@ -116,7 +115,7 @@ class TreeExplainer(Explainer):
 def load_explainer(tree_model: Path, mlp_weights: Path) -> Explainer:
     """The explainer of the served ranker: its trees if it has them, else its MLP weights."""
     if tree_model.is_file():
-        return TreeExplainer(tree_model)
+        return TreeExplainer.from_file(tree_model)
     if mlp_weights.is_file():
         return MlpExplainer(mlp_weights)
     raise ExplainerError(

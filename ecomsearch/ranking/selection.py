@@ -15,9 +15,19 @@ def best_positions(scores: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-masked, axis=1, kind="stable")[:, :k]
 
 
-def top_k_rows(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, the k best-scoring candidate rows (-1 padding never wins) and their scores
-    (-inf for padding), best first."""
+def top_k(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """Per query, the positions of the k best-scoring candidates (-1 padding never wins), their
+    rows and their scores (-inf for padding), best first."""
     best = best_positions(scores, rows >= 0, k)
     chosen_scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32, copy=False)
-    return np.take_along_axis(rows, best, axis=1), np.take_along_axis(chosen_scores, best, axis=1)
+    return (
+        best,
+        np.take_along_axis(rows, best, axis=1),
+        np.take_along_axis(chosen_scores, best, axis=1),
+    )
+
+
+def top_k_rows(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the k best-scoring candidate rows and their scores: top_k without positions."""
+    _, best_rows, best_scores = top_k(rows, scores, k)
+    return best_rows, best_scores

@@ -304,20 +304,24 @@ def train_and_export(
         trained["lambdamart"] = (scorer, scorer, report)
     if not trained:
         raise ValueError(f"kinds must name at least one of {RANKER_KINDS}")
+    # Each kind on the validation queries, once: the card reports them all, the chosen one's is
+    # the model's own validation.
+    validations = {
+        kind: compare_on(validation_set, scorer, judgments, ids)
+        for kind, (_, scorer, _) in trained.items()
+    }
     comparison = {
         kind: {
             "early_stop_ndcg_at_10": ndcg_at_10(scorer(early_set.features), early_set),
-            "validation_in_process": compare_on(validation_set, scorer, judgments, ids)[
-                "ranked"
-            ].as_dict(),
+            "validation_in_process": validations[kind]["ranked"].as_dict(),
             "training_seconds": round(report.seconds, 1),
         }
         for kind, (_, scorer, report) in trained.items()
     }
     chosen = max(comparison, key=lambda kind: comparison[kind]["early_stop_ndcg_at_10"])
-    model, scorer, report = trained[chosen]
+    model, _, report = trained[chosen]
     log.info("ranker comparison: %s; shipping %s", comparison, chosen)
-    validation = compare_on(validation_set, scorer, judgments, ids)
+    validation = validations[chosen]
     for name, metrics in validation.items():
         log.info(
             "validation (%d queries, in-process) %s: NDCG@10 %.4f, Recall@100 %.4f, MRR@10 %.4f",

@@ -82,11 +82,6 @@ class TreeScorer:
         flat = features.reshape(n * width, count).astype(np.float64)
         return self.booster.predict(flat, raw_score=True).reshape(n, width).astype(np.float32)
 
-    def contributions(self, features: np.ndarray) -> np.ndarray:
-        """[m, F + 1]: each feature's exact TreeSHAP contribution, then the bias (the expected
-        score); each row sums to the raw score."""
-        return self.booster.predict(features.astype(np.float64), raw_score=True, pred_contrib=True)
-
 
 def train_lambdamart(
     train_set, early_stop_set, seed: int, settings: LambdaMartSettings | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ from ecomsearch.ranking.explain import (
     load_explainer,
 )
 from ecomsearch.ranking.features import FEATURE_COUNT
-from ecomsearch.ranking.selection import best_positions
+from ecomsearch.ranking.selection import top_k
 from ecomsearch.recommend.interactions import EventCatchUp, Interactions
 from ecomsearch.recommend.personal import PERSONAL_WEIGHT, affinity
 from ecomsearch.serving.base import (
@@ -74,6 +73,15 @@ def parse_explain(raw: np.ndarray | None, batch: int) -> np.ndarray:
     return raw[:, 0].copy()
 
 
+def explainer_of(layout: ModelRepositoryLayout, pb_utils) -> dict[str, Any]:
+    """The served ranker's explainer, or why there is none (logged: the model still loads)."""
+    try:
+        return {"explainer": load_explainer(layout.ranker_tree_model, layout.ranker_mlp_weights)}
+    except ExplainerError as e:
+        pb_utils.Logger.log_warn(f"select: searches cannot be explained: {e}")
+        return {"no_explainer_reason": str(e)}
+
+
 def parse_user_ids(raw: np.ndarray, batch: int) -> np.ndarray:
     """The optional `user_id` of a personalised search: one per query ("" for none)."""
     if raw.shape != (batch, 1):
@@ -89,14 +97,15 @@ class SelectModel(BatchedModel):
         pb_utils,
         labels: ProductLabels,
         lock: threading.Lock | None = None,
-        repository: Path | None = None,
+        explainer: Explainer | None = None,
+        no_explainer_reason: str = "this server's ranker cannot be explained",
     ) -> None:
         super().__init__(pb_utils)
         self.labels = labels
-        # The served ranker's explainer (from the model repository), loaded on the first
-        # `explain`: a plain search never pays for it.
-        self.ranker_layout = None if repository is None else ModelRepositoryLayout(repository)
-        self._explainer: Explainer | None = None
+        # The served ranker's explainer (ecomsearch.ranking.explain), read at load; without
+        # one, `explain` is a bad request and searches go on.
+        self.explainer = explainer
+        self.no_explainer_reason = no_explainer_reason
         self.lock = lock or threading.Lock()
         self.follower: ChangeFollower | None = None
         self._catch_up_store: Any = None  # the request thread's own store connection
@@ -119,7 +128,7 @@ class SelectModel(BatchedModel):
             model = cls(
                 pb_utils,
                 ProductLabels.from_index(index.keys, index.metadata),
-                repository=layout.root,
+                **explainer_of(layout, pb_utils),
             )
             pb_utils.Logger.log_info(f"select: {index.count} products from {layout.index_dir}")
             return model
@@ -129,7 +138,7 @@ class SelectModel(BatchedModel):
         with open_store(store_url) as store:
             seq, products = store.snapshot(with_embeddings=False)
         labels.load(seq, products)
-        model = cls(pb_utils, labels, repository=layout.root)
+        model = cls(pb_utils, labels, **explainer_of(layout, pb_utils))
         model.events = EventCatchUp(store_url, Interactions())
         model.follower = ChangeFollower(
             store_url,
@@ -209,6 +218,8 @@ class SelectModel(BatchedModel):
         features = input_array(self.pb_utils, request, contract.CANDIDATE_FEATURES)
         explain = parse_explain(input_array(self.pb_utils, request, contract.EXPLAIN), len(rows))
         if explain.any():
+            if self.explainer is None:
+                raise RequestError(f"explanations are unavailable: {self.no_explainer_reason}")
             if features is None:
                 raise RequestError(
                     f"{contract.EXPLAIN!r} needs the candidates' features (the `search` "
@@ -254,12 +265,7 @@ class SelectModel(BatchedModel):
             live = self.labels.live(rows)
             if not live.all():
                 rows = np.where(live, rows, -1)
-            valid = rows >= 0
-            positions = best_positions(scores, valid, k)
-            top_rows = np.take_along_axis(np.where(valid, rows, -1), positions, axis=1)
-            top_scores = np.take_along_axis(
-                np.where(valid, scores, -np.inf).astype(np.float32), positions, axis=1
-            )
+            positions, top_rows, top_scores = top_k(rows, scores, k)
             labels = self.labels.labels(top_rows)
         # Fewer candidates than k (a tiny catalog): empty ids that clients skip.
         outputs = {
@@ -278,18 +284,6 @@ class SelectModel(BatchedModel):
         outputs[contract.EXPLANATIONS] = explanations
         return outputs
 
-    def explainer(self) -> Explainer:
-        if self._explainer is None:
-            if self.ranker_layout is None:
-                raise RequestError("this server's ranker cannot be explained")
-            try:
-                self._explainer = load_explainer(
-                    self.ranker_layout.ranker_tree_model, self.ranker_layout.ranker_mlp_weights
-                )
-            except ExplainerError as e:
-                raise RequestError(f"explanations are unavailable: {e}") from None
-        return self._explainer
-
     def _explain(
         self,
         inputs: Tensors,
@@ -300,9 +294,8 @@ class SelectModel(BatchedModel):
         ranker_scores: np.ndarray,
         out: np.ndarray,
     ) -> None:
-        """Fills `out` (object [batch, k]) for the queries that asked, all in one TreeSHAP
-        call; the personalisation term is what select added to the ranker's score."""
-        explainer = self.explainer()
+        """Fills `out` (object [batch, k]) for the queries that asked, all in one call of the
+        explainer; the personalisation term is what select added to the ranker's score."""
         features = inputs[contract.CANDIDATE_FEATURES]
         wanted = explain[:, None] & (top_rows >= 0)
         query, column = np.nonzero(wanted)
@@ -310,7 +303,7 @@ class SelectModel(BatchedModel):
             return
         position = positions[query, column]
         chosen = features[query, position]
-        contributions = explainer.contributions(chosen)
+        contributions = self.explainer.contributions(chosen)
         served = top_scores[query, column]
         personal = served - ranker_scores[query, position]
         for (q, c), text in zip(

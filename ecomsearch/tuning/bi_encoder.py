@@ -36,7 +36,6 @@ SCALE = 20.0
 MINE_DEPTH = 50
 MINE_SKIP = 10
 NEGATIVES_PER_QUERY = 8
-# Judged grades below this are negatives (the middle of the scale is neither).
 TRAIN_PRODUCT_TOKENS = 64  # titles and the start of descriptions: all a query can match
 
 

@@ -227,18 +227,11 @@ def test_train_encoder_mines_trains_saves_and_exports_through_the_given_exporter
     """The whole command on a small judged slice of the demo catalog: negatives are mined with
     the repository's served encoder, the adapter is trained on the tiny checkpoint (so it is
     quick), saved with its card, and handed to the exporter."""
-    from ecomsearch.paths import prepare_model_repository
+    from ecomsearch.fingerprint import file_sha256
     from ecomsearch.tuning.bi_encoder import train_encoder_and_export
-    from tests.project import MODEL_REPOSITORY
-    from tests.unit.test_ranker_training import small_judged_catalog
+    from tests.unit.test_ranker_training import judged_repository
 
-    layout = ModelRepositoryLayout(prepare_model_repository(tmp_path / "repository"))
-    source = ModelRepositoryLayout(MODEL_REPOSITORY)
-    if not source.encoder_onnx.is_file():
-        pytest.fail("the exported encoder is missing: `make test` exports it first")
-    layout.encoder_onnx.symlink_to(source.encoder_onnx)
-    layout.tokenizer_dir.symlink_to(source.tokenizer_dir, target_is_directory=True)
-    catalog, judgments = small_judged_catalog(tmp_path)
+    layout, catalog, judgments = judged_repository(tmp_path)
     exported = []
 
     def exporter(adapter_dir):
@@ -266,13 +259,7 @@ def test_train_encoder_mines_trains_saves_and_exports_through_the_given_exporter
     assert counts["validation_queries_held_out"] > 0
     # Every training query has a negative: judged-irrelevant products of other categories.
     assert counts["training_queries_with_negatives"] == counts["training_queries"]
-    assert info["mined_with_encoder"] == source_fingerprint(source)
+    assert info["mined_with_encoder"] == file_sha256(layout.encoder_onnx)
     card = layout.encoder_card.read_text()
     assert "Made-up judgments over the demo catalog." in card
     assert f"{counts['training_queries']:,} training queries" in " ".join(card.split())
-
-
-def source_fingerprint(layout: ModelRepositoryLayout) -> str:
-    from ecomsearch.fingerprint import file_sha256
-
-    return file_sha256(layout.encoder_onnx)

@@ -142,17 +142,23 @@ def small_judged_catalog(directory: Path) -> tuple[Path, Path]:
     return catalog, judgments
 
 
-@pytest.mark.slow
-def test_train_and_export_uses_the_exporter_it_is_given(tmp_path: Path) -> None:
-    from ecomsearch.ranking.training import train_and_export
-
+def judged_repository(tmp_path: Path) -> tuple[ModelRepositoryLayout, Path, Path]:
+    """A model repository serving the project's exported encoder (symlinked, so the training
+    commands mine and featurise with the real one), and small_judged_catalog's files."""
     layout = ModelRepositoryLayout(prepare_model_repository(tmp_path / "repository"))
     source = ModelRepositoryLayout(MODEL_REPOSITORY)
     if not source.encoder_onnx.is_file():
         pytest.fail("the exported encoder is missing: `make test` exports it first")
     layout.encoder_onnx.symlink_to(source.encoder_onnx)
     layout.tokenizer_dir.symlink_to(source.tokenizer_dir, target_is_directory=True)
-    catalog, judgments = small_judged_catalog(tmp_path)
+    return (layout, *small_judged_catalog(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_and_export_uses_the_exporter_it_is_given(tmp_path: Path) -> None:
+    from ecomsearch.ranking.training import train_and_export
+
+    layout, catalog, judgments = judged_repository(tmp_path)
     calls = []
 
     def exporter(model, target, info):
@@ -219,17 +225,20 @@ def test_lambdamart_learns_the_features_that_carry_the_gain(lambdamart):
 
 
 def test_tree_contributions_sum_to_the_score_and_follow_the_features(lambdamart):
+    from ecomsearch.ranking.explain import TreeExplainer
+
     (scorer, _), early_set = lambdamart
+    explainer = TreeExplainer(scorer.booster)
     features = early_set.features[0]
-    contributions = scorer.contributions(features)
+    contributions = explainer.contributions(features)
     assert contributions.shape == (len(features), FEATURE_COUNT + 1)
     np.testing.assert_allclose(
         contributions.sum(axis=1), scorer(features[None])[0], rtol=1e-5, atol=1e-5
     )
     changed = features.copy()
     changed[:, 0] += 3.0  # much more of the feature that matters most
-    assert (scorer.contributions(changed)[:, 0] >= contributions[:, 0] - 1e-9).all()
-    assert (scorer.contributions(changed)[:, 0] > contributions[:, 0]).any()
+    assert (explainer.contributions(changed)[:, 0] >= contributions[:, 0] - 1e-9).all()
+    assert (explainer.contributions(changed)[:, 0] > contributions[:, 0]).any()
 
 
 def test_the_tree_export_is_verified_against_lightgbm(lambdamart, tmp_path: Path) -> None:
