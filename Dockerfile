@@ -1,6 +1,6 @@
 # ecomsearch on NVIDIA Triton Inference Server. How to build and run: docs/container.md.
 #
-#   artefacts  exports the encoder to ONNX and embeds the demo catalog into a FAISS index
+#   artefacts  exports the encoders to ONNX and embeds the demo catalog into a FAISS index
 #   (final)    the NGC Triton image + the ecomsearch package + that model repository, in /models
 
 # 24.10 ships Triton 2.51, the server version the project is tested against, and Python 3.10 on
@@ -58,6 +58,7 @@ ARG CATALOG=data/pc_parts/products_priced.jsonl.gz
 # The catalog store (SQLite) is made in /data, where the final image keeps it: the index's
 # manifest records the store it was built from, and the server follows that one.
 RUN ecomsearch export-encoder --model-repository /src/model_repository \
+    && ecomsearch export-cross-encoder --model-repository /src/model_repository \
     && ecomsearch build-index --catalog "${CATALOG}" --model-repository /src/model_repository \
         --cache-dir /tmp/ecomsearch-cache --store sqlite:////data/catalog.sqlite3 \
     && rm -rf /tmp/ecomsearch-cache

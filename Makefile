@@ -30,7 +30,14 @@ ENCODER_ADAPTER := $(wildcard $(MODEL_REPOSITORY)/query_encoder/adapter/adapter.
 $(ENCODER_ONNX): $(ENCODER_ADAPTER) | $(BIN)/ecomsearch
 	$(BIN)/ecomsearch export-encoder --model-repository $(MODEL_REPOSITORY) --quantize $(QUANTIZE)
 
-models: $(ENCODER_ONNX)
+# The cross-encoder (select's rerank stage, docs/relevance.md) is built from its checked-in adapter.
+CROSS_ENCODER_ONNX := $(MODEL_REPOSITORY)/cross_encoder/1/model.onnx
+CROSS_ENCODER_ADAPTER := $(wildcard $(MODEL_REPOSITORY)/cross_encoder/adapter/adapter.safetensors)
+
+$(CROSS_ENCODER_ONNX): $(CROSS_ENCODER_ADAPTER) | $(BIN)/ecomsearch
+	$(BIN)/ecomsearch export-cross-encoder --model-repository $(MODEL_REPOSITORY)
+
+models: $(ENCODER_ONNX) $(CROSS_ENCODER_ONNX)
 
 # build-index itself skips the work when the index matches the catalog and the encoder.
 index: models

@@ -40,6 +40,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
         in_stock: bool | None = None,
         user_id: str | None = None,
         explain: bool = False,
+        rerank_depth: int | None = None,
     ) -> list[Hit]:
         hits = await self.search_batch(
             [query],
@@ -51,6 +52,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
             in_stock=in_stock,
             user_id=user_id,
             explain=explain,
+            rerank_depth=rerank_depth,
         )
         return hits[0]
 
@@ -66,6 +68,7 @@ class AsyncSearchClient(protocol.SearchClientBase):
         in_stock: bool | None = None,
         user_id: str | None = None,
         explain: bool = False,
+        rerank_depth: int | None = None,
     ) -> list[list[Hit]]:
         """Sends the chunks of a long list concurrently; results keep the queries' order."""
         protocol.validate(queries, k)
@@ -75,7 +78,9 @@ class AsyncSearchClient(protocol.SearchClientBase):
             *(
                 self._infer(
                     self.model_name,
-                    protocol.build_inputs(self._grpc, chunk, k, filters, user_id, explain),
+                    protocol.build_inputs(
+                        self._grpc, chunk, k, filters, user_id, explain, rerank_depth
+                    ),
                     self._outputs,
                     self.timeout_s,
                 )

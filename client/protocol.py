@@ -174,10 +174,12 @@ def build_inputs(
     filters: Filters = NO_FILTERS,
     user_id: str | None = None,
     explain: bool = False,
+    rerank_depth: int | None = None,
 ) -> list:
     """InferInputs for one request (`grpc_module` is tritonclient.grpc or its aio variant);
     with `user_id`, a personalised search (the same shopper for every query); with `explain`,
-    each hit's score explained."""
+    each hit's score explained; with `rerank_depth`, that many of the best candidates
+    rescored by the cross-encoder (0: none; None: the server's default)."""
     query = grpc_module.InferInput(contract.QUERY, [len(queries), 1], "BYTES")
     query.set_data_from_numpy(np.array([[q.encode("utf-8")] for q in queries], dtype=np.object_))
     top_k = grpc_module.InferInput(contract.TOP_K, [len(queries), 1], "INT32")
@@ -193,6 +195,18 @@ def build_inputs(
     if explain:
         flags = np.ones((len(queries), 1), dtype=bool)
         inputs.append(_tensor(grpc_module, contract.EXPLAIN, flags, "BOOL"))
+    if rerank_depth is not None:
+        if (
+            isinstance(rerank_depth, bool)
+            or not isinstance(rerank_depth, int)
+            or not 0 <= rerank_depth <= contract.MAX_RERANK_DEPTH
+        ):
+            raise BadRequestError(
+                f"rerank_depth must be an integer from 0 to {contract.MAX_RERANK_DEPTH}, "
+                f"got {rerank_depth!r}"
+            )
+        depths = np.full((len(queries), 1), rerank_depth, dtype=np.int32)
+        inputs.append(_tensor(grpc_module, contract.RERANK_DEPTH, depths, "INT32"))
     return inputs
 
 

@@ -43,10 +43,13 @@ class SearchClient(protocol.SearchClientBase):
         in_stock: bool | None = None,
         user_id: str | None = None,
         explain: bool = False,
+        rerank_depth: int | None = None,
     ) -> list[Hit]:
         """The top-k products for one query, best first, among those passing the filters;
         with `user_id`, personalised: raised by what that shopper bought; with `explain`, each
-        hit carries its score's parts (`Hit.explanation`)."""
+        hit carries its score's parts (`Hit.explanation`); with `rerank_depth`, the best that
+        many candidates are rescored by the cross-encoder (0: never; None: the server's default,
+        off on the CPU profile and 32 on the GPU profile)."""
         return self.search_batch(
             [query],
             k,
@@ -57,6 +60,7 @@ class SearchClient(protocol.SearchClientBase):
             in_stock=in_stock,
             user_id=user_id,
             explain=explain,
+            rerank_depth=rerank_depth,
         )[0]
 
     def search_batch(
@@ -71,6 +75,7 @@ class SearchClient(protocol.SearchClientBase):
         in_stock: bool | None = None,
         user_id: str | None = None,
         explain: bool = False,
+        rerank_depth: int | None = None,
     ) -> list[list[Hit]]:
         """Top-k for many queries, the filters (and the shopper, for a personalised search)
         applying to each; sent in requests of at most MAX_QUERIES_PER_REQUEST."""
@@ -81,7 +86,9 @@ class SearchClient(protocol.SearchClientBase):
         for chunk in protocol.chunks(queries):
             result = self._infer(
                 self.model_name,
-                protocol.build_inputs(self._grpc, chunk, k, filters, user_id, explain),
+                protocol.build_inputs(
+                    self._grpc, chunk, k, filters, user_id, explain, rerank_depth
+                ),
                 self._outputs,
                 self.timeout_s,
             )

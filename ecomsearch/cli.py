@@ -120,6 +120,66 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_cross_encoder(args: argparse.Namespace) -> int:
+    from ecomsearch.export.cross_encoder import export_cross_encoder
+
+    result = export_cross_encoder(_layout(args))
+    log.info(
+        "exported %s (fingerprint %s) in %.1f s; ONNX Runtime matches PyTorch within %.2g",
+        result.onnx_path,
+        result.fingerprint[:12],
+        result.seconds,
+        result.max_abs_difference,
+    )
+    return 0
+
+
+def cmd_train_cross_encoder(args: argparse.Namespace) -> int:
+    from ecomsearch.export.cross_encoder import export_cross_encoder
+    from ecomsearch.tuning.cross_encoder import (
+        CrossEncoderSettings,
+        train_cross_encoder_and_export,
+    )
+    from ecomsearch.tuning.lora import AdapterConfig
+
+    layout = _layout(args)
+
+    def export() -> dict:
+        result = export_cross_encoder(layout)
+        return {"fingerprint": result.fingerprint, "max_abs_difference": result.max_abs_difference}
+
+    settings = CrossEncoderSettings(
+        steps=args.steps,
+        batch_queries=args.batch_queries,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    result = train_cross_encoder_and_export(
+        args.catalog,
+        args.judgments,
+        layout,
+        cache_dir=args.cache_dir,
+        export=export,
+        settings=settings,
+        adapter_config=AdapterConfig(rank=args.rank, alpha=2.0 * args.rank),
+        data_description=args.data_description,
+        seed=args.seed,
+        validation_fraction=args.validation_fraction,
+    )
+    log.info(
+        "cross-encoder: %d steps in %.0f s on %d queries; saved to %s and exported to %s "
+        "(fingerprint %s, ONNX matches PyTorch within %.2g)",
+        result.report.steps,
+        result.report.seconds,
+        result.counts["training_queries"],
+        layout.cross_encoder_adapter_dir,
+        layout.cross_encoder_onnx,
+        result.export["fingerprint"][:12],
+        result.export["max_abs_difference"],
+    )
+    return 0
+
+
 def cmd_build_index(args: argparse.Namespace) -> int:
     from ecomsearch.index.builder import build_index
 
@@ -220,6 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     layout = _layout(args)
     for path, command in (
         (layout.encoder_onnx, "ecomsearch export-encoder"),
+        (layout.cross_encoder_onnx, "ecomsearch export-cross-encoder"),
         (layout.index_dir / MANIFEST_FILE, "ecomsearch build-index"),
     ):
         if not path.exists():
@@ -308,6 +369,8 @@ def _explanation_lines(explanation: dict) -> str:
         parts.append(f"{len(rest)} others {sum(v for _, v in rest):+.3f}")
     if "personalisation" in explanation:
         parts.append(f"personalisation {explanation['personalisation']:+.3f}")
+    if "rerank" in explanation:
+        parts.append(f"rerank {explanation['rerank']:+.3f}")
     return "       " + ", ".join(parts)
 
 
@@ -329,7 +392,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     return _ask(
         args,
         lambda client: client.search(
-            args.query, k=args.k, user_id=args.user_id, explain=args.explain, **_filters(args)
+            args.query,
+            k=args.k,
+            user_id=args.user_id,
+            explain=args.explain,
+            rerank_depth=args.rerank_depth,
+            **_filters(args),
         ),
     )
 
@@ -439,6 +507,11 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
     from ecomsearch.ranking.training import RANKER_KINDS, train_and_export
 
     layout = _layout(args)
+    teacher = None
+    if args.teacher_depth:
+        from ecomsearch.tuning.cross_encoder import CrossEncoderTeacher
+
+        teacher = CrossEncoderTeacher(layout).probabilities
     result = train_and_export(
         args.catalog,
         args.judgments,
@@ -450,6 +523,9 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         recall_weight=args.recall_weight,
         data_description=args.data_description,
+        teacher=teacher,
+        teacher_depth=args.teacher_depth,
+        teacher_weight=args.teacher_weight,
     )
     log.info(
         "ranker: %s shipped (trained in %.0f s); exported to %s (ONNX matches the trained model "
@@ -546,6 +622,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         limit=args.limit,
         source_repository=_layout(args).root,
+        rerank_depth=args.rerank_depth,
     )
     log.info("wrote %s and %s", args.out / "eval.json", args.out / "eval.md")
     return 0
@@ -910,6 +987,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_repository(tune)
     tune.set_defaults(handler=cmd_train_encoder)
 
+    export_cross = command(
+        "export-cross-encoder",
+        "build the cross-encoder from all-MiniLM-L6-v2 and the repository's adapter, to ONNX",
+    )
+    _add_model_repository(export_cross)
+    export_cross.set_defaults(handler=cmd_export_cross_encoder)
+
+    cross = command(
+        "train-cross-encoder",
+        "fine-tune the cross-encoder (rerank stage and ranker teacher) on graded judgments",
+    )
+    _add_judged_catalog(cross)
+    cross.add_argument("--steps", type=int, default=700, help="optimiser steps")
+    cross.add_argument("--batch-queries", type=int, default=16, help="queries per step")
+    cross.add_argument("--learning-rate", type=float, default=5e-4, help="AdamW peak rate")
+    cross.add_argument("--rank", type=int, default=16, help="adapter rank")
+    cross.add_argument(
+        "--data-description",
+        default="",
+        help="what the training data is and under which terms, for the model card",
+    )
+    _add_cache_dir(cross)
+    _add_split_options(cross)
+    _add_model_repository(cross)
+    cross.set_defaults(handler=cmd_train_cross_encoder)
+
     index = command("build-index", "embed a catalog and build its FAISS and BM25 index")
     index.add_argument("--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok)")
     index.add_argument(
@@ -1007,6 +1110,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare: train the ListNet MLP and LambdaMART on the same split and ship the one "
         "better on the early-stopping queries",
     )
+    train.add_argument(
+        "--teacher-depth",
+        type=int,
+        default=0,
+        help="distil the cross-encoder: label each training query's unjudged candidates among "
+        "its N best by retrieval with the teacher's P(relevant) (0: judges' labels only)",
+    )
+    train.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=0.5,
+        help="a teacher label's gain, as a share of the top grade's",
+    )
     _add_split_options(train)
     _add_model_repository(train)
     train.set_defaults(handler=cmd_train_ranker)
@@ -1076,6 +1192,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="which queries to send (the split of train-ranker, by seed and fraction)",
     )
     evaluate.add_argument("--limit", type=int, help="only the first N queries (smoke runs)")
+    evaluate.add_argument(
+        "--rerank-depth",
+        type=int,
+        help="the ranked stage's searches ask for this cross-encoder rerank depth (default: "
+        "the served profile's, none on the CPU profile)",
+    )
     _add_cache_dir(evaluate)
     _add_split_options(evaluate)
     _add_model_repository(evaluate)
@@ -1315,6 +1437,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain",
         action="store_true",
         help="show why each product ranks there: its features' contributions to the score",
+    )
+    search.add_argument(
+        "--rerank-depth",
+        type=int,
+        help="rescore the best N candidates with the cross-encoder (0: off; default: the "
+        "server profile's, off on the CPU profile)",
     )
     search.set_defaults(handler=cmd_search)
 

@@ -26,6 +26,8 @@ RETRIEVE_MODEL: Final = "retrieve"
 RANKER_MODEL: Final = "ranker"
 SELECT_MODEL: Final = "select"
 CATALOG_MODEL: Final = "catalog"  # writes to the live catalog: upserts and deletes
+# The cross-encoder that `select` may call to rerank the ranker's top candidates (GPU profile).
+CROSS_ENCODER_MODEL: Final = "cross_encoder"
 
 # Inputs and outputs of the `search` ensemble.
 QUERY: Final = "query"  # BYTES [batch, 1], UTF-8
@@ -41,6 +43,11 @@ IN_STOCK: Final = "in_stock"  # BOOL [batch, k]
 # otherwise the entries are empty.
 EXPLAIN: Final = "explain"  # BOOL [batch, 1], optional
 EXPLANATIONS: Final = "explanations"  # BYTES [batch, k]
+# Optional: rerank the ranker's best `rerank_depth` candidates with the cross-encoder (its
+# term is added to their scores, and shown in explanations). Absent: the served profile's
+# default (0, off, on the CPU profile; docs/relevance.md). 0 turns it off for the query.
+RERANK_DEPTH: Final = "rerank_depth"  # INT32 [batch, 1], optional
+MAX_RERANK_DEPTH: Final = 100
 
 # Optional filters of `search` and `search_unranked`, one value per query ([batch, 1]); an
 # absent input, an empty string or a NaN bound means no filter of that kind. Exact: a result
@@ -110,6 +117,9 @@ CANDIDATE_FEATURES: Final = "candidate_features"  # FP32 [batch, candidates, fea
 RETRIEVAL_SCORES: Final = "retrieval_scores"  # FP32 [batch, candidates], fused vector + BM25
 RANKING_SCORES: Final = "ranking_scores"  # FP32 [batch, candidates], the ranker's
 CANDIDATE_SCORES: Final = "candidate_scores"  # FP32 [batch, candidates], what `select` sorts by
+# The cross-encoder's pairs ([CLS] query [SEP] title [SEP]) and its answer.
+TOKEN_TYPE_IDS: Final = "token_type_ids"  # INT64 [pairs, sequence]: 0 query, 1 product
+RELEVANCE_LOGITS: Final = "relevance_logits"  # FP32 [pairs, 1]: its sigmoid is P(relevant)
 
 # Limits, documented in the README and enforced by the models.
 DEFAULT_TOP_K: Final = 10

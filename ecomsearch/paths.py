@@ -35,6 +35,7 @@ CACHE_DIR_ENV = "ECOMSEARCH_CACHE_DIR"
 TOKENIZER_DIR = "tokenizer"
 ENCODER_FILE = "model.onnx"
 ENCODER_INFO_FILE = "encoder.json"
+CROSS_ENCODER_INFO_FILE = "cross_encoder.json"
 ENCODER_ADAPTER_DIR = "adapter"
 INDEX_DIR = "index"
 RANKER_FILE = "model.onnx"
@@ -111,6 +112,28 @@ class ModelRepositoryLayout:
         return self.model_dir(contract.ENCODER_MODEL) / MODEL_CARD_FILE
 
     @property
+    def cross_encoder_version_dir(self) -> Path:
+        return self.version_dir(contract.CROSS_ENCODER_MODEL)
+
+    @property
+    def cross_encoder_onnx(self) -> Path:
+        return self.cross_encoder_version_dir / ENCODER_FILE
+
+    @property
+    def cross_encoder_info(self) -> Path:
+        return self.cross_encoder_version_dir / CROSS_ENCODER_INFO_FILE
+
+    @property
+    def cross_encoder_adapter_dir(self) -> Path:
+        """The cross-encoder's low-rank update and scoring layer (`ecomsearch
+        train-cross-encoder`), checked in; `export-cross-encoder` builds the graph from it."""
+        return self.model_dir(contract.CROSS_ENCODER_MODEL) / ENCODER_ADAPTER_DIR
+
+    @property
+    def cross_encoder_card(self) -> Path:
+        return self.model_dir(contract.CROSS_ENCODER_MODEL) / MODEL_CARD_FILE
+
+    @property
     def index_dir(self) -> Path:
         """A relative symlink to the current versioned index directory beside it (hidden
         `.index.*` names, see ecomsearch.index.atomic), or a real directory written before
@@ -163,8 +186,16 @@ class ModelRepositoryLayout:
         return self.root.parent / "var" / f"{self.root.name}.catalog.sqlite3"
 
     def generated(self) -> list[Path]:
-        """Artefacts made by export-encoder and build-index (never checked in or packaged)."""
-        return [self.encoder_onnx, self.encoder_info, self.tokenizer_dir, self.index_dir]
+        """Artefacts made by export-encoder, export-cross-encoder and build-index (never
+        checked in or packaged)."""
+        return [
+            self.encoder_onnx,
+            self.encoder_info,
+            self.tokenizer_dir,
+            self.cross_encoder_onnx,
+            self.cross_encoder_info,
+            self.index_dir,
+        ]
 
 
 # --- What the package ships -------------------------------------------------------------------

@@ -69,3 +69,39 @@ def pad_token_ids(
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
     return input_ids, attention_mask
+
+
+class PairTokenizer:
+    """Query and product text as one BERT pair ([CLS] query [SEP] product [SEP]) for the
+    cross-encoder: the longer side is truncated first (the product, but for an absurd query), and
+    token_type_ids tell them apart."""
+
+    def __init__(self, tokenizer_dir: Path | str, max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer_dir) / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} not found")
+        if max_length < 4:
+            raise ValueError(f"max_length must be at least 4, got {max_length}")
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
+        self.max_length = max_length
+        pad_id = self._tokenizer.token_to_id("[PAD]")
+        self.pad_id = 0 if pad_id is None else pad_id
+
+    def __call__(
+        self, queries: Sequence[str], texts: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """int64 `input_ids`, `attention_mask` and `token_type_ids`, [pairs, sequence]."""
+        if len(queries) != len(texts):
+            raise ValueError(f"{len(queries)} queries for {len(texts)} texts")
+        encodings = self._tokenizer.encode_batch(list(zip(queries, texts, strict=True)))
+        input_ids, attention_mask = pad_token_ids(
+            [e.ids for e in encodings], self.pad_id, self.max_length
+        )
+        token_type_ids = np.zeros_like(input_ids)
+        for row, encoding in enumerate(encodings):
+            token_type_ids[row, : len(encoding.type_ids)] = encoding.type_ids
+        return input_ids, attention_mask, token_type_ids

@@ -15,11 +15,15 @@ from ecomsearch.paths import ModelRepositoryLayout, default_model_repository
 
 def link_model_repository(source: Path, target: Path) -> Path:
     """Makes `target` a copy of the checked-in part of `source` (whatever else it held is
-    removed, its own index aside) with links to `source`'s generated encoder and tokenizer."""
+    removed, its own index aside) with links to `source`'s generated encoders and tokenizer."""
     source_layout, target_layout = ModelRepositoryLayout(source), ModelRepositoryLayout(target)
-    for path in (source_layout.encoder_onnx, source_layout.tokenizer_dir):
+    for path, command in (
+        (source_layout.encoder_onnx, "export-encoder"),
+        (source_layout.tokenizer_dir, "export-encoder"),
+        (source_layout.cross_encoder_onnx, "export-cross-encoder"),
+    ):
         if not path.exists():
-            raise FileNotFoundError(f"{path} missing: run `ecomsearch export-encoder` first")
+            raise FileNotFoundError(f"{path} missing: run `ecomsearch {command}` first")
     generated = {path.resolve() for path in source_layout.generated()}
 
     def skip(directory: str, names: list[str]) -> set[str]:
@@ -55,6 +59,7 @@ def link_model_repository(source: Path, target: Path) -> Path:
     for source_path, target_path in (
         (source_layout.encoder_onnx, target_layout.encoder_onnx),
         (source_layout.tokenizer_dir, target_layout.tokenizer_dir),
+        (source_layout.cross_encoder_onnx, target_layout.cross_encoder_onnx),
     ):
         target_path.parent.mkdir(parents=True, exist_ok=True)
         target_path.symlink_to(source_path.resolve(), target_is_directory=source_path.is_dir())

@@ -56,9 +56,15 @@ def select_queries(judgments: Judgments, split: str, seed: int, fraction: float)
 
 
 def collect_rankings(
-    url: str, model_name: str, queries: Sequence[str], k: int, progress: bool = True
+    url: str,
+    model_name: str,
+    queries: Sequence[str],
+    k: int,
+    progress: bool = True,
+    rerank_depth: int | None = None,
 ) -> tuple[dict[str, list[RankedHit]], float]:
-    """query -> served hits (best first), and the seconds it took."""
+    """query -> served hits (best first), and the seconds it took; `rerank_depth` is sent
+    with every search (the ranked `search` only)."""
     from ecomsearch.client import SearchClient
 
     chunks = [queries[i : i + REQUEST_QUERIES] for i in range(0, len(queries), REQUEST_QUERIES)]
@@ -71,7 +77,9 @@ def collect_rankings(
     with SearchClient(url, timeout_s=120, model_name=model_name) as client:
         client.wait_until_ready(timeout_s=60)
         for chunk in chunks:
-            for query, hits in zip(chunk, client.search_batch(list(chunk), k), strict=True):
+            extra = {} if rerank_depth is None else {"rerank_depth": rerank_depth}
+            found = client.search_batch(list(chunk), k, **extra)
+            for query, hits in zip(chunk, found, strict=True):
                 rankings[query] = [RankedHit(hit.product_id, hit.score) for hit in hits]
     return rankings, time.perf_counter() - started
 
@@ -155,9 +163,11 @@ def run_eval(
     source_repository: Path | None = None,
     qrels: Path | None = None,
     topics: Path | None = None,
+    rerank_depth: int | None = None,
 ) -> dict[str, Any]:
     """`source_repository` provides the models (default: the project's model_repository/).
-    Judgments come from `judgments_path` (CSV) or `qrels` and `topics` (TREC)."""
+    Judgments come from `judgments_path` (CSV) or `qrels` and `topics` (TREC). With
+    `rerank_depth`, the ranked stage asks for the cross-encoder rerank (docs/relevance.md)."""
     from ecomsearch.server.launcher import TritonServer
     from ecomsearch.workspace import catalog_repository
 
@@ -178,7 +188,11 @@ def run_eval(
         rankings, seconds = {}, {}
         for stage, model_name in STAGES.items():
             rankings[stage], seconds[stage] = collect_rankings(
-                url, model_name, queries, contract.MAX_TOP_K
+                url,
+                model_name,
+                queries,
+                contract.MAX_TOP_K,
+                rerank_depth=rerank_depth if stage == "ranked" else None,
             )
     finally:
         if server is not None:
@@ -203,6 +217,7 @@ def run_eval(
         "seed": seed,
         "validation_fraction": validation_fraction,
         "queries_sent": len(queries),
+        "rerank_depth": rerank_depth,
         "grade_scale": [judgments.lowest, judgments.highest],
         "metrics": {stage: m.as_dict() for stage, m in metrics.items()},
         "ranked_vs_retrieval": [c.as_dict() for c in comparisons],

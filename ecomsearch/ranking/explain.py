@@ -130,9 +130,11 @@ def explanation(
     contributions: np.ndarray,
     score: float,
     personal: float = 0.0,
+    rerank: float = 0.0,
 ) -> dict:
     """One hit's explanation: its score, the ranker's base value, each feature's value and
-    contribution (largest effect first), and the personalisation term of a shopper's search."""
+    contribution (largest effect first), the personalisation term of a shopper's search and
+    the cross-encoder's term of a reranked hit."""
     order = np.argsort(-np.abs(contributions[:FEATURE_COUNT]), kind="stable")
     record = {
         "score": round(float(score), DIGITS),
@@ -142,6 +144,8 @@ def explanation(
     }
     if personal:
         record["personalisation"] = round(float(personal), DIGITS)
+    if rerank:
+        record["rerank"] = round(float(rerank), DIGITS)
     return record
 
 
@@ -150,11 +154,18 @@ def explanations_json(
     contributions: np.ndarray,
     scores: Sequence[float],
     personal: Sequence[float],
+    rerank: Sequence[float] | None = None,
 ) -> list[bytes]:
     """UTF-8 JSON per hit, as the `explanations` output carries them."""
     return [
         json.dumps(
-            explanation(features[i], contributions[i], scores[i], personal[i]),
+            explanation(
+                features[i],
+                contributions[i],
+                scores[i],
+                personal[i],
+                0.0 if rerank is None else rerank[i],
+            ),
             separators=(",", ":"),
         ).encode("utf-8")
         for i in range(len(features))
@@ -167,4 +178,5 @@ def explained_total(record: dict) -> float:
         record["base_value"]
         + sum(record["contributions"].values())
         + record.get("personalisation", 0.0)
+        + record.get("rerank", 0.0)
     )

@@ -90,6 +90,49 @@ def build_examples(
     )
 
 
+# (queries, titles) -> the teacher's P(relevant) of each pair (ecomsearch.tuning.cross_encoder).
+Teacher = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
+def with_teacher_gains(
+    examples: ExampleSet,
+    judgments: Judgments,
+    titles: Mapping[int, tuple[str, str]],
+    teacher: Teacher,
+    depth: int,
+    weight: float,
+) -> tuple[ExampleSet, int]:
+    """Distillation: each query's unjudged candidates among its `depth` best by retrieval
+    score get a gain of `weight` x the teacher's P(relevant) x the top gain, instead of 0.
+    Judged candidates keep their judges' gains. `titles`: row -> (product id, title).
+    Returns the relabelled set and the number of pairs the teacher scored."""
+    top_gain = judgments.highest - judgments.lowest
+    best = best_positions(examples.retrieval_scores, examples.valid, depth)
+    picked_rows = np.take_along_axis(examples.rows, best, axis=1)
+    judged = [set(judgments.gains(q)) for q in examples.queries]
+    where, queries, texts = [], [], []
+    for i, query in enumerate(examples.queries):
+        for position, row in zip(best[i], picked_rows[i], strict=True):
+            if row >= 0 and titles[row][0] not in judged[i]:
+                where.append((i, position))
+                queries.append(query)
+                texts.append(titles[row][1])
+    gains = examples.gains.copy()
+    if where:
+        probabilities = teacher(queries, texts)
+        query_index, position = np.array(where).T
+        gains[query_index, position] = np.float32(weight * top_gain) * probabilities
+    relabelled = ExampleSet(
+        examples.queries,
+        examples.rows,
+        examples.features,
+        examples.retrieval_scores,
+        gains,
+        examples.ideal_dcg,
+    )
+    return relabelled, len(where)
+
+
 def ndcg_at_10(scores: np.ndarray, examples: ExampleSet) -> float:
     """Mean NDCG@10 of ordering each query's candidates by `scores`, as `select` orders them."""
     top = best_positions(scores, examples.valid, 10)
@@ -257,13 +300,18 @@ def train_and_export(
     recall_weight: float = 0.0,
     data_description: str = "",
     kinds: Sequence[str] = RANKER_KINDS,
+    teacher: Teacher | None = None,
+    teacher_depth: int = 0,
+    teacher_weight: float = 0.5,
 ) -> TrainRankerResult:
     """The whole command: index, split, candidates, training, validation, export (by `export`)
     and the model card. `data_description` says what the training data is, for the card.
 
     Every kind in `kinds` is trained on the same candidates and split; the one with the best
     NDCG@10 on the early-stopping queries (training data, never validation) ships, and the
-    card shows all of them on the validation queries."""
+    card shows all of them on the validation queries. With a `teacher` and `teacher_depth`,
+    the fit queries' unjudged candidates are labelled by it (with_teacher_gains); early
+    stopping and validation keep the judges' labels only."""
     from ecomsearch.evaluation.metrics import read_judgments
     from ecomsearch.ranking.card import write_model_card
 
@@ -286,6 +334,23 @@ def train_and_export(
         [0] * len(fit_queries) + [1] * len(early_stop_queries) + [2] * len(validation_queries)
     )
     fit_set, early_set, validation_set = (examples.subset(side == s) for s in (0, 1, 2))
+    distillation = None
+    if teacher is not None and teacher_depth > 0:
+        started = time.perf_counter()
+        titles = {
+            int(key): (product_id.decode("utf-8"), title.decode("utf-8"))
+            for key, product_id, title in zip(index.keys, index.ids, index.titles, strict=True)
+        }
+        fit_set, pairs = with_teacher_gains(
+            fit_set, judgments, titles, teacher, teacher_depth, teacher_weight
+        )
+        distillation = {
+            "depth": teacher_depth,
+            "weight": teacher_weight,
+            "pairs_labelled": pairs,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        log.info("teacher labels: %s", distillation)
 
     trained: dict[str, tuple[Any, Scorer, Any]] = {}
     if "mlp" in kinds:
@@ -347,6 +412,7 @@ def train_and_export(
         },
         "seed": seed,
         "recall_weight": recall_weight,
+        "distillation": distillation,
         "validation_fraction": validation_fraction,
         "counts": counts,
         "kind": chosen,

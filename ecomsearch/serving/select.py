@@ -3,13 +3,15 @@
 Fed the ranker's scores in `search`, and the retrieval stage's own scores in `search_unranked`.
 A query that carries a user id (personalised `search`) has each score raised by the shopper's
 affinity for the product (ecomsearch.recommend.personal), read from the event log, which this
-model then follows as the recommenders do.
+model then follows as the recommenders do. With a rerank depth (the GPU profile's default, or a
+request's `rerank_depth`), the best candidates so far are rescored with the cross-encoder
+(ecomsearch.ranking.rerank) before the top k are taken.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ from ecomsearch.ranking.explain import (
     load_explainer,
 )
 from ecomsearch.ranking.features import FEATURE_COUNT
+from ecomsearch.ranking.rerank import depth_mask, rerank_terms
 from ecomsearch.ranking.selection import top_k
 from ecomsearch.recommend.interactions import EventCatchUp, Interactions
 from ecomsearch.recommend.personal import PERSONAL_WEIGHT, affinity
@@ -40,7 +43,11 @@ from ecomsearch.serving.base import (
     model_config,
     text_values,
 )
+from ecomsearch.serving.rerank import CrossEncoderScorer, RerankUnavailableError
 from ecomsearch.store import redact
+
+# (queries, titles) -> the cross-encoder's logit for each pair.
+RelevanceScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
 
 def parse_top_k(raw: np.ndarray | None, batch: int) -> int:
@@ -82,6 +89,34 @@ def explainer_of(layout: ModelRepositoryLayout, pb_utils) -> dict[str, Any]:
         return {"no_explainer_reason": str(e)}
 
 
+def parse_rerank_depths(raw: np.ndarray | None, batch: int, default: int) -> np.ndarray:
+    """Each query's rerank depth (int32 [batch]): the request's, else the model's default."""
+    if raw is None:
+        return np.full(batch, default, dtype=np.int32)
+    if raw.shape != (batch, 1) or raw.dtype != np.int32:
+        raise RequestError(
+            f"input {contract.RERANK_DEPTH!r} must be INT32 [{batch}, 1], "
+            f"got {raw.dtype} {raw.shape}"
+        )
+    depths = raw[:, 0]
+    if depths.min() < 0 or depths.max() > contract.MAX_RERANK_DEPTH:
+        raise RequestError(
+            f"{contract.RERANK_DEPTH!r} must be between 0 and {contract.MAX_RERANK_DEPTH}"
+        )
+    return depths.astype(np.int32)
+
+
+def reranker_of(layout: ModelRepositoryLayout, depth: int, pb_utils) -> dict[str, Any]:
+    """The cross-encoder's scorer and the default depth, or no rerank when the served
+    tokenizer is missing (logged: searches go on unreranked)."""
+    try:
+        scorer = CrossEncoderScorer(pb_utils, layout.tokenizer_dir)
+    except FileNotFoundError as e:
+        pb_utils.Logger.log_warn(f"select: searches cannot be reranked: {e}")
+        return {"relevance": None, "rerank_depth": 0}
+    return {"relevance": scorer, "rerank_depth": depth}
+
+
 def parse_user_ids(raw: np.ndarray, batch: int) -> np.ndarray:
     """The optional `user_id` of a personalised search: one per query ("" for none)."""
     if raw.shape != (batch, 1):
@@ -99,6 +134,8 @@ class SelectModel(BatchedModel):
         lock: threading.Lock | None = None,
         explainer: Explainer | None = None,
         no_explainer_reason: str = "this server's ranker cannot be explained",
+        relevance: RelevanceScorer | None = None,
+        rerank_depth: int = 0,
     ) -> None:
         super().__init__(pb_utils)
         self.labels = labels
@@ -106,6 +143,9 @@ class SelectModel(BatchedModel):
         # one, `explain` is a bad request and searches go on.
         self.explainer = explainer
         self.no_explainer_reason = no_explainer_reason
+        # The cross-encoder rerank: its scorer, and the depth a request gets by default.
+        self.relevance = relevance
+        self.rerank_depth = min(rerank_depth, contract.MAX_RERANK_DEPTH)
         self.lock = lock or threading.Lock()
         self.follower: ChangeFollower | None = None
         self._catch_up_store: Any = None  # the request thread's own store connection
@@ -120,6 +160,7 @@ class SelectModel(BatchedModel):
         interval_ms = int_parameter(
             config, "catalog_poll_interval_ms", round(1000 * DEFAULT_POLL_INTERVAL_S), 1
         )
+        rerank = reranker_of(layout, int_parameter(config, "rerank_depth", 0), pb_utils)
         # The index `retrieve` serves: the latest version's, as the ensembles ask for.
         manifest = IndexManifest.read(layout.index_dir)
         store_url = served_store_url(layout, manifest)
@@ -129,6 +170,7 @@ class SelectModel(BatchedModel):
                 pb_utils,
                 ProductLabels.from_index(index.keys, index.metadata),
                 **explainer_of(layout, pb_utils),
+                **rerank,
             )
             pb_utils.Logger.log_info(f"select: {index.count} products from {layout.index_dir}")
             return model
@@ -138,7 +180,7 @@ class SelectModel(BatchedModel):
         with open_store(store_url) as store:
             seq, products = store.snapshot(with_embeddings=False)
         labels.load(seq, products)
-        model = cls(pb_utils, labels, **explainer_of(layout, pb_utils))
+        model = cls(pb_utils, labels, **explainer_of(layout, pb_utils), **rerank)
         model.events = EventCatchUp(store_url, Interactions())
         model.follower = ChangeFollower(
             store_url,
@@ -215,6 +257,24 @@ class SelectModel(BatchedModel):
         users = input_array(self.pb_utils, request, contract.USER_ID)
         if users is not None:
             inputs[contract.USER_ID] = parse_user_ids(users, len(rows))
+        # A request without the query text (search_unranked) is not reranked by default.
+        queries = input_array(self.pb_utils, request, contract.QUERY)
+        raw_depths = input_array(self.pb_utils, request, contract.RERANK_DEPTH)
+        depths = parse_rerank_depths(
+            raw_depths, len(rows), 0 if queries is None else self.rerank_depth
+        )
+        if depths.any():
+            if queries is None or queries.shape != (len(rows), 1):
+                raise RequestError(
+                    f"a rerank needs the {contract.QUERY!r} of each query ([{len(rows)}, 1]; the "
+                    "`search` ensemble sends it)"
+                )
+            if self.relevance is None:
+                raise RequestError("this server has no cross-encoder to rerank with")
+            inputs[contract.QUERY] = text_values(
+                queries[:, 0], contract.QUERY, contract.MAX_QUERY_BYTES
+            )
+            inputs[contract.RERANK_DEPTH] = depths
         features = input_array(self.pb_utils, request, contract.CANDIDATE_FEATURES)
         explain = parse_explain(input_array(self.pb_utils, request, contract.EXPLAIN), len(rows))
         if explain.any():
@@ -265,6 +325,13 @@ class SelectModel(BatchedModel):
             live = self.labels.live(rows)
             if not live.all():
                 rows = np.where(live, rows, -1)
+            personalised = scores
+            depths = inputs.get(contract.RERANK_DEPTH)
+            rerank_terms_of = None  # [batch, candidates]: what the rerank added
+            if depths is not None:
+                rerank_terms_of = self.rerank(inputs[contract.QUERY], depths, rows, scores)
+                if rerank_terms_of is not None:
+                    scores = scores + rerank_terms_of
             positions, top_rows, top_scores = top_k(rows, scores, k)
             labels = self.labels.labels(top_rows)
         # Fewer candidates than k (a tiny catalog): empty ids that clients skip.
@@ -279,7 +346,15 @@ class SelectModel(BatchedModel):
         explain = inputs.get(contract.EXPLAIN)
         if explain is not None and explain.any():
             self._explain(
-                inputs, explain, positions, top_rows, top_scores, ranker_scores, explanations
+                inputs,
+                explain,
+                positions,
+                top_rows,
+                top_scores,
+                ranker_scores,
+                personalised,
+                rerank_terms_of,
+                explanations,
             )
         outputs[contract.EXPLANATIONS] = explanations
         return outputs
@@ -292,10 +367,13 @@ class SelectModel(BatchedModel):
         top_rows: np.ndarray,
         top_scores: np.ndarray,
         ranker_scores: np.ndarray,
+        personalised: np.ndarray,
+        reranks: np.ndarray | None,
         out: np.ndarray,
     ) -> None:
         """Fills `out` (object [batch, k]) for the queries that asked, all in one call of the
-        explainer; the personalisation term is what select added to the ranker's score."""
+        explainer; the personalisation and rerank terms are what select added to the ranker's
+        score."""
         features = inputs[contract.CANDIDATE_FEATURES]
         wanted = explain[:, None] & (top_rows >= 0)
         query, column = np.nonzero(wanted)
@@ -305,10 +383,45 @@ class SelectModel(BatchedModel):
         chosen = features[query, position]
         contributions = self.explainer.contributions(chosen)
         served = top_scores[query, column]
-        personal = served - ranker_scores[query, position]
+        rerank = np.zeros(len(query), np.float32) if reranks is None else reranks[query, position]
+        personal = personalised[query, position] - ranker_scores[query, position]
         for (q, c), text in zip(
             zip(query, column, strict=True),
-            explanations_json(chosen, contributions, served, personal),
+            explanations_json(chosen, contributions, served, personal, rerank),
             strict=True,
         ):
             out[q, c] = text
+
+    def rerank(
+        self, queries: np.ndarray, depths: np.ndarray, rows: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray | None:
+        """The cross-encoder's terms for each query's best `depth` candidates, to add to
+        `scores` (float32 like them; ecomsearch.ranking.rerank), or None when there is nothing
+        to rerank. The caller holds the lock, so the titles read are the ones served. Without an
+        answer from the cross-encoder the search is served as ranked, and that is logged."""
+        max_depth = int(depths.max())
+        # One column more than the deepest rerank: the best score of the rest.
+        positions, top_rows, top_scores = top_k(rows, scores, max_depth + 1)
+        reranked = depth_mask(top_rows[:, :max_depth], depths)
+        if not reranked.any():
+            return None
+        query_of, column = np.nonzero(reranked)
+        titles = self.labels.labels(top_rows[query_of, column])["titles"]
+        try:
+            logits = self.relevance(
+                [queries[q] for q in query_of], [t.decode("utf-8") for t in titles]
+            )
+        except RerankUnavailableError as e:
+            self.pb_utils.Logger.log_warn(f"select: served without the rerank: {e}")
+            return None
+        block_logits = np.zeros(reranked.shape, np.float32)
+        block_logits[query_of, column] = logits
+        # The best score outside each query's reranked block: the column just after it.
+        after = np.minimum(depths, top_scores.shape[1] - 1)
+        best_of_rest = np.where(
+            depths < top_scores.shape[1], top_scores[np.arange(len(rows)), after], -np.inf
+        )
+        terms = rerank_terms(top_scores[:, :max_depth], block_logits, reranked, best_of_rest)
+        all_terms = np.zeros(scores.shape, np.float32)
+        np.put_along_axis(all_terms, positions[:, :max_depth], terms, axis=1)
+        return all_terms

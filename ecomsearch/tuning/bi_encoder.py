@@ -247,6 +247,93 @@ def retrieval_rankings(
 
 
 @dataclass(frozen=True)
+class MinedTrainingSet:
+    """The training split's judged queries with their mined negatives, and what produced them:
+    what train-encoder and train-cross-encoder both learn from."""
+
+    judgments: Judgments
+    examples: list[TrainingQuery]
+    validation_queries: list[str]
+    products: dict[str, Any]  # id -> ecomsearch.catalog.Product
+    seed: int
+    validation_fraction: float
+    mined_with_encoder: str
+    mining_s: float
+
+    def record(self, catalog: Path, judgments_path: Path, data_description: str) -> dict:
+        """What a model card and adapter.json say of the data."""
+        return {
+            "training_data": {
+                "catalog": str(catalog),
+                "judgments": str(judgments_path),
+                "description": data_description,
+                "split": {"seed": self.seed, "validation_fraction": self.validation_fraction},
+            },
+            "mined_with_encoder": self.mined_with_encoder,
+            "mining": {
+                "depth": MINE_DEPTH,
+                "skip_unjudged": MINE_SKIP,
+                "seconds": round(self.mining_s, 1),
+            },
+        }
+
+
+def mined_training_set(
+    catalog: Path,
+    judgments_path: Path,
+    layout,
+    cache_dir: Path,
+    seed: int | None = None,
+    validation_fraction: float | None = None,
+) -> MinedTrainingSet:
+    """The training split of the judgments (the split train-ranker and eval share), each query
+    with its judged products and negatives mined by the current served retrieval over
+    `catalog`."""
+    from ecomsearch.catalog import iter_catalog
+    from ecomsearch.evaluation.metrics import read_judgments
+    from ecomsearch.evaluation.splits import (
+        DEFAULT_SEED,
+        DEFAULT_VALIDATION_FRACTION,
+        split_queries,
+    )
+    from ecomsearch.ranking.candidates import catalog_retrieval
+
+    seed = DEFAULT_SEED if seed is None else seed
+    validation_fraction = (
+        DEFAULT_VALIDATION_FRACTION if validation_fraction is None else validation_fraction
+    )
+    judgments = read_judgments(judgments_path)
+    train_queries, validation_queries = split_queries(
+        judgments.evaluable_queries(), seed, validation_fraction
+    )
+    products = {p.id: p for p in iter_catalog(catalog)}
+    examples = judged_examples(train_queries, judgments, set(products))
+    served = catalog_retrieval(catalog, cache_dir, layout.root)
+    mined_at = time.perf_counter()
+    rankings = retrieval_rankings(
+        [e.query for e in examples], served.encoder, served.retriever, served.ids
+    )
+    examples = add_mined_negatives(examples, rankings, judgments)
+    mining_s = time.perf_counter() - mined_at
+    log.info(
+        "%d training queries (%d validation queries never seen); negatives mined in %.0f s",
+        len(examples),
+        len(validation_queries),
+        mining_s,
+    )
+    return MinedTrainingSet(
+        judgments,
+        examples,
+        list(validation_queries),
+        products,
+        seed,
+        validation_fraction,
+        served.encoder.fingerprint,
+        mining_s,
+    )
+
+
+@dataclass(frozen=True)
 class TrainEncoderResult:
     report: EncoderTrainingReport
     counts: dict[str, int]
@@ -270,14 +357,7 @@ def train_encoder_and_export(
     the training split only, save it to the repository's adapter directory and export."""
     from datetime import datetime, timezone
 
-    from ecomsearch.catalog import iter_catalog, product_text
-    from ecomsearch.evaluation.metrics import read_judgments
-    from ecomsearch.evaluation.splits import (
-        DEFAULT_SEED,
-        DEFAULT_VALIDATION_FRACTION,
-        split_queries,
-    )
-    from ecomsearch.ranking.candidates import catalog_retrieval
+    from ecomsearch.catalog import product_text
     from ecomsearch.tuning.card import write_encoder_card
     from ecomsearch.tuning.lora import AdapterConfig, adapter_weights, save_adapter
     from ecomsearch.tuning.sentence_encoder import default_checkpoint
@@ -285,37 +365,17 @@ def train_encoder_and_export(
     settings = settings or EncoderTrainingSettings()
     adapter_config = adapter_config or AdapterConfig()
     checkpoint = checkpoint or default_checkpoint()
-    seed = DEFAULT_SEED if seed is None else seed
-    validation_fraction = (
-        DEFAULT_VALIDATION_FRACTION if validation_fraction is None else validation_fraction
+    mined = mined_training_set(
+        catalog, judgments_path, layout, cache_dir, seed, validation_fraction
     )
-    judgments = read_judgments(judgments_path)
-    train_queries, validation_queries = split_queries(
-        judgments.evaluable_queries(), seed, validation_fraction
-    )
-    texts = {p.id: product_text(p) for p in iter_catalog(catalog)}
-    examples = judged_examples(train_queries, judgments, set(texts))
-
-    # The current served retrieval over this catalog mines the negatives.
-    served = catalog_retrieval(catalog, cache_dir, layout.root)
-    mined_at = time.perf_counter()
-    rankings = retrieval_rankings(
-        [e.query for e in examples], served.encoder, served.retriever, served.ids
-    )
-    examples = add_mined_negatives(examples, rankings, judgments)
-    mining_s = time.perf_counter() - mined_at
-    log.info(
-        "%d training queries (%d validation queries never seen); negatives mined in %.0f s",
-        len(examples),
-        len(validation_queries),
-        mining_s,
-    )
+    examples = mined.examples
+    texts = {pid: product_text(p) for pid, p in mined.products.items()}
 
     model, report = train_adapter(checkpoint, examples, texts, settings, adapter_config)
     counts = {
         "training_queries": len(examples),
         "training_queries_with_negatives": report.with_negatives,
-        "validation_queries_held_out": len(validation_queries),
+        "validation_queries_held_out": len(mined.validation_queries),
         "catalog_products": len(texts),
     }
     info = {
@@ -325,14 +385,7 @@ def train_encoder_and_export(
             if checkpoint == default_checkpoint()
             else f"the checkpoint `{checkpoint.name}`"
         ),
-        "training_data": {
-            "catalog": str(catalog),
-            "judgments": str(judgments_path),
-            "description": data_description,
-            "split": {"seed": seed, "validation_fraction": validation_fraction},
-        },
-        "mined_with_encoder": served.encoder.fingerprint,
-        "mining": {"depth": MINE_DEPTH, "skip_unjudged": MINE_SKIP, "seconds": round(mining_s, 1)},
+        **mined.record(catalog, judgments_path, data_description),
         "settings": settings.as_dict(),
         "counts": counts,
         "steps": report.steps,

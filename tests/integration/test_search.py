@@ -65,6 +65,51 @@ def test_explained_hits_add_up_to_their_scores_and_differ_by_product(client):
     assert first["contributions"] != last["contributions"]
 
 
+def test_a_rerank_orders_the_best_candidates_by_ranker_score_plus_the_cross_encoders(
+    client, model_repository
+):
+    """Through the real BLS call: select's order under a rerank is the blend that
+    ecomsearch.ranking.rerank defines, over the served cross_encoder's logits (here recomputed
+    with ONNX Runtime from the same graph and tokenizer)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.ranking.explain import explained_total
+    from ecomsearch.ranking.rerank import RERANK_WEIGHT
+    from ecomsearch.text import PairTokenizer
+    from ecomsearch.tuning.cross_encoder import PAIR_MAX_TOKENS
+
+    query, depth = "quiet case fan", 8
+    ranked = client.search(query, k=depth + 1, rerank_depth=0)
+    layout = ModelRepositoryLayout(model_repository)
+    arrays = PairTokenizer(layout.tokenizer_dir, PAIR_MAX_TOKENS)(
+        [query] * depth, [hit.title for hit in ranked[:depth]]
+    )
+    names = [contract.INPUT_IDS, contract.ATTENTION_MASK, contract.TOKEN_TYPE_IDS]
+    session = ort.InferenceSession(str(layout.cross_encoder_onnx))
+    (logits,) = session.run(None, dict(zip(names, arrays, strict=True)))
+    blend = np.array([hit.score for hit in ranked[:depth]]) + RERANK_WEIGHT * logits[:, 0]
+    expected = [ranked[i].product_id for i in np.argsort(-blend, kind="stable")]
+
+    reranked = client.search(query, k=depth + 1, rerank_depth=depth, explain=True)
+    assert [hit.product_id for hit in reranked[:depth]] == expected
+    # The ninth, which the cross-encoder did not read, stays last with its ranker score.
+    assert reranked[depth].product_id == ranked[depth].product_id
+    assert reranked[depth].score == pytest.approx(ranked[depth].score, abs=1e-5)
+    assert "rerank" not in reranked[depth].explanation
+    ranker_score = {hit.product_id: hit.score for hit in ranked}
+    for hit in reranked[:depth]:
+        assert hit.score == pytest.approx(
+            ranker_score[hit.product_id] + hit.explanation["rerank"], abs=1e-3
+        )
+        assert explained_total(hit.explanation) == pytest.approx(hit.score, abs=1e-3)
+    # Unasked, the CPU profile does not rerank.
+    assert [h.product_id for h in client.search(query, k=depth + 1)] == [
+        h.product_id for h in ranked
+    ]
+
+
 def test_default_top_k_when_absent(grpc_url):
     import numpy as np
     import tritonclient.grpc as grpcclient

@@ -180,6 +180,12 @@ def fake_client(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
     return FakeClient
 
 
+def test_search_asks_for_a_rerank_depth_only_when_given_one(fake_client) -> None:
+    assert cli.main(["search", "mouse", "--rerank-depth", "16"]) == 0
+    (client,) = fake_client.instances
+    assert client.searches[0]["rerank_depth"] == 16
+
+
 def test_search_sends_the_filters_and_shows_price_and_stock(fake_client, capsys) -> None:
     code = cli.main(
         ["search", "mouse", "-k", "2", "--brand", "Logi", "--max-price", "50", "--in-stock"]
@@ -191,6 +197,7 @@ def test_search_sends_the_filters_and_shows_price_and_stock(fake_client, capsys)
         {
             "query": "mouse",
             "k": 2,
+            "rerank_depth": None,  # the server's default
             "category": None,
             "brand": "Logi",
             "min_price": None,

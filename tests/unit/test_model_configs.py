@@ -58,6 +58,7 @@ def test_repository_has_the_pipeline_models():
         contract.RECOMMEND_MODEL,
         contract.SIMILAR_CANDIDATES_MODEL,
         contract.SIMILAR_MODEL,
+        contract.CROSS_ENCODER_MODEL,
     }
 
 
@@ -125,6 +126,7 @@ def test_gpu_profiles_exist_only_where_they_differ_and_keep_the_tensors():
     assert {p.parent.parent.name for p in profiles} == {
         contract.ENCODER_MODEL,
         contract.RETRIEVE_MODEL,
+        contract.CROSS_ENCODER_MODEL,
     }
     for path in profiles:
         name = path.parent.parent.name
@@ -140,7 +142,9 @@ def test_the_default_profile_runs_on_the_cpu():
         assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in config.instance_group), name
 
 
-@pytest.mark.parametrize("name", [contract.ENCODER_MODEL, contract.RETRIEVE_MODEL])
+@pytest.mark.parametrize(
+    "name", [contract.ENCODER_MODEL, contract.RETRIEVE_MODEL, contract.CROSS_ENCODER_MODEL]
+)
 def test_gpu_profile_places_an_instance_on_every_visible_gpu(name):
     (group,) = parse(REPOSITORY / name / "configs" / "gpu.pbtxt").instance_group
     assert group.kind == mc.ModelInstanceGroup.KIND_GPU
@@ -166,6 +170,7 @@ def graph_tensors(values) -> dict[str, tuple[int, list[int]]]:
         (contract.ENCODER_MODEL, "sequence"),
         (contract.RANKER_MODEL, "candidates"),
         (contract.RECOMMEND_RANKER_MODEL, "candidates"),
+        (contract.CROSS_ENCODER_MODEL, "sequence"),
     ],
 )
 def test_onnx_model_configs_match_their_graphs(name, second_axis):
@@ -176,6 +181,7 @@ def test_onnx_model_configs_match_their_graphs(name, second_axis):
         contract.ENCODER_MODEL: layout.encoder_onnx,
         contract.RANKER_MODEL: layout.ranker_onnx,
         contract.RECOMMEND_RANKER_MODEL: layout.recommend_ranker_onnx,
+        contract.CROSS_ENCODER_MODEL: layout.cross_encoder_onnx,
     }[name]
     if not path.is_file():
         pytest.fail(f"{path} missing: run `make test`, which exports the encoder first")
@@ -282,7 +288,11 @@ def test_ensemble_contract_is_the_clients(name):
     ensemble = default_configs()[name]
     # Only the ranked search personalises, and has a ranker to explain.
     search_only = (
-        {contract.USER_ID: (mc.TYPE_STRING, [1]), contract.EXPLAIN: (mc.TYPE_BOOL, [1])}
+        {
+            contract.USER_ID: (mc.TYPE_STRING, [1]),
+            contract.EXPLAIN: (mc.TYPE_BOOL, [1]),
+            contract.RERANK_DEPTH: (mc.TYPE_INT32, [1]),
+        }
         if name == contract.SEARCH_MODEL
         else {}
     )
@@ -295,8 +305,8 @@ def test_ensemble_contract_is_the_clients(name):
     optional = [contract.TOP_K, *contract.FILTER_INPUTS]
     if name == contract.RECOMMEND_MODEL:
         optional = [contract.RECENT_PRODUCT_IDS, *optional]
-    if name == contract.SEARCH_MODEL:  # personalised and explained search
-        optional = [*optional, contract.USER_ID, contract.EXPLAIN]
+    if name == contract.SEARCH_MODEL:  # personalised, explained and reranked search
+        optional = [*optional, contract.USER_ID, contract.EXPLAIN, contract.RERANK_DEPTH]
     assert [t.name for t in ensemble.input if t.optional] == optional
     explained = (
         {contract.EXPLANATIONS: (mc.TYPE_STRING, [-1])} if name == contract.SEARCH_MODEL else {}
@@ -328,6 +338,14 @@ def test_ensembles_pass_the_filters_to_their_candidates_and_the_labels_from_sele
         else {}
     )
     assert {k: v for k, v in select_inputs.items() if k in explained} == explained
+    # ... and the query text with the rerank depth, which the cross-encoder needs; never
+    # search_unranked's, which is the retrieval stage's order.
+    reranked = (
+        {contract.QUERY: contract.QUERY, contract.RERANK_DEPTH: contract.RERANK_DEPTH}
+        if name == contract.SEARCH_MODEL
+        else {}
+    )
+    assert {k: v for k, v in select_inputs.items() if k in reranked} == reranked
     select_outputs = dict(steps[contract.SELECT_MODEL].output_map)
     explanations = (
         {contract.EXPLANATIONS: contract.EXPLANATIONS} if name == contract.SEARCH_MODEL else {}
@@ -363,12 +381,16 @@ def test_models_use_the_contract_names(profile):
         contract.USER_ID,
         contract.CANDIDATE_FEATURES,
         contract.EXPLAIN,
+        contract.QUERY,
+        contract.RERANK_DEPTH,
     ]
     assert [t.name for t in select.input if t.optional] == [
         contract.TOP_K,
         contract.USER_ID,
         contract.CANDIDATE_FEATURES,
         contract.EXPLAIN,
+        contract.QUERY,
+        contract.RERANK_DEPTH,
     ]
     # The features select explains are exactly the ones retrieve makes and the ranker takes.
     select_features = next(t for t in select.input if t.name == contract.CANDIDATE_FEATURES)
@@ -419,6 +441,13 @@ def test_models_use_the_contract_names(profile):
         contract.CANDIDATE_ROWS: (mc.TYPE_INT64, [-1]),
         contract.CANDIDATE_SCORES: (mc.TYPE_FP32, [-1]),
     }
+    cross_encoder = profile_config(contract.CROSS_ENCODER_MODEL, profile)
+    assert tensors(cross_encoder.input) == {
+        contract.INPUT_IDS: (mc.TYPE_INT64, [-1]),
+        contract.ATTENTION_MASK: (mc.TYPE_INT64, [-1]),
+        contract.TOKEN_TYPE_IDS: (mc.TYPE_INT64, [-1]),
+    }
+    assert tensors(cross_encoder.output) == {contract.RELEVANCE_LOGITS: (mc.TYPE_FP32, [1])}
     recommend_ranker = profile_config(contract.RECOMMEND_RANKER_MODEL, profile)
     assert [t.name for t in recommend_ranker.input] == [contract.CANDIDATE_FEATURES]
     assert [t.name for t in recommend_ranker.output] == [contract.RANKING_SCORES]
@@ -433,14 +462,27 @@ def test_parameters_are_tunables_never_paths_or_contract_limits(path):
     config = parse(path)
     known = {
         contract.RETRIEVE_MODEL: set(RetrieveSettings.__dataclass_fields__),
-        # How often select follows the catalog store (ecomsearch.serving.select).
-        contract.SELECT_MODEL: {"catalog_poll_interval_ms"},
+        # How often select follows the catalog store, and its default rerank depth.
+        contract.SELECT_MODEL: {"catalog_poll_interval_ms", "rerank_depth"},
         # The native ONNX Runtime backend's own parameter names (the drop-in honours them).
         contract.ENCODER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
         contract.RANKER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
         contract.RECOMMEND_RANKER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
+        contract.CROSS_ENCODER_MODEL: {"intra_op_thread_count", "inter_op_thread_count"},
         # The candidate models follow the catalog as retrieve does (ecomsearch.serving.recommend).
         contract.RECOMMEND_CANDIDATES_MODEL: {"catalog_poll_interval_ms", "compact_delta_rows"},
         contract.SIMILAR_CANDIDATES_MODEL: {"catalog_poll_interval_ms", "compact_delta_rows"},
     }.get(config.name, set())
     assert set(config.parameters) <= known, config.name
+
+
+@pytest.mark.parametrize("profile", [None, "gpu"])
+def test_the_rerank_is_asked_for_not_on_by_default(profile):
+    """select's default depth: 0 until a cross-encoder earns its cost (docs/relevance.md), and
+    select's chunks of pairs within what cross_encoder batches."""
+    from ecomsearch.serving.rerank import CROSS_ENCODER_MAX_PAIRS
+
+    select = profile_config(contract.SELECT_MODEL, profile)
+    assert int(select.parameters["rerank_depth"].string_value) == 0
+    cross_encoder = profile_config(contract.CROSS_ENCODER_MODEL, profile)
+    assert cross_encoder.max_batch_size == CROSS_ENCODER_MAX_PAIRS

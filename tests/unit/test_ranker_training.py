@@ -143,7 +143,7 @@ def small_judged_catalog(directory: Path) -> tuple[Path, Path]:
 
 
 def judged_repository(tmp_path: Path) -> tuple[ModelRepositoryLayout, Path, Path]:
-    """A model repository serving the project's exported encoder (symlinked, so the training
+    """A model repository serving the project's exported encoders (symlinked, so the training
     commands mine and featurise with the real one), and small_judged_catalog's files."""
     layout = ModelRepositoryLayout(prepare_model_repository(tmp_path / "repository"))
     source = ModelRepositoryLayout(MODEL_REPOSITORY)
@@ -151,6 +151,7 @@ def judged_repository(tmp_path: Path) -> tuple[ModelRepositoryLayout, Path, Path
         pytest.fail("the exported encoder is missing: `make test` exports it first")
     layout.encoder_onnx.symlink_to(source.encoder_onnx)
     layout.tokenizer_dir.symlink_to(source.tokenizer_dir, target_is_directory=True)
+    layout.cross_encoder_onnx.symlink_to(source.cross_encoder_onnx)
     return (layout, *small_judged_catalog(tmp_path))
 
 
@@ -316,3 +317,41 @@ def test_the_mlp_export_writes_weights_whose_deeplift_contributions_sum_to_the_s
         None, {contract.CANDIDATE_FEATURES: changed[None]}
     )
     np.testing.assert_allclose(moved.sum(axis=1), served_changed[0], atol=1e-4)
+
+
+def test_the_teacher_labels_only_unjudged_candidates_within_its_depth():
+    from ecomsearch.evaluation.metrics import Judgments
+    from ecomsearch.ranking.training import ExampleSet, with_teacher_gains
+
+    judgments = Judgments({"drill": {"p1": 3.0, "p2": 1.0}, "saw": {"p7": 2.0}}, 1.0, 3.0)
+    rows = np.array([[10, 11, 12, 13], [14, 15, -1, -1]])
+    titles = {
+        10: ("p1", "Drill"),
+        11: ("p2", "Bit"),
+        12: ("u1", "Cordless drill"),
+        13: ("u2", "Hammer"),
+        14: ("u3", "Saw blade"),
+        15: ("p7", "Hand saw"),
+    }
+    examples = ExampleSet(
+        ["drill", "saw"],
+        rows,
+        np.zeros((2, 4, FEATURE_COUNT), np.float32),
+        # retrieval order: drill 12 > 10 > 11 > 13, saw 14 > 15
+        np.array([[0.8, 0.5, 0.9, 0.1], [0.7, 0.6, 0.0, 0.0]], np.float32),
+        np.array([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], np.float32),
+        np.ones(2),
+    )
+    asked = []
+
+    def teacher(queries, texts):
+        asked.extend(zip(queries, texts, strict=True))
+        return np.array([0.9 if "drill" in t.lower() else 0.2 for t in texts], np.float32)
+
+    relabelled, pairs = with_teacher_gains(examples, judgments, titles, teacher, 3, 0.5)
+    # Depth 3 of drill: 12 (unjudged), 10 and 11 (judged); 13 is beyond it. Saw: 14 only.
+    assert sorted(asked) == [("drill", "Cordless drill"), ("saw", "Saw blade")] and pairs == 2
+    np.testing.assert_allclose(
+        relabelled.gains, [[2.0, 0.0, 0.5 * 2 * 0.9, 0.0], [0.5 * 2 * 0.2, 1.0, 0.0, 0.0]]
+    )
+    assert examples.gains[0, 2] == 0.0  # the original set is left alone

@@ -638,3 +638,171 @@ def test_explain_without_a_tree_model_is_a_bad_request_and_search_goes_on(triton
     (response,) = select.execute([asked])
     triton.assert_invalid_arg(response, "explanations are unavailable")
     triton.outputs(select.execute([request(triton, [[0, 1]], [[0.5, 0.1]])])[0])
+
+
+# --- rerank ------------------------------------------------------------------------------------
+
+
+class TitleMatcher:
+    """A stand-in cross-encoder: +4 when the title contains the query, -4 otherwise."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[str]]] = []
+
+    def __call__(self, queries, titles):
+        self.calls.append((list(queries), list(titles)))
+        return np.array(
+            [4.0 if q in t else -4.0 for q, t in zip(queries, titles, strict=True)], np.float32
+        )
+
+
+@pytest.fixture
+def reranking_select(triton, repo, tiny_checkpoint):
+    """select with the served tokenizer in place, its cross-encoder call replaced by the
+    TitleMatcher (the BLS call itself is served in tests/integration/test_search.py)."""
+    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.serving.rerank import CrossEncoderScorer
+
+    tokenizer_dir = ModelRepositoryLayout(repo.select_dir.parent).tokenizer_dir
+    tokenizer_dir.mkdir(parents=True)
+    (tokenizer_dir / "tokenizer.json").write_bytes(
+        (tiny_checkpoint / "tokenizer.json").read_bytes()
+    )
+    model = initialize(triton, repo.select_dir)
+    assert isinstance(model.model.relevance, CrossEncoderScorer)
+    assert model.model.rerank_depth == 0  # the CPU profile's default
+    model.model.relevance = TitleMatcher()
+    return model
+
+
+def rerank_request(triton, rows, scores, queries, depths=None, top_k=3, features=None):
+    inputs = {
+        contract.CANDIDATE_ROWS: np.array(rows, dtype=np.int64),
+        contract.CANDIDATE_SCORES: np.array(scores, dtype=np.float32),
+        contract.TOP_K: np.full((len(rows), 1), top_k, dtype=np.int32),
+        contract.QUERY: np.array([[q.encode()] for q in queries], dtype=object),
+    }
+    if depths is not None:
+        inputs[contract.RERANK_DEPTH] = np.array(depths, dtype=np.int32).reshape(-1, 1)
+    if features is not None:
+        inputs[contract.CANDIDATE_FEATURES] = np.array(features, dtype=np.float32)
+        inputs[contract.EXPLAIN] = np.ones((len(rows), 1), dtype=bool)
+    return triton.request(**inputs)
+
+
+def ids_of(triton, response) -> list[list[str]]:
+    return [[i.decode() for i in row] for row in triton.outputs(response)[contract.PRODUCT_IDS]]
+
+
+def test_a_rerank_reorders_the_best_candidates_by_the_cross_encoder(triton, reranking_select):
+    rows = [[1, 2, 3, 4, 5, 6]]
+    scores = [[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]]
+    # "Product 4" is the ranker's fourth: a depth of 4 reaches it, a depth of 3 does not.
+    deep, shallow, off, default = reranking_select.execute(
+        [
+            rerank_request(triton, rows, scores, ["Product 4"], depths=[4]),
+            rerank_request(triton, rows, scores, ["Product 4"], depths=[3]),
+            rerank_request(triton, rows, scores, ["Product 4"], depths=[0]),
+            rerank_request(triton, rows, scores, ["Product 4"]),  # the CPU default: none
+        ]
+    )
+    assert ids_of(triton, deep) == [["sku-004", "sku-001", "sku-002"]]
+    assert ids_of(triton, shallow) == [["sku-001", "sku-002", "sku-003"]]
+    assert ids_of(triton, off) == ids_of(triton, default) == [["sku-001", "sku-002", "sku-003"]]
+    # Only the reranked candidates were read, with their titles, in one call per execution.
+    (call,) = reranking_select.model.relevance.calls
+    assert sorted(call[1]) == sorted(
+        # the depth-4 query's candidates, then the depth-3 one's, run together
+        ["Café mug", "Product 2", "Product 3", "Product 4", "Café mug", "Product 2", "Product 3"]
+    )
+    assert set(call[0]) == {"Product 4"}
+
+
+def test_reranked_hits_stay_above_the_rest_and_the_scores_say_so(triton, reranking_select):
+    # The cross-encoder dislikes both reranked candidates; they still lead the third.
+    (response,) = reranking_select.execute(
+        [rerank_request(triton, [[7, 8, 9]], [[3.0, 2.0, 1.0]], ["nothing"], depths=[2])]
+    )
+    out = triton.outputs(response)
+    assert ids_of(triton, response) == [["sku-007", "sku-008", "sku-009"]]
+    served = out[contract.SCORES][0]
+    assert served[0] > served[1] > served[2] == pytest.approx(1.0)
+
+
+def test_the_default_depth_applies_only_to_requests_with_a_query(triton, reranking_select):
+    reranking_select.model.rerank_depth = 4  # as the rerank_depth parameter would set it
+    rows, scores = [[1, 2, 3, 4, 5]], [[5.0, 4.0, 3.0, 2.0, 1.0]]
+    with_query, unranked = reranking_select.execute(
+        [
+            rerank_request(triton, rows, scores, ["Product 4"]),
+            request(triton, rows, scores, top_k=3),  # search_unranked sends no query
+        ]
+    )
+    assert ids_of(triton, with_query)[0][0] == "sku-004"
+    assert ids_of(triton, unranked) == [["sku-001", "sku-002", "sku-003"]]
+
+
+def test_bad_rerank_requests_get_invalid_arg_and_their_neighbours_succeed(triton, reranking_select):
+    rows, scores = [[1, 2, 3]], [[3.0, 2.0, 1.0]]
+    no_query = triton.request(
+        **{
+            contract.CANDIDATE_ROWS: np.array(rows, dtype=np.int64),
+            contract.CANDIDATE_SCORES: np.array(scores, dtype=np.float32),
+            contract.RERANK_DEPTH: np.array([[2]], dtype=np.int32),
+        }
+    )
+    too_deep = rerank_request(triton, rows, scores, ["x"], depths=[contract.MAX_RERANK_DEPTH + 1])
+    negative = rerank_request(triton, rows, scores, ["x"], depths=[-1])
+    good = rerank_request(triton, rows, scores, ["Product 3"], depths=[3])
+    responses = reranking_select.execute([no_query, too_deep, negative, good])
+    triton.assert_invalid_arg(responses[0], "query")
+    triton.assert_invalid_arg(responses[1], "rerank_depth")
+    triton.assert_invalid_arg(responses[2], "rerank_depth")
+    assert ids_of(triton, responses[3])[0][0] == "sku-003"
+
+
+def test_without_the_cross_encoder_the_search_is_served_as_ranked(triton, reranking_select):
+    from ecomsearch.serving.rerank import RerankUnavailableError
+
+    def unavailable(queries, titles):
+        raise RerankUnavailableError("cross_encoder failed: not loaded")
+
+    reranking_select.model.relevance = unavailable
+    (response,) = reranking_select.execute(
+        [rerank_request(triton, [[1, 2, 3]], [[3.0, 2.0, 1.0]], ["Product 3"], depths=[3])]
+    )
+    assert ids_of(triton, response) == [["sku-001", "sku-002", "sku-003"]]
+    assert any(
+        level == "WARNING" and "without the rerank" in message
+        for level, message in triton.pb_utils.Logger.records
+    )
+
+
+def test_explanations_of_a_reranked_search_show_the_rerank_and_still_sum(
+    triton, reranking_select, tree_ranker_file, repo
+):
+    import json
+
+    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.ranking.explain import explained_total
+    from ecomsearch.ranking.features import FEATURE_COUNT
+
+    target = ModelRepositoryLayout(repo.select_dir.parent).ranker_tree_model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(tree_ranker_file.read_bytes())
+    model = initialize(triton, repo.select_dir)
+    model.model.relevance = TitleMatcher()
+    features = np.random.default_rng(2).normal(size=(1, 5, FEATURE_COUNT)).astype(np.float32)
+    scores = tree_scores(tree_ranker_file, features)
+    (response,) = model.execute(
+        [
+            rerank_request(
+                triton, [[1, 2, 3, 4, 5]], scores, ["Product"], depths=[5], features=features
+            )
+        ]
+    )
+    out = triton.outputs(response)
+    records = [json.loads(text) for text in out[contract.EXPLANATIONS][0]]
+    for record, score in zip(records, out[contract.SCORES][0], strict=True):
+        assert "rerank" in record and "personalisation" not in record
+        assert explained_total(record) == pytest.approx(float(score), abs=1e-4)

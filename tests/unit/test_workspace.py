@@ -14,6 +14,7 @@ from ecomsearch.workspace import link_model_repository
 def test_a_workspace_mirrors_its_source_and_keeps_its_own_index(tmp_path: Path) -> None:
     source = ModelRepositoryLayout(prepare_model_repository(tmp_path / "source"))
     source.encoder_onnx.write_bytes(b"encoder")
+    source.cross_encoder_onnx.write_bytes(b"cross-encoder")
     source.tokenizer_dir.mkdir()
     (source.tokenizer_dir / "tokenizer.json").write_text("{}")
     source.index_dir.mkdir()
@@ -23,6 +24,7 @@ def test_a_workspace_mirrors_its_source_and_keeps_its_own_index(tmp_path: Path) 
     link_model_repository(source.root, target)
     workspace = ModelRepositoryLayout(target)
     assert workspace.encoder_onnx.resolve() == source.encoder_onnx.resolve()
+    assert workspace.cross_encoder_onnx.resolve() == source.cross_encoder_onnx.resolve()
     assert (workspace.tokenizer_dir / "tokenizer.json").read_text() == "{}"
     assert not workspace.index_dir.exists(), "the source's index is not the workspace's"
 
@@ -46,6 +48,7 @@ def test_a_workspace_keeps_its_versioned_index_across_relinks(
 ) -> None:
     source = ModelRepositoryLayout(prepare_model_repository(tmp_path / "source"))
     source.encoder_onnx.write_bytes(b"encoder")
+    source.cross_encoder_onnx.write_bytes(b"cross-encoder")
     source.tokenizer_dir.mkdir()
     for rows in (3, 4):  # the source's index: a symlink, its version and the previous one
         tiny_index_factory(source.index_dir, "encoder", rows=rows, dimension=8)
@@ -72,3 +75,13 @@ def test_a_workspace_keeps_its_versioned_index_across_relinks(
         name for name in index_and_versions if name != "index"
     ]
     assert not any(p.name.startswith(f".{target.name}.") for p in tmp_path.iterdir())
+
+
+def test_a_source_without_its_exported_cross_encoder_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    source = ModelRepositoryLayout(prepare_model_repository(tmp_path / "source"))
+    source.encoder_onnx.write_bytes(b"encoder")
+    source.tokenizer_dir.mkdir()
+    with pytest.raises(FileNotFoundError, match="export-cross-encoder"):
+        link_model_repository(source.root, tmp_path / "workspace")
