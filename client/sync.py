@@ -49,7 +49,7 @@ class SearchClient(protocol.SearchClientBase):
         with `user_id`, personalised: raised by what that shopper bought; with `explain`, each
         hit carries its score's parts (`Hit.explanation`); with `rerank_depth`, the best that
         many candidates are rescored by the cross-encoder (0: never; None: the server's default,
-        off on the CPU profile and 32 on the GPU profile)."""
+        none as shipped)."""
         return self.search_batch(
             [query],
             k,

@@ -1196,7 +1196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerank-depth",
         type=int,
         help="the ranked stage's searches ask for this cross-encoder rerank depth (default: "
-        "the served profile's, none on the CPU profile)",
+        "the server's, none as shipped)",
     )
     _add_cache_dir(evaluate)
     _add_split_options(evaluate)
@@ -1442,7 +1442,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerank-depth",
         type=int,
         help="rescore the best N candidates with the cross-encoder (0: off; default: the "
-        "server profile's, off on the CPU profile)",
+        "server's, none as shipped)",
     )
     search.set_defaults(handler=cmd_search)
 

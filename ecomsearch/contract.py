@@ -26,7 +26,7 @@ RETRIEVE_MODEL: Final = "retrieve"
 RANKER_MODEL: Final = "ranker"
 SELECT_MODEL: Final = "select"
 CATALOG_MODEL: Final = "catalog"  # writes to the live catalog: upserts and deletes
-# The cross-encoder that `select` may call to rerank the ranker's top candidates (GPU profile).
+# The cross-encoder that `select` calls to rerank the ranker's top candidates when asked.
 CROSS_ENCODER_MODEL: Final = "cross_encoder"
 
 # Inputs and outputs of the `search` ensemble.
@@ -44,8 +44,8 @@ IN_STOCK: Final = "in_stock"  # BOOL [batch, k]
 EXPLAIN: Final = "explain"  # BOOL [batch, 1], optional
 EXPLANATIONS: Final = "explanations"  # BYTES [batch, k]
 # Optional: rerank the ranker's best `rerank_depth` candidates with the cross-encoder (its
-# term is added to their scores, and shown in explanations). Absent: the served profile's
-# default (0, off, on the CPU profile; docs/relevance.md). 0 turns it off for the query.
+# term is added to their scores, and shown in explanations). Absent: select's `rerank_depth`
+# parameter (0 as shipped: docs/relevance.md). 0 turns it off for the query.
 RERANK_DEPTH: Final = "rerank_depth"  # INT32 [batch, 1], optional
 MAX_RERANK_DEPTH: Final = 100
 

@@ -3,9 +3,9 @@
 Fed the ranker's scores in `search`, and the retrieval stage's own scores in `search_unranked`.
 A query that carries a user id (personalised `search`) has each score raised by the shopper's
 affinity for the product (ecomsearch.recommend.personal), read from the event log, which this
-model then follows as the recommenders do. With a rerank depth (the GPU profile's default, or a
-request's `rerank_depth`), the best candidates so far are rescored with the cross-encoder
-(ecomsearch.ranking.rerank) before the top k are taken.
+model then follows as the recommenders do. With a rerank depth (a request's `rerank_depth`,
+else the model's `rerank_depth` parameter, 0 as shipped), the best candidates so far are
+rescored with the cross-encoder (ecomsearch.ranking.rerank) before the top k are taken.
 """
 
 from __future__ import annotations

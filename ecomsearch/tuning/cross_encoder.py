@@ -5,9 +5,10 @@ which of the other; a cross-encoder attends across both and judges the pair. It 
 to score a catalog (one transformer pass per pair), so it is used where that pays:
 
 - as a teacher: its scores label the candidates nobody judged, and the ranker is trained on
-  them (`ecomsearch train-ranker --teacher`), so the cheap served stages learn from it;
-- as an optional rerank stage over the ranker's top candidates, served in the GPU profile only
-  (docs/relevance.md has its latency here and on a GPU).
+  them (`ecomsearch train-ranker --teacher-depth`), so the cheap served stages learn from it;
+- as a rerank stage over the ranker's top candidates, in `select`, for the searches that ask
+  for it (`rerank_depth`): a GPU stage, off by default until a cross-encoder earns its cost
+  (docs/relevance.md has what the shipped one adds and costs).
 
 It starts from the same all-MiniLM-L6-v2 weights as the bi-encoder (a mean-pooled pair followed
 by one linear layer), trains low-rank adapters (ecomsearch.tuning.lora) and that layer on the
