@@ -120,6 +120,9 @@ CANDIDATE_SCORES: Final = "candidate_scores"  # FP32 [batch, candidates], what `
 # The cross-encoder's pairs ([CLS] query [SEP] title [SEP]) and its answer.
 TOKEN_TYPE_IDS: Final = "token_type_ids"  # INT64 [pairs, sequence]: 0 query, 1 product
 RELEVANCE_LOGITS: Final = "relevance_logits"  # FP32 [pairs, 1]: its sigmoid is P(relevant)
+# A pair is at most this many tokens, the product side truncated first: titles and the start of
+# a description fit. Training, export and select's rerank tokenize alike.
+CROSS_ENCODER_MAX_TOKENS: Final = 64
 
 # Limits, documented in the README and enforced by the models.
 DEFAULT_TOP_K: Final = 10

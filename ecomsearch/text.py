@@ -18,25 +18,29 @@ SEQUENCE_LENGTH_MULTIPLE = 16
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def _truncating_tokenizer(tokenizer_dir: Path | str, max_length: int, shortest: int):
+    """The fast tokenizer of tokenizer_dir, truncating to max_length (the longer side of a
+    pair first) and not padding, and its [PAD] id."""
+    from tokenizers import Tokenizer  # imported here: the thin client never needs it
+
+    path = Path(tokenizer_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} not found; run `ecomsearch export-encoder`")
+    if max_length < shortest:
+        raise ValueError(f"max_length must be at least {shortest}, got {max_length}")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
+    pad_id = tokenizer.token_to_id("[PAD]")
+    return tokenizer, 0 if pad_id is None else pad_id
+
+
 class TextTokenizer:
     """A Hugging Face fast tokenizer (tokenizer.json) that truncates and pads to numpy batches."""
 
     def __init__(self, tokenizer_dir: Path | str, max_length: int) -> None:
-        from tokenizers import Tokenizer  # imported here: the thin client never needs it
-
-        path = Path(tokenizer_dir) / TOKENIZER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer file {path} not found; run `ecomsearch export-encoder`"
-            )
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
-        self._tokenizer = Tokenizer.from_file(str(path))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=max_length)
+        self._tokenizer, self.pad_id = _truncating_tokenizer(tokenizer_dir, max_length, 2)
         self.max_length = max_length
-        pad_id = self._tokenizer.token_to_id("[PAD]")
-        self.pad_id = 0 if pad_id is None else pad_id
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to max_length, special tokens included."""
@@ -77,19 +81,9 @@ class PairTokenizer:
     token_type_ids tell them apart."""
 
     def __init__(self, tokenizer_dir: Path | str, max_length: int) -> None:
-        from tokenizers import Tokenizer
-
-        path = Path(tokenizer_dir) / TOKENIZER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} not found")
-        if max_length < 4:
-            raise ValueError(f"max_length must be at least 4, got {max_length}")
-        self._tokenizer = Tokenizer.from_file(str(path))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
+        # [CLS] q [SEP] t [SEP]: five tokens keep one token of each side.
+        self._tokenizer, self.pad_id = _truncating_tokenizer(tokenizer_dir, max_length, 5)
         self.max_length = max_length
-        pad_id = self._tokenizer.token_to_id("[PAD]")
-        self.pad_id = 0 if pad_id is None else pad_id
 
     def __call__(
         self, queries: Sequence[str], texts: Sequence[str]

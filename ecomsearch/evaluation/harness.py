@@ -77,8 +77,7 @@ def collect_rankings(
     with SearchClient(url, timeout_s=120, model_name=model_name) as client:
         client.wait_until_ready(timeout_s=60)
         for chunk in chunks:
-            extra = {} if rerank_depth is None else {"rerank_depth": rerank_depth}
-            found = client.search_batch(list(chunk), k, **extra)
+            found = client.search_batch(list(chunk), k, rerank_depth=rerank_depth)
             for query, hits in zip(chunk, found, strict=True):
                 rankings[query] = [RankedHit(hit.product_id, hit.score) for hit in hits]
     return rankings, time.perf_counter() - started

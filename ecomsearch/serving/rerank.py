@@ -3,13 +3,12 @@ here with the served tokenizer, scored by a BLS call in chunks the model's batch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ecomsearch import contract
 from ecomsearch.text import PairTokenizer
-from ecomsearch.tuning.cross_encoder import PAIR_MAX_TOKENS
 
 # The cross_encoder config's max_batch_size (tests/unit/test_model_configs.py checks they agree).
 CROSS_ENCODER_MAX_PAIRS = 256
@@ -19,29 +18,34 @@ class RerankUnavailableError(RuntimeError):
     """The cross-encoder did not answer: the search is served without the rerank."""
 
 
+def pair_logits(
+    tokenizer: PairTokenizer,
+    infer: Callable[[dict[str, np.ndarray]], np.ndarray],
+    queries: Sequence[str],
+    titles: Sequence[str],
+    max_pairs: int = CROSS_ENCODER_MAX_PAIRS,
+) -> np.ndarray:
+    """The cross-encoder's logit of each (query, title) pair, float32 [pairs]: tokenized and
+    `infer`red (the cross_encoder graph's inputs -> its logits [n]) in chunks of max_pairs.
+    Served by a BLS call here, by ONNX Runtime when the teacher labels training data."""
+    logits = np.empty(len(queries), dtype=np.float32)
+    names = (contract.INPUT_IDS, contract.ATTENTION_MASK, contract.TOKEN_TYPE_IDS)
+    for start in range(0, len(queries), max_pairs):
+        end = start + max_pairs
+        arrays = tokenizer(queries[start:end], titles[start:end])
+        logits[start:end] = infer(dict(zip(names, arrays, strict=True)))
+    return logits
+
+
 class CrossEncoderScorer:
     """(queries, titles) -> one relevance logit per pair, from the served cross_encoder."""
 
-    def __init__(self, pb_utils, tokenizer_dir, max_pairs: int = CROSS_ENCODER_MAX_PAIRS):
+    def __init__(self, pb_utils, tokenizer_dir) -> None:
         self.pb_utils = pb_utils
-        self.tokenizer = PairTokenizer(tokenizer_dir, PAIR_MAX_TOKENS)
-        self.max_pairs = max_pairs
+        self.tokenizer = PairTokenizer(tokenizer_dir, contract.CROSS_ENCODER_MAX_TOKENS)
 
     def __call__(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
-        logits = np.empty(len(queries), dtype=np.float32)
-        for start in range(0, len(queries), self.max_pairs):
-            end = start + self.max_pairs
-            input_ids, attention_mask, token_type_ids = self.tokenizer(
-                queries[start:end], titles[start:end]
-            )
-            logits[start:end] = self._infer(
-                {
-                    contract.INPUT_IDS: input_ids,
-                    contract.ATTENTION_MASK: attention_mask,
-                    contract.TOKEN_TYPE_IDS: token_type_ids,
-                }
-            )
-        return logits
+        return pair_logits(self.tokenizer, self._infer, queries, titles)
 
     def _infer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         pb_utils = self.pb_utils

@@ -137,6 +137,11 @@ class SelectModel(BatchedModel):
         relevance: RelevanceScorer | None = None,
         rerank_depth: int = 0,
     ) -> None:
+        if not 0 <= rerank_depth <= contract.MAX_RERANK_DEPTH:
+            raise ValueError(
+                f"parameter 'rerank_depth' must be from 0 to {contract.MAX_RERANK_DEPTH}, "
+                f"got {rerank_depth}"
+            )
         super().__init__(pb_utils)
         self.labels = labels
         # The served ranker's explainer (ecomsearch.ranking.explain), read at load; without
@@ -145,7 +150,7 @@ class SelectModel(BatchedModel):
         self.no_explainer_reason = no_explainer_reason
         # The cross-encoder rerank: its scorer, and the depth a request gets by default.
         self.relevance = relevance
-        self.rerank_depth = min(rerank_depth, contract.MAX_RERANK_DEPTH)
+        self.rerank_depth = rerank_depth
         self.lock = lock or threading.Lock()
         self.follower: ChangeFollower | None = None
         self._catch_up_store: Any = None  # the request thread's own store connection
@@ -416,11 +421,9 @@ class SelectModel(BatchedModel):
             return None
         block_logits = np.zeros(reranked.shape, np.float32)
         block_logits[query_of, column] = logits
-        # The best score outside each query's reranked block: the column just after it.
-        after = np.minimum(depths, top_scores.shape[1] - 1)
-        best_of_rest = np.where(
-            depths < top_scores.shape[1], top_scores[np.arange(len(rows)), after], -np.inf
-        )
+        # The best score outside each query's reranked block (-inf when it has no candidate).
+        outside = np.arange(top_scores.shape[1])[None, :] >= depths[:, None]
+        best_of_rest = np.where(outside, top_scores, -np.inf).max(axis=1)
         terms = rerank_terms(top_scores[:, :max_depth], block_logits, reranked, best_of_rest)
         all_terms = np.zeros(scores.shape, np.float32)
         np.put_along_axis(all_terms, positions[:, :max_depth], terms, axis=1)

@@ -27,14 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from ecomsearch import contract
 from ecomsearch.evaluation.metrics import Judgments
 from ecomsearch.tuning.bi_encoder import TrainingQuery
 
 log = logging.getLogger(__name__)
 
-# Query and product text together; the product side is truncated first. Titles and the start of
-# a description fit.
-PAIR_MAX_TOKENS = 64
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 
 
@@ -194,7 +192,7 @@ def train_cross_encoder(
     optimiser = torch.optim.AdamW(
         trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    tokenizer = PairTokenizer(checkpoint, max_length=PAIR_MAX_TOKENS)
+    tokenizer = PairTokenizer(checkpoint, max_length=contract.CROSS_ENCODER_MAX_TOKENS)
     usable = [g for g in groups if len(g.products) > 1 and len(set(g.targets)) > 1]
     warmup = max(1, int(settings.steps * settings.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -254,21 +252,6 @@ def train_cross_encoder(
     model.eval()
     report.seconds = time.perf_counter() - started
     return model, report
-
-
-def teacher_scores(
-    model, tokenizer, queries: Sequence[str], texts: Sequence[str], batch: int = 256
-) -> np.ndarray:
-    """The model's probability of relevance for each (query, text) pair, in PyTorch."""
-    import torch
-
-    scores = np.empty(len(queries), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(queries), batch):
-            end = start + batch
-            tensors = [torch.from_numpy(a) for a in tokenizer(queries[start:end], texts[start:end])]
-            scores[start:end] = torch.sigmoid(model(*tensors)[:, 0]).numpy()
-    return scores
 
 
 def pair_text(product) -> str:
@@ -349,7 +332,7 @@ class CrossEncoderTeacher:
     """The exported cross-encoder (model repository's cross_encoder graph and served tokenizer)
     in ONNX Runtime: P(relevant) for (query, title) pairs, for labelling training data."""
 
-    def __init__(self, layout, batch: int = 256) -> None:
+    def __init__(self, layout) -> None:
         import onnxruntime as ort
 
         from ecomsearch.text import PairTokenizer
@@ -361,24 +344,13 @@ class CrossEncoderTeacher:
         self.session = ort.InferenceSession(
             str(layout.cross_encoder_onnx), providers=["CPUExecutionProvider"]
         )
-        self.tokenizer = PairTokenizer(layout.tokenizer_dir, PAIR_MAX_TOKENS)
-        self.batch = batch
+        self.tokenizer = PairTokenizer(layout.tokenizer_dir, contract.CROSS_ENCODER_MAX_TOKENS)
 
-    def probabilities(
-        self, queries: Sequence[str], titles: Sequence[str], progress: bool = False
-    ) -> np.ndarray:
-        from ecomsearch import contract
+    def _logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        (logits,) = self.session.run(None, inputs)
+        return logits[:, 0]
 
-        names = (contract.INPUT_IDS, contract.ATTENTION_MASK, contract.TOKEN_TYPE_IDS)
-        logits = np.empty(len(queries), dtype=np.float32)
-        starts = range(0, len(queries), self.batch)
-        if progress:
-            from tqdm import tqdm
+    def probabilities(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
+        from ecomsearch.serving.rerank import pair_logits
 
-            starts = tqdm(starts, desc="teacher", unit="batch")
-        for start in starts:
-            end = start + self.batch
-            arrays = self.tokenizer(queries[start:end], titles[start:end])
-            (out,) = self.session.run(None, dict(zip(names, arrays, strict=True)))
-            logits[start:end] = out[:, 0]
-        return 1.0 / (1.0 + np.exp(-logits))
+        return 1.0 / (1.0 + np.exp(-pair_logits(self.tokenizer, self._logits, queries, titles)))

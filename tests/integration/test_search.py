@@ -78,12 +78,11 @@ def test_a_rerank_orders_the_best_candidates_by_ranker_score_plus_the_cross_enco
     from ecomsearch.ranking.explain import explained_total
     from ecomsearch.ranking.rerank import RERANK_WEIGHT
     from ecomsearch.text import PairTokenizer
-    from ecomsearch.tuning.cross_encoder import PAIR_MAX_TOKENS
 
     query, depth = "quiet case fan", 8
     ranked = client.search(query, k=depth + 1, rerank_depth=0)
     layout = ModelRepositoryLayout(model_repository)
-    arrays = PairTokenizer(layout.tokenizer_dir, PAIR_MAX_TOKENS)(
+    arrays = PairTokenizer(layout.tokenizer_dir, contract.CROSS_ENCODER_MAX_TOKENS)(
         [query] * depth, [hit.title for hit in ranked[:depth]]
     )
     names = [contract.INPUT_IDS, contract.ATTENTION_MASK, contract.TOKEN_TYPE_IDS]

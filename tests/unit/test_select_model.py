@@ -806,3 +806,11 @@ def test_explanations_of_a_reranked_search_show_the_rerank_and_still_sum(
     for record, score in zip(records, out[contract.SCORES][0], strict=True):
         assert "rerank" in record and "personalisation" not in record
         assert explained_total(record) == pytest.approx(float(score), abs=1e-4)
+
+
+def test_a_default_rerank_depth_beyond_the_contract_refuses_to_load(triton):
+    from ecomsearch.live.labels import ProductLabels
+    from ecomsearch.serving.select import SelectModel
+
+    with pytest.raises(ValueError, match="rerank_depth"):
+        SelectModel(triton.pb_utils, ProductLabels(), rerank_depth=contract.MAX_RERANK_DEPTH + 1)
