@@ -6,8 +6,6 @@ CATALOG ?= data/pc_parts/products_priced.jsonl.gz
 MODEL_REPOSITORY ?= model_repository
 ENCODER_ONNX := $(MODEL_REPOSITORY)/query_encoder/1/model.onnx
 PYTEST_ARGS ?=
-# QUANTIZE=int8 exports an int8 encoder (about 2.3x faster on CPU, see docs/performance.md).
-QUANTIZE ?= none
 
 .PHONY: help install models index serve test lint clean bench loadtest relevance-gate
 
@@ -28,7 +26,7 @@ install: $(BIN)/ecomsearch
 ENCODER_ADAPTER := $(wildcard $(MODEL_REPOSITORY)/query_encoder/adapter/adapter.safetensors)
 
 $(ENCODER_ONNX): $(ENCODER_ADAPTER) | $(BIN)/ecomsearch
-	$(BIN)/ecomsearch export-encoder --model-repository $(MODEL_REPOSITORY) --quantize $(QUANTIZE)
+	$(BIN)/ecomsearch export-encoder --model-repository $(MODEL_REPOSITORY)
 
 # The cross-encoder (select's rerank stage, docs/relevance.md) is built from its checked-in adapter.
 CROSS_ENCODER_ONNX := $(MODEL_REPOSITORY)/cross_encoder/1/model.onnx

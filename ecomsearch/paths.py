@@ -34,6 +34,8 @@ CACHE_DIR_ENV = "ECOMSEARCH_CACHE_DIR"
 # Artefact names inside a model's version directory.
 TOKENIZER_DIR = "tokenizer"
 ENCODER_FILE = "model.onnx"
+# The int8 twin of the encoder that `export-encoder` writes beside it: the CPU profile's model.
+ENCODER_INT8_FILE = "model.int8.onnx"
 ENCODER_INFO_FILE = "encoder.json"
 CROSS_ENCODER_INFO_FILE = "cross_encoder.json"
 ENCODER_ADAPTER_DIR = "adapter"
@@ -78,6 +80,26 @@ class ModelRepositoryLayout:
             version = max(version_numbers(self.model_dir(model)), default=FIRST_VERSION)
         return self.model_dir(model) / str(version)
 
+    def config_path(self, model: str, profile: str | None = None) -> Path:
+        """The config Triton reads for `model` under `--model-config-name=profile`: the
+        profile's `configs/<profile>.pbtxt` when the model has one, else `config.pbtxt`."""
+        if profile is not None:
+            path = self.model_dir(model) / "configs" / f"{profile}.pbtxt"
+            if path.is_file():
+                return path
+        return self.model_dir(model) / "config.pbtxt"
+
+    def served_model_file(self, model: str, profile: str | None = None) -> Path:
+        """The file a profile serves for an ONNX model: its config's `default_model_filename`
+        (Triton's rule; model.onnx when unset), in the latest version directory."""
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        config = text_format.Parse(
+            self.config_path(model, profile).read_text(), model_config_pb2.ModelConfig()
+        )
+        return self.version_dir(model) / (config.default_model_filename or ENCODER_FILE)
+
     @classmethod
     def of_triton_model(cls, args: Mapping[str, str]) -> tuple[ModelRepositoryLayout, Path]:
         """From the `args` tritonserver passes to a Python model's initialize: the repository
@@ -96,6 +118,10 @@ class ModelRepositoryLayout:
     @property
     def encoder_onnx(self) -> Path:
         return self.encoder_version_dir / ENCODER_FILE
+
+    @property
+    def encoder_int8_onnx(self) -> Path:
+        return self.encoder_version_dir / ENCODER_INT8_FILE
 
     @property
     def encoder_info(self) -> Path:
@@ -190,6 +216,7 @@ class ModelRepositoryLayout:
         checked in or packaged)."""
         return [
             self.encoder_onnx,
+            self.encoder_int8_onnx,
             self.encoder_info,
             self.tokenizer_dir,
             self.cross_encoder_onnx,

@@ -18,12 +18,16 @@ from ecomsearch.ranking.selection import top_k_rows
 
 
 class InProcessPipeline:
-    def __init__(self, repository: Path | str, encoder_threads: int = 0) -> None:
+    def __init__(
+        self, repository: Path | str, encoder_threads: int = 0, profile: str | None = None
+    ) -> None:
+        """`profile`: the model-config profile whose encoder file to run (None: the default,
+        CPU one, as `ecomsearch serve` without --model-config-name)."""
         import onnxruntime as ort
 
         layout = ModelRepositoryLayout(Path(repository))
         self.encoder = OnnxEncoder(
-            layout.encoder_onnx,
+            layout.served_model_file(contract.ENCODER_MODEL, profile),
             layout.tokenizer_dir,
             max_length=contract.MAX_QUERY_TOKENS,
             intra_op_threads=encoder_threads,

@@ -19,6 +19,7 @@ def link_model_repository(source: Path, target: Path) -> Path:
     source_layout, target_layout = ModelRepositoryLayout(source), ModelRepositoryLayout(target)
     for path, command in (
         (source_layout.encoder_onnx, "export-encoder"),
+        (source_layout.encoder_int8_onnx, "export-encoder"),
         (source_layout.tokenizer_dir, "export-encoder"),
         (source_layout.cross_encoder_onnx, "export-cross-encoder"),
     ):
@@ -58,6 +59,7 @@ def link_model_repository(source: Path, target: Path) -> Path:
         kept.rmdir()
     for source_path, target_path in (
         (source_layout.encoder_onnx, target_layout.encoder_onnx),
+        (source_layout.encoder_int8_onnx, target_layout.encoder_int8_onnx),
         (source_layout.tokenizer_dir, target_layout.tokenizer_dir),
         (source_layout.cross_encoder_onnx, target_layout.cross_encoder_onnx),
     ):
@@ -74,7 +76,7 @@ def catalog_repository(
     from ecomsearch.index.builder import build_index
 
     source = source or default_model_repository()
-    # One workspace per (catalog, encoder): an int8 and an fp32 encoder each keep their index.
+    # One workspace per (catalog, encoder): a re-exported encoder gets an index of its own.
     encoder = ModelRepositoryLayout(source).encoder_onnx
     encoder_key = file_sha256(encoder)[:12] if encoder.is_file() else "no-encoder"
     target = cache_dir / "repositories" / f"{file_sha256(catalog)[:16]}-{encoder_key}"

@@ -181,7 +181,13 @@ class TritonHarness:
             MODEL_REPOSITORY / name,
             target,
             ignore=shutil.ignore_patterns(
-                "model.onnx", "encoder.json", "tokenizer", "index", ".index.*", "__pycache__"
+                "model.onnx",
+                "model.int8.onnx",
+                "encoder.json",
+                "tokenizer",
+                "index",
+                ".index.*",
+                "__pycache__",
             ),
         )
         return target

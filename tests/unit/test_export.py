@@ -90,3 +90,53 @@ def test_cli_exits_non_zero_when_verification_fails(tiny_checkpoint, tmp_path, m
     argv = ["export-encoder", "--checkpoint", str(tiny_checkpoint)]
     assert cli.main([*argv, "--model-repository", str(tmp_path)]) == 1
     assert not ModelRepositoryLayout(tmp_path).encoder_onnx.exists()
+
+
+def write_embedding_graph(path, batch_dependent: bool) -> None:
+    """embedding = float(input_ids * attention_mask), minus the batch's mean row when
+    `batch_dependent` (what per-batch activation scales amount to)."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Mul", [contract.INPUT_IDS, contract.ATTENTION_MASK], ["masked"]),
+        helper.make_node("Cast", ["masked"], ["values"], to=TensorProto.FLOAT),
+    ]
+    if batch_dependent:
+        nodes += [
+            helper.make_node("ReduceMean", ["values"], ["mean"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["values", "mean"], [contract.EMBEDDING]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["values"], [contract.EMBEDDING]))
+    tokens = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
+        for name in (contract.INPUT_IDS, contract.ATTENTION_MASK)
+    ]
+    output = helper.make_tensor_value_info(contract.EMBEDDING, TensorProto.FLOAT, None)
+    model = helper.make_model(
+        helper.make_graph(nodes, "embedding", tokens, [output]),
+        opset_imports=[helper.make_opsetid("", 13)],
+        ir_version=8,
+    )
+    onnx.save(model, str(path))
+
+
+def test_a_graph_whose_rows_depend_on_their_batch_is_refused(tmp_path):
+    inputs = encoder_export.sample_inputs(4, 9, vocab_size=5000, seed=3)
+    independent, dependent = tmp_path / "independent.onnx", tmp_path / "dependent.onnx"
+    write_embedding_graph(independent, batch_dependent=False)
+    write_embedding_graph(dependent, batch_dependent=True)
+    assert encoder_export.validate_rows_independent(independent, inputs) == pytest.approx(1.0)
+    with pytest.raises(ExportValidationError, match="depends on the other rows"):
+        encoder_export.validate_rows_independent(dependent, inputs)
+
+
+def test_export_writes_the_int8_twin_verified_and_recorded(tiny_checkpoint, tmp_path):
+    layout = ModelRepositoryLayout(tmp_path / "repository")
+    result = encoder_export.export_encoder(tiny_checkpoint, layout)
+    assert result.int8_onnx_path == layout.encoder_int8_onnx and layout.encoder_int8_onnx.is_file()
+    info = json.loads(layout.encoder_info.read_text())["int8"]
+    assert info["min_cosine_to_pytorch"] >= encoder_export.INT8_MIN_COSINE
+    assert info["min_cosine_alone_to_batched"] >= encoder_export.ROW_INDEPENDENCE_MIN_COSINE
+    ops = {node.op_type for node in onnx.load(str(layout.encoder_int8_onnx)).graph.node}
+    assert "MatMulNBits" in ops

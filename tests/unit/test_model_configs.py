@@ -164,6 +164,7 @@ def graph_tensors(values) -> dict[str, tuple[int, list[int]]]:
     return result
 
 
+@pytest.mark.parametrize("profile", [None, "gpu"])
 @pytest.mark.parametrize(
     ("name", "second_axis"),
     [
@@ -173,18 +174,14 @@ def graph_tensors(values) -> dict[str, tuple[int, list[int]]]:
         (contract.CROSS_ENCODER_MODEL, "sequence"),
     ],
 )
-def test_onnx_model_configs_match_their_graphs(name, second_axis):
-    config = default_configs()[name]
-    assert config.backend == "onnxruntime"
+def test_onnx_model_configs_match_their_graphs(name, second_axis, profile):
     layout = ModelRepositoryLayout(REPOSITORY)
-    path = {
-        contract.ENCODER_MODEL: layout.encoder_onnx,
-        contract.RANKER_MODEL: layout.ranker_onnx,
-        contract.RECOMMEND_RANKER_MODEL: layout.recommend_ranker_onnx,
-        contract.CROSS_ENCODER_MODEL: layout.cross_encoder_onnx,
-    }[name]
+    config = parse(layout.config_path(name, profile))
+    assert config.backend == "onnxruntime"
+    # The graph the profile serves: its config's default_model_filename, as Triton loads it.
+    path = layout.served_model_file(name, profile)
     if not path.is_file():
-        pytest.fail(f"{path} missing: run `make test`, which exports the encoder first")
+        pytest.fail(f"{path} missing: run `make test`, which exports the models first")
     graph = onnx.load(str(path), load_external_data=False).graph
     assert graph_tensors(graph.input) == tensors(config.input)
     assert graph_tensors(graph.output) == tensors(config.output)
@@ -192,6 +189,30 @@ def test_onnx_model_configs_match_their_graphs(name, second_axis):
         "batch",
         second_axis,
     ]
+
+
+def test_the_cpu_profile_serves_the_int8_encoder_and_the_gpu_profile_float32():
+    layout = ModelRepositoryLayout(REPOSITORY)
+    cpu = layout.served_model_file(contract.ENCODER_MODEL)
+    gpu = layout.served_model_file(contract.ENCODER_MODEL, "gpu")
+    assert (cpu, gpu) == (layout.encoder_int8_onnx, layout.encoder_onnx)
+
+    def quantized_bits(path: Path) -> set[int]:
+        return {
+            attribute.i
+            for node in onnx.load(str(path)).graph.node
+            if node.op_type == "MatMulNBits"
+            for attribute in node.attribute
+            if attribute.name == "bits"
+        }
+
+    # Block-wise int8 weights in the CPU profile (ecomsearch.export.encoder.quantize_int8).
+    assert quantized_bits(cpu) == {8}
+    assert quantized_bits(gpu) == set()
+    # The index is built and fingerprinted with the float32 model in every profile.
+    info = json.loads(layout.encoder_info.read_text())
+    assert info["int8"]["file"] == cpu.name
+    assert info["int8"]["min_cosine_to_pytorch"] >= info["int8"]["required_min_cosine"]
 
 
 def test_ranker_was_trained_on_the_features_retrieve_computes():

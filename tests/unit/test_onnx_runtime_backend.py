@@ -11,6 +11,7 @@ import pytest
 
 from ecomsearch import contract
 from ecomsearch.errors import RequestError
+from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.serving import onnx_runtime
 from ecomsearch.serving.onnx_runtime import check_input
 from tests.project import MODEL_REPOSITORY, PROJECT_ROOT
@@ -91,10 +92,15 @@ class CountingSession:
         return getattr(self._session, name)
 
 
+def served_file(model_dir: Path) -> Path:
+    """The graph the drop-in loads: the config's default_model_filename (the int8 twin)."""
+    return ModelRepositoryLayout(model_dir.parent).served_model_file(model_dir.name)
+
+
 @pytest.fixture
 def encoder_dir(tmp_path: Path, triton) -> Path:
     model_dir = triton.copy_model_dir(contract.ENCODER_MODEL, tmp_path)
-    write_tiny_encoder(model_dir / "1" / "model.onnx")
+    write_tiny_encoder(served_file(model_dir))
     return model_dir
 
 
@@ -185,7 +191,7 @@ def test_config_thread_parameter_reaches_the_session(encoder) -> None:
 def test_a_config_that_does_not_match_the_graph_fails_initialize(
     triton, encoder_dir: Path, graph_names: dict[str, Any], fragment: str
 ) -> None:
-    write_tiny_encoder(encoder_dir / "1" / "model.onnx", **graph_names)
+    write_tiny_encoder(served_file(encoder_dir), **graph_names)
     args = triton.args(encoder_dir / "config.pbtxt", encoder_dir)
     with pytest.raises(triton.pb_utils.TritonModelException, match="do not match") as raised:
         triton.initialize(BACKEND_MODEL, args)
@@ -193,9 +199,9 @@ def test_a_config_that_does_not_match_the_graph_fails_initialize(
 
 
 def test_a_missing_model_file_fails_initialize(triton, encoder_dir: Path) -> None:
-    (encoder_dir / "1" / "model.onnx").unlink()
+    served_file(encoder_dir).unlink()
     args = triton.args(encoder_dir / "config.pbtxt", encoder_dir)
-    with pytest.raises(triton.pb_utils.TritonModelException, match=r"model\.onnx not found"):
+    with pytest.raises(triton.pb_utils.TritonModelException, match=r"model\.int8\.onnx not found"):
         triton.initialize(BACKEND_MODEL, args)
 
 

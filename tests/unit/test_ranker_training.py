@@ -150,6 +150,7 @@ def judged_repository(tmp_path: Path) -> tuple[ModelRepositoryLayout, Path, Path
     if not source.encoder_onnx.is_file():
         pytest.fail("the exported encoder is missing: `make test` exports it first")
     layout.encoder_onnx.symlink_to(source.encoder_onnx)
+    layout.encoder_int8_onnx.symlink_to(source.encoder_int8_onnx)
     layout.tokenizer_dir.symlink_to(source.tokenizer_dir, target_is_directory=True)
     layout.cross_encoder_onnx.symlink_to(source.cross_encoder_onnx)
     return (layout, *small_judged_catalog(tmp_path))

@@ -14,6 +14,7 @@ from ecomsearch.workspace import link_model_repository
 def test_a_workspace_mirrors_its_source_and_keeps_its_own_index(tmp_path: Path) -> None:
     source = ModelRepositoryLayout(prepare_model_repository(tmp_path / "source"))
     source.encoder_onnx.write_bytes(b"encoder")
+    source.encoder_int8_onnx.write_bytes(b"int8 encoder")
     source.cross_encoder_onnx.write_bytes(b"cross-encoder")
     source.tokenizer_dir.mkdir()
     (source.tokenizer_dir / "tokenizer.json").write_text("{}")
@@ -24,6 +25,7 @@ def test_a_workspace_mirrors_its_source_and_keeps_its_own_index(tmp_path: Path) 
     link_model_repository(source.root, target)
     workspace = ModelRepositoryLayout(target)
     assert workspace.encoder_onnx.resolve() == source.encoder_onnx.resolve()
+    assert workspace.encoder_int8_onnx.resolve() == source.encoder_int8_onnx.resolve()
     assert workspace.cross_encoder_onnx.resolve() == source.cross_encoder_onnx.resolve()
     assert (workspace.tokenizer_dir / "tokenizer.json").read_text() == "{}"
     assert not workspace.index_dir.exists(), "the source's index is not the workspace's"
@@ -48,6 +50,7 @@ def test_a_workspace_keeps_its_versioned_index_across_relinks(
 ) -> None:
     source = ModelRepositoryLayout(prepare_model_repository(tmp_path / "source"))
     source.encoder_onnx.write_bytes(b"encoder")
+    source.encoder_int8_onnx.write_bytes(b"int8 encoder")
     source.cross_encoder_onnx.write_bytes(b"cross-encoder")
     source.tokenizer_dir.mkdir()
     for rows in (3, 4):  # the source's index: a symlink, its version and the previous one
@@ -82,6 +85,7 @@ def test_a_source_without_its_exported_cross_encoder_is_refused(tmp_path: Path) 
 
     source = ModelRepositoryLayout(prepare_model_repository(tmp_path / "source"))
     source.encoder_onnx.write_bytes(b"encoder")
+    source.encoder_int8_onnx.write_bytes(b"int8 encoder")
     source.tokenizer_dir.mkdir()
     with pytest.raises(FileNotFoundError, match="export-cross-encoder"):
         link_model_repository(source.root, tmp_path / "workspace")
