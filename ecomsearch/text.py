@@ -13,7 +13,7 @@ import numpy as np
 
 # Padded lengths are rounded up to a multiple of this, so requests of similar length share a
 # shape and the encoder's dynamic batcher (which only batches equal shapes) can merge them.
-SEQUENCE_LENGTH_MULTIPLE = 16
+SEQUENCE_LENGTH_MULTIPLE = 8
 
 TOKENIZER_FILE = "tokenizer.json"
 

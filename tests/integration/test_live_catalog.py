@@ -1,11 +1,11 @@
 """The live catalog end to end, on a real tritonserver, against SQLite and a real PostgreSQL.
 
-Each backend gets its own server (two `retrieve` and two `select` instances, as the CPU
-profile ships) over its own copy of the fixture catalog, so the writes here never reach the
-session server other tests search. In order: exact filters, a batch with one bad product,
-shoppers' events shaping `recommend` and `similar`, compaction under load, two servers on one
-store, then 16 searchers and one writer at once followed by kill -9 of the server and a
-restart.
+Each backend gets its own server (two `retrieve` and two `select` instances, as a deployment
+scaled out on a bigger machine runs them; the CPU profile ships one) over its own copy of the
+fixture catalog, so the writes here never reach the session server other tests search. In
+order: exact filters, a batch with one bad product, shoppers' events shaping `recommend` and
+`similar`, compaction under load, two servers on one store, then 16 searchers and one writer at
+once followed by kill -9 of the server and a restart.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ecomsearch.live.compaction import compact, compaction_lock
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.server.launcher import TritonServer, _signal_group
 from ecomsearch.store import open_store
-from tests.integration.conftest import copy_model_repository
+from tests.integration.conftest import copy_model_repository, set_instance_count
 
 # A write acknowledged at t is served by every instance from t + VISIBILITY_WINDOW_S.
 VISIBILITY_WINDOW_S = 1.0
@@ -67,6 +67,9 @@ class LiveServer:
 def live(request, tmp_path_factory, fixture_catalog, embedding_cache) -> Iterator[LiveServer]:
     base = tmp_path_factory.mktemp(f"live-{request.param}")
     repository = copy_model_repository(base / "repository")
+    # Two instances of each model that follows the store: every one must see every change.
+    for model in (contract.RETRIEVE_MODEL, contract.SELECT_MODEL):
+        set_instance_count(repository, model, 2)
     if request.param == "postgresql":
         store_url = request.getfixturevalue("postgres_server").create_database()
     else:

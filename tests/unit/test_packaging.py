@@ -27,8 +27,16 @@ def test_the_server_extra_installs_what_the_python_models_import() -> None:
     assert "ecomsearch[python-backend]" in extras["server"]
     backend = {re.split(r"[\[<>=]", r)[0]: r for r in extras["python-backend"]}
     # scipy: the recommenders' co-purchase counts are a sparse matrix; lightgbm: select
-    # explains the tree ranker's scores.
-    assert set(backend) == {"numpy", "tokenizers", "bm25s", "psycopg", "scipy", "lightgbm"}
+    # explains the tree ranker's scores; threadpoolctl: each instance caps its BLAS pools.
+    assert set(backend) == {
+        "numpy",
+        "tokenizers",
+        "bm25s",
+        "psycopg",
+        "scipy",
+        "lightgbm",
+        "threadpoolctl",
+    }
     assert "<2" in backend["numpy"], "the Python backend stub breaks under numpy 2"
     # ecomsearch.lexical reads bm25s's score matrices: an unbounded upgrade could change them.
     assert "<0.4" in backend["bm25s"]

@@ -101,23 +101,23 @@ def test_requests_in_one_execute_are_padded_and_returned_separately(triton, prep
     responses = preprocess.execute(requests)
 
     assert len(responses) == 3
-    assert_tokens(triton, responses[0], [RED_RUNNING_SHOES, GAMING_MOUSE], 16)
-    assert_tokens(triton, responses[1], [[CLS, *[ID["mouse"]] * 20, SEP]], 32)
-    assert_tokens(triton, responses[2], [BLUE], 16)
+    assert_tokens(triton, responses[0], [RED_RUNNING_SHOES, GAMING_MOUSE], 8)
+    assert_tokens(triton, responses[1], [[CLS, *[ID["mouse"]] * 20, SEP]], 24)
+    assert_tokens(triton, responses[2], [BLUE], 8)
 
 
 def test_whitespace_is_collapsed_and_unknown_words_map_to_unk(triton, preprocess) -> None:
     responses = preprocess.execute(
         [triton.request(query=queries(["  GAMING\t mouse \n", "Café zzzz"]))]
     )
-    assert_tokens(triton, responses[0], [GAMING_MOUSE, [CLS, ID["café"], UNK, SEP]], 16)
+    assert_tokens(triton, responses[0], [GAMING_MOUSE, [CLS, ID["café"], UNK, SEP]], 8)
 
 
 @pytest.mark.parametrize(
     ("words", "expected_length"),
-    [(1, 16), (13, 16), (14, 16), (15, 32), (30, 32), (31, 48), (62, 64)],
+    [(1, 8), (5, 8), (6, 8), (7, 16), (14, 16), (15, 24), (62, 64)],
 )
-def test_padded_length_is_the_next_multiple_of_16(
+def test_padded_length_is_the_next_multiple_of_8(
     triton, preprocess, words: int, expected_length: int
 ) -> None:
     (response,) = preprocess.execute([triton.request(query=queries([" ".join(["blue"] * words)]))])
@@ -143,7 +143,7 @@ def test_max_query_bytes_counts_bytes_not_characters(triton, preprocess) -> None
         [triton.request(query=queries([at_limit])), triton.request(query=queries([over_limit]))]
     )
     # One over-long word: WordPiece makes it a single [UNK].
-    assert_tokens(triton, responses[0], [[CLS, UNK, SEP]], 16)
+    assert_tokens(triton, responses[0], [[CLS, UNK, SEP]], 8)
     triton.assert_invalid_arg(
         responses[1],
         f"{contract.MAX_QUERY_BYTES + 2} bytes",
@@ -192,9 +192,9 @@ def test_a_bad_request_gets_invalid_arg_and_its_neighbours_succeed(
     responses = preprocess.execute(requests)
 
     assert len(responses) == 3
-    assert_tokens(triton, responses[0], [RED_RUNNING_SHOES], 16)
+    assert_tokens(triton, responses[0], [RED_RUNNING_SHOES], 8)
     triton.assert_invalid_arg(responses[1], *fragments)
-    assert_tokens(triton, responses[2], [GAMING_MOUSE, BLUE], 16)
+    assert_tokens(triton, responses[2], [GAMING_MOUSE, BLUE], 8)
 
 
 def test_only_bad_requests_give_only_errors(triton, preprocess) -> None:
@@ -214,7 +214,7 @@ def test_the_tokenizer_comes_from_the_served_versions_directory(triton, tmp_path
     model = triton.initialize(model_dir / "3" / "model.py", args)
 
     (response,) = model.execute([triton.request(query=queries(["red shoes"]))])
-    assert_tokens(triton, response, [[CLS, ID["red"], ID["shoe"], ID["##s"], SEP]], 16)
+    assert_tokens(triton, response, [[CLS, ID["red"], ID["shoe"], ID["##s"], SEP]], 8)
 
 
 def test_a_missing_tokenizer_fails_initialize(triton, tmp_path: Path) -> None:
@@ -251,7 +251,7 @@ def test_max_tokens_above_a_short_text_changes_nothing(triton, preprocess) -> No
             )
         ]
     )
-    assert_tokens(triton, response, [RED_RUNNING_SHOES, GAMING_MOUSE], 16)
+    assert_tokens(triton, response, [RED_RUNNING_SHOES, GAMING_MOUSE], 8)
 
 
 def test_requests_with_different_max_tokens_are_run_apart(triton, preprocess) -> None:
@@ -301,6 +301,6 @@ def test_a_bad_max_tokens_gets_invalid_arg_and_its_neighbours_succeed(
             triton.request(query=queries(["gaming mouse"])),
         ]
     )
-    assert_tokens(triton, responses[0], [RED_RUNNING_SHOES], 16)
+    assert_tokens(triton, responses[0], [RED_RUNNING_SHOES], 8)
     triton.assert_invalid_arg(responses[1], "'max_tokens'", *fragments)
-    assert_tokens(triton, responses[2], [GAMING_MOUSE], 16)
+    assert_tokens(triton, responses[2], [GAMING_MOUSE], 8)
