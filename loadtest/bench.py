@@ -92,16 +92,24 @@ def served(repository: Path, log_path: Path):
         yield server
 
 
-def bench_triton(report, url, system, queries, concurrencies, settings, admin_headers) -> None:
+def bench_triton(report, server, system, queries, concurrencies, settings) -> None:
+    from ecomsearch.server.processes import group_cpu_seconds
+
+    url, admin_headers = server.grpc_url, server.admin_headers
     clients: list = []
     factory = triton_worker_factory(url, settings.ensemble, settings.top_k, clients)
     try:
         for concurrency in concurrencies:
             before = snapshot(url, admin_headers)
+            cpu_before = group_cpu_seconds(server.process.pid)  # its own process group
             result = closed_loop(
                 system, factory, queries, concurrency, settings.max_requests, settings.max_seconds
             )
-            report.add(result, breakdown(before, snapshot(url, admin_headers)))
+            # The server's CPU time (tritonserver and every stub) per answered request; the
+            # closed loop's warm-up requests are in it too, a handful among thousands.
+            cpu_s = group_cpu_seconds(server.process.pid) - cpu_before
+            cpu_ms = 1000 * cpu_s / result.requests if result.requests else None
+            report.add(result, breakdown(before, snapshot(url, admin_headers)), cpu_ms)
     finally:
         for client in clients:
             client.close()
@@ -137,26 +145,17 @@ def run_bench(
     # One system at a time: they share two cores, and a measurement must not pay for another.
     if "triton" in settings.systems:
         with served(repository, out_dir / "tritonserver.log") as server:
-            bench_triton(
-                report,
-                server.grpc_url,
-                "triton",
-                queries,
-                settings.concurrencies,
-                settings,
-                server.admin_headers,
-            )
+            bench_triton(report, server, "triton", queries, settings.concurrencies, settings)
     if "triton_no_batching" in settings.systems:
         unbatched = without_dynamic_batching(repository, out_dir / "repository-no-batching")
         with served(unbatched, out_dir / "tritonserver-no-batching.log") as server:
             bench_triton(
                 report,
-                server.grpc_url,
+                server,
                 "triton_no_batching",
                 queries,
                 settings.no_batching_concurrencies,
                 settings,
-                server.admin_headers,
             )
     if "in_process" in settings.systems:
         from ecomsearch.pipeline import InProcessPipeline

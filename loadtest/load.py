@@ -3,6 +3,7 @@ bounded by a request count and a deadline. Latency is measured per request with 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,11 +58,14 @@ def closed_loop(
     max_requests: int,
     max_seconds: float,
     warmup_requests: int = 5,
+    in_order: bool = False,
 ) -> LoadResult:
     """Runs `concurrency` workers until `max_requests` completed or `max_seconds` passed.
 
     Each worker warms up (not timed), then all start together. Queries are drawn round-robin,
-    each worker from its own offset, so concurrent requests carry different queries.
+    each worker from its own offset, so concurrent requests carry different queries; with
+    `in_order`, the workers share one position instead and the queries are sent once each, in
+    the order given (a replayed stream, whose repeats are the point).
     """
     if concurrency < 1 or max_requests < 1:
         raise ValueError("concurrency and max_requests must be at least 1")
@@ -74,12 +78,17 @@ def closed_loop(
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     deadline = [0.0]
+    shared_position = itertools.count()  # next() on it is atomic under the GIL
 
     def worker(index: int) -> None:
         call, mine = calls[index], latencies[index]
         position = index * 7919  # a prime stride spreads workers over the query list
         start_gate.wait()
         while time.perf_counter() < deadline[0] and budget.acquire(blocking=False):
+            if in_order:
+                position = next(shared_position)
+                if position >= len(queries):
+                    break
             query = queries[position % len(queries)]
             position += 1
             began = time.perf_counter()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ecomsearch.loadtest.load import LoadResult
+from ecomsearch.loadtest.triton_stats import stage_compute_per_row_us
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,20 @@ class BenchReport:
     runs: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def add(self, result: LoadResult, stages: dict | None = None) -> None:
-        self.runs.append(result.summary())
+    def add(
+        self,
+        result: LoadResult,
+        stages: dict | None = None,
+        server_cpu_ms_per_request: float | None = None,
+    ) -> None:
+        summary = result.summary()
         if stages is not None:
             self.stages[f"{result.system}@{result.concurrency}"] = stages
+            ensemble = self.settings.get("ensemble", "search")
+            summary["stage_compute_per_row_ms"] = _ms(stage_compute_per_row_us(stages, ensemble))
+        if server_cpu_ms_per_request is not None:
+            summary["server_cpu_ms_per_request"] = round(server_cpu_ms_per_request, 3)
+        self.runs.append(summary)
         log.info(
             "%-19s c=%-3d %7.1f req/s  p50 %7.2f ms  p99 %7.2f ms  (%d requests, %d errors)",
             result.system,
@@ -37,6 +48,10 @@ class BenchReport:
             result.requests,
             result.errors,
         )
+
+
+def _ms(us: float | None) -> float | None:
+    return None if us is None else round(us / 1000, 3)
 
 
 def save_json(report: BenchReport, path: Path) -> None:
@@ -73,6 +88,16 @@ def target_ratios(runs: list[dict[str, Any]]) -> list[tuple[str, float | None, s
             ">= 2",
         ),
         ("p50, ensemble / in-process at c=1", ratio(triton_1, local_1, "p50_ms"), "<= 1.3"),
+        (
+            f"CPU per query at c={c}, ms: the stages' compute per row summed (Triton statistics)",
+            triton.get("stage_compute_per_row_ms") if triton else None,
+            "<= 3.5",
+        ),
+        (
+            f"CPU per query at c={c}, ms: the server's CPU time per request (/proc)",
+            triton.get("server_cpu_ms_per_request") if triton else None,
+            "<= 3.5",
+        ),
     ]
 
 
@@ -82,14 +107,20 @@ def markdown(report) -> str:
         "",
         f"Settings: `{report.settings}`",
         "",
-        "| system | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms "
+        "| stages' compute per row ms | server CPU per request ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def shown(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
     for r in report.runs:
         lines.append(
             f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['errors']} "
             f"| {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} |"
+            f"| {r['p99_ms']:.2f} | {shown(r.get('stage_compute_per_row_ms'))} "
+            f"| {shown(r.get('server_cpu_ms_per_request'))} |"
         )
     lines += ["", "## Targets (ratios measured in this run)", "", "| ratio | measured | target |"]
     lines.append("|---|---|---|")
@@ -99,16 +130,20 @@ def markdown(report) -> str:
     if report.stages:
         lines += [
             "",
-            "## Per-model time (Triton statistics API, mean per request)",
+            "## Per-model time (Triton statistics API)",
             "",
-            "| run | model | requests | queue us | compute us | rows per execution |",
-            "|---|---|---|---|---|---|",
+            "Queue and compute are means per request (a batched request's compute is its "
+            "batch's); compute per row shares each execution's compute among its rows.",
+            "",
+            "| run | model | requests | queue us | compute us | compute per row us "
+            "| rows per execution |",
+            "|---|---|---|---|---|---|---|",
         ]
         for run, models in report.stages.items():
             for model, s in models.items():
                 lines.append(
                     f"| {run} | {model} | {s['requests']} | {s['queue_us']} | {s['compute_us']} "
-                    f"| {s['rows_per_execution']} |"
+                    f"| {s.get('compute_per_row_us')} | {s['rows_per_execution']} |"
                 )
     return "\n".join(lines) + "\n"
 

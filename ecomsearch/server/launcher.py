@@ -133,6 +133,9 @@ class TritonInstallation:
     library_dir: Path | None = None
     python_backend_dir: Path | None = None
     stub: Path | None = None
+    # Where the response cache's library is (caches/local/libtritoncache_local.so); None: the
+    # installation's default, /opt/tritonserver/caches.
+    cache_dir: Path | None = None
 
     @classmethod
     def system(cls, binary: Path | str) -> TritonInstallation:
@@ -158,6 +161,7 @@ class TritonInstallation:
             library_dir=package_dir.parent / "nvidia_pytriton.libs",
             python_backend_dir=root / "backends" / "python",
             stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+            cache_dir=root / "caches",
         )
         for path in (installation.binary, installation.python_backend_dir, installation.stub):
             if not path.exists():
@@ -200,8 +204,14 @@ class TritonServer:
         restart_dead_stubs: bool = True,
         store_url: str | None = None,
         write_key: str | None = None,
+        response_cache_bytes: int = 0,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
+        # Triton's local response cache, used by the models whose config enables it (the
+        # query-only stages: preprocess, query_encoder); 0 leaves the server without one.
+        if response_cache_bytes < 0:
+            raise ValueError(f"response_cache_bytes must be >= 0, got {response_cache_bytes}")
+        self.response_cache_bytes = response_cache_bytes
         # The catalog store the models follow and write to; None: the one the served index
         # was built from (its manifest says), which is right unless credentials differ.
         self.store_url = store_url
@@ -268,7 +278,9 @@ class TritonServer:
         """gRPC headers that open the admin protocols (statistics, model repository, ...)."""
         return {ADMIN_KEY_HEADER: self.admin_key}
 
-    def command(self, backend_dir: Path | None, binary: Path) -> list[str]:
+    def command(
+        self, backend_dir: Path | None, binary: Path, cache_dir: Path | None = None
+    ) -> list[str]:
         if self._private_metrics_port is None:
             self._private_metrics_port = self._free_private_port()
         admin = f"{','.join(ADMIN_PROTOCOLS)}:{ADMIN_KEY_NAME}={self.admin_key}"
@@ -295,6 +307,10 @@ class TritonServer:
         ]
         if backend_dir is not None:
             command.append(f"--backend-directory={backend_dir}")
+        if self.response_cache_bytes:
+            command.append(f"--cache-config=local,size={self.response_cache_bytes}")
+            if cache_dir is not None:
+                command.append(f"--cache-directory={cache_dir}")
         if self.http:
             command += [
                 f"--http-address={LOOPBACK}",
@@ -344,7 +360,7 @@ class TritonServer:
             if self.log_path is not None:
                 self._log_stream = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
             self.process = subprocess.Popen(
-                self.command(backend_dir, installation.binary),
+                self.command(backend_dir, installation.binary, installation.cache_dir),
                 env=self.environment(installation),
                 stdin=subprocess.DEVNULL,
                 stdout=self._log_stream,

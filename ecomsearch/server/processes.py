@@ -80,6 +80,28 @@ def group_members(pgid: int) -> list[Process]:
     return members
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live members of process group `pgid`: the
+    server and its stubs. A difference of two readings prices the work done between them."""
+    import os
+
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone while we read
+            continue
+        # After "(comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        # utime stime ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks_per_second
+
+
 def stubs(members: Iterable[Process]) -> list[StubInstance]:
     return [s for s in map(StubInstance.from_process, members) if s is not None]
 

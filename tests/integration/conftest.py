@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ecomsearch.cli import DEFAULT_RESPONSE_CACHE_MB
 from ecomsearch.paths import ModelRepositoryLayout, demo_catalog
 from ecomsearch.server.launcher import TritonServer
 from ecomsearch.workspace import link_model_repository
@@ -57,6 +58,18 @@ def copy_model_repository(target: Path) -> Path:
         pytest.fail(f"{e} (`make test` exports the encoder before running the tests)")
 
 
+def set_instance_count(repository: Path, model: str, count: int) -> None:
+    """Rewrites `model`'s config.pbtxt (through Triton's protobuf) with `count` CPU instances."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = repository / model / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    (group,) = config.instance_group
+    group.count = count
+    path.write_text(text_format.MessageToString(config))
+
+
 @pytest.fixture(scope="session")
 def fixture_catalog(tmp_path_factory) -> Path:
     return cut_fixture_catalog(tmp_path_factory.mktemp("catalog") / "catalog.jsonl")
@@ -79,7 +92,10 @@ def model_repository(tmp_path_factory, fixture_catalog, embedding_cache) -> Path
 @pytest.fixture(scope="session")
 def triton_server(model_repository, tmp_path_factory) -> Iterator[TritonServer]:
     log_path = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    with TritonServer.local(model_repository, log_path) as server:
+    # With the response cache `ecomsearch serve` starts by default.
+    with TritonServer.local(
+        model_repository, log_path, response_cache_bytes=DEFAULT_RESPONSE_CACHE_MB << 20
+    ) as server:
         yield server
 
 

@@ -342,3 +342,16 @@ def test_listening_ports_come_from_outside_the_ephemeral_range() -> None:
     ports = [free_port() for _ in range(50)] + list(vars(ServerPorts.free()).values())
     assert all(not low <= port <= high for port in ports), (low, high, ports)
     assert len(set(vars(ServerPorts.free()).values())) == 3
+
+
+def test_the_response_cache_is_asked_for_with_its_size_and_library(tmp_path: Path) -> None:
+    from ecomsearch.server.launcher import ServerPorts, TritonServer
+
+    plain = TritonServer(tmp_path, ServerPorts(http=1, grpc=2, metrics=3))
+    assert "--cache-config" not in flags(plain.command(None, Path("/bin/tritonserver")))
+    cached = TritonServer(tmp_path, ServerPorts(http=1, grpc=2, metrics=3), response_cache_bytes=8)
+    command = flags(cached.command(None, Path("/bin/tritonserver"), tmp_path / "caches"))
+    assert command["--cache-config"] == ["local,size=8"]
+    assert command["--cache-directory"] == [str(tmp_path / "caches")]
+    with pytest.raises(ValueError):
+        TritonServer(tmp_path, response_cache_bytes=-1)
