@@ -595,3 +595,32 @@ def test_top_k_keeps_the_best_and_pads() -> None:
     assert top_rows.tolist() == [[3, 7, 4], [5, -1, -1]]  # a tie goes to the lower row
     assert top_scores[0].tolist() == pytest.approx([0.9, 0.9, 0.5])
     assert np.isneginf(top_scores[1, 1:]).all()
+
+
+def test_a_flat_base_scanned_in_float16_returns_the_exact_top_k_and_scores(
+    tmp_path, tiny_index_factory
+) -> None:
+    # Clustered vectors, so many scores crowd around the k-th: where float16 could reorder.
+    from ecomsearch.live.catalog import half_precision_scan
+    from ecomsearch.loadtest.scaling import clustered_unit_vectors
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0, 1, (20, 64)).astype(np.float32)
+    vectors = clustered_unit_vectors(4000, 6, centres)
+    tiny = tiny_index_factory(tmp_path / "index", "encoder", embeddings=vectors)
+    catalog = LiveCatalog.load(CatalogIndex.load(tiny.index_dir))
+    assert half_precision_scan(catalog.base.faiss_index, catalog.base_vectors) is not None
+    queries = clustered_unit_vectors(30, 7, centres)
+    allowed = rng.random(4000) < 0.3
+    for mask in (None, allowed):
+        scores, rows = catalog.search(queries, 200, mask)
+        exact = queries @ vectors.T
+        if mask is not None:
+            exact[:, ~mask] = -np.inf
+        for i in range(len(queries)):
+            # The exact top 200 up to float32 ties (sums in another order move a score ~1e-7):
+            # the same 200 best scores, each the returned row's own exact score.
+            expected = np.sort(exact[i])[::-1][:200]
+            np.testing.assert_allclose(scores[i], expected, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(exact[i, rows[i]], scores[i], rtol=0, atol=1e-6)
+            assert len(set(rows[i].tolist())) == 200
