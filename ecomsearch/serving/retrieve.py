@@ -11,8 +11,9 @@ import numpy as np
 
 from ecomsearch import contract
 from ecomsearch.fingerprint import file_sha256
+from ecomsearch.index import gpu as gpu_index
 from ecomsearch.index.store import CatalogIndex
-from ecomsearch.live.catalog import LiveCatalog
+from ecomsearch.live.catalog import LiveCatalog, flat_vectors
 from ecomsearch.live.filters import SearchFilter
 from ecomsearch.live.location import served_store_url
 from ecomsearch.live.served import COMPACT_DELTA_ROWS, LiveRetriever
@@ -45,6 +46,9 @@ class RetrieveSettings:
     catalog_poll_interval_ms: int = 50
     # Delta rows that start a compaction (see ecomsearch.live.served).
     compact_delta_rows: int = COMPACT_DELTA_ROWS
+    # KIND_GPU instances: device memory the index of an HNSW base may take on the GPU (exact
+    # while its float32 vectors fit, IVF-SQ8 beyond; ecomsearch.index.gpu).
+    gpu_index_budget_mb: int = gpu_index.DEFAULT_BUDGET_BYTES >> 20
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RetrieveSettings:
@@ -58,6 +62,9 @@ class RetrieveSettings:
             compact_delta_rows=int_parameter(
                 config, "compact_delta_rows", cls.compact_delta_rows, 1
             ),
+            gpu_index_budget_mb=int_parameter(
+                config, "gpu_index_budget_mb", cls.gpu_index_budget_mb, 1
+            ),
         )
 
 
@@ -67,13 +74,17 @@ def place_on_device(
     device_id: int,
     faiss_module: Any,
     resources: Any = None,
+    gpu_budget_bytes: int = gpu_index.DEFAULT_BUDGET_BYTES,
 ):
     """Moves the index to this instance's own GPU for KIND_GPU instances.
 
     Returns (index, gpu_resources); the resources must outlive the index. Pass the resources of
     the index this one replaces to share them: each StandardGpuResources reserves its own
-    scratch memory on the device. Graph indexes (HNSW) have no FAISS GPU implementation and
-    stay on the CPU.
+    scratch memory on the device. A flat index is copied as it is. An HNSW graph has no FAISS GPU
+    implementation: the device gets the index ecomsearch.index.gpu plans for its vectors within
+    `gpu_budget_bytes` (exact while the float32 vectors fit, IVF-SQ8 beyond), returned as a
+    GpuSearchIndex whose `plan` says which (and `describe()` for the log). When not even the IVF
+    fits, the HNSW index stays on the CPU and the resources are None.
     """
     if instance_kind != "GPU":
         return faiss_index, None
@@ -83,7 +94,13 @@ def place_on_device(
             "install faiss-gpu"
         )
     if isinstance(faiss_index, faiss_module.IndexHNSWFlat):
-        return faiss_index, None
+        index_plan = gpu_index.plan(int(faiss_index.ntotal), int(faiss_index.d), gpu_budget_bytes)
+        if index_plan.kind == gpu_index.CPU:
+            return faiss_index, None
+        resources = resources or faiss_module.StandardGpuResources()
+        vectors = flat_vectors(faiss_index)  # a view of the graph's storage: no copy
+        built = gpu_index.build_gpu_index(vectors, index_plan, resources, device_id, faiss_module)
+        return gpu_index.GpuSearchIndex(built, vectors, faiss_index, faiss_module), resources
     resources = resources or faiss_module.StandardGpuResources()
     return faiss_module.index_cpu_to_gpu(resources, device_id, faiss_index), resources
 
@@ -168,8 +185,14 @@ class RetrieveModel(BatchedModel):
                 int(args["model_instance_device_id"]),
                 faiss,
                 gpu["resources"],
+                gpu_budget_bytes=settings.gpu_index_budget_mb << 20,
             )
             gpu["resources"] = resources or gpu["resources"]  # kept for the model's lifetime
+            if isinstance(index.faiss_index, gpu_index.GpuSearchIndex):
+                pb_utils.Logger.log_info(
+                    f"retrieve: {index_dir.name} on GPU {args['model_instance_device_id']}: "
+                    f"{index.faiss_index.describe()}"
+                )
             return index
 
         index_dir = version_dir / INDEX_DIR

@@ -471,13 +471,6 @@ def test_place_on_device_shares_the_resources_of_the_index_it_replaces() -> None
     assert calls == [(resources, 1, first), (resources, 1, second)]
 
 
-def test_place_on_device_keeps_hnsw_on_the_cpu() -> None:
-    calls: list[tuple] = []
-    index = FakeHnswIndex()
-    assert place_on_device(index, "GPU", 1, fake_gpu_faiss(calls)) == (index, None)
-    assert calls == []
-
-
 def test_place_on_device_refuses_gpu_without_faiss_gpu() -> None:
     cpu_only_faiss = ModuleType("faiss")
     with pytest.raises(RuntimeError, match="faiss-gpu"):
