@@ -681,9 +681,14 @@ def cmd_compare_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ecomsearch.loadtest.bench import BenchSettings, load_queries, run_bench
+    from ecomsearch.loadtest.bench import BenchSettings, load_queries, run_bench, visible_gpus
     from ecomsearch.workspace import catalog_repository
 
+    if args.gpu and not visible_gpus():
+        log.error(
+            "bench --gpu serves the GPU profile and needs an NVIDIA GPU; nvidia-smi lists none"
+        )
+        return 2
     queries = load_queries(args.queries, args.limit_queries)
     repository, _ = catalog_repository(args.catalog, args.cache_dir, _layout(args).root)
     settings = BenchSettings(
@@ -693,6 +698,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         systems=args.systems,
         no_batching_concurrencies=args.no_batching_concurrency or args.concurrency,
         ensemble=args.ensemble,
+        profile="gpu" if args.gpu else None,
     )
     run_bench(repository, queries, args.out, settings)
     print((args.out / "bench.md").read_text())
@@ -1307,6 +1313,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=contract.SEARCH_MODEL,
         choices=[contract.SEARCH_MODEL, contract.SEARCH_UNRANKED_MODEL],
         help="search_unranked: the same pipeline without the ranker (prices the ranking stage)",
+    )
+    bench.add_argument(
+        "--gpu",
+        action="store_true",
+        help="serve the GPU profile (--model-config-name=gpu); the in-process pipeline and the "
+        "naive baseline run their encoders on CUDA too. Needs an NVIDIA GPU",
     )
     _add_cache_dir(bench)
     _add_model_repository(bench)

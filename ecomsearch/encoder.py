@@ -24,7 +24,9 @@ class OnnxEncoder:
         tokenizer_dir: Path | str,
         max_length: int,
         intra_op_threads: int = 0,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
+        """`providers`: ONNX Runtime's execution providers in order of preference."""
         import onnxruntime as ort
 
         self.onnx_path = Path(onnx_path)
@@ -36,7 +38,7 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         self._session = ort.InferenceSession(
-            str(self.onnx_path), options, providers=["CPUExecutionProvider"]
+            str(self.onnx_path), options, providers=list(providers)
         )
         (output,) = self._session.get_outputs()
         self.dimension = int(output.shape[1])

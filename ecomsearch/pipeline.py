@@ -22,15 +22,20 @@ class InProcessPipeline:
         self, repository: Path | str, encoder_threads: int = 0, profile: str | None = None
     ) -> None:
         """`profile`: the model-config profile whose encoder file to run (None: the default,
-        CPU one, as `ecomsearch serve` without --model-config-name)."""
+        CPU one, as `ecomsearch serve` without --model-config-name; "gpu": the float32 encoder
+        on CUDA, retrieval and ranking on the CPU as the served GPU profile's ranker)."""
         import onnxruntime as ort
 
         layout = ModelRepositoryLayout(Path(repository))
+        providers = ["CPUExecutionProvider"]
+        if profile == "gpu":
+            providers.insert(0, "CUDAExecutionProvider")
         self.encoder = OnnxEncoder(
             layout.served_model_file(contract.ENCODER_MODEL, profile),
             layout.tokenizer_dir,
             max_length=contract.MAX_QUERY_TOKENS,
             intra_op_threads=encoder_threads,
+            providers=providers,
         )
         check_ranker_features(layout.ranker_info)
         self.retriever = open_retriever(layout.index_dir, layout.encoder_onnx)

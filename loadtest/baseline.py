@@ -15,7 +15,10 @@ from ecomsearch.paths import ModelRepositoryLayout
 
 
 class NaivePipeline:
-    def __init__(self, repository: Path, checkpoint: Path | None = None) -> None:
+    def __init__(
+        self, repository: Path, checkpoint: Path | None = None, device: str = "cpu"
+    ) -> None:
+        """`device`: where PyTorch runs the model ("cuda" for the GPU bench)."""
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -24,7 +27,10 @@ class NaivePipeline:
         checkpoint = checkpoint or default_checkpoint()
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(checkpoint), local_files_only=True).eval()
+        self.device = device
+        self.model = (
+            AutoModel.from_pretrained(str(checkpoint), local_files_only=True).eval().to(device)
+        )
         index = CatalogIndex.load(ModelRepositoryLayout(repository).index_dir)
         self.ids = index.ids
         self.embeddings = index.faiss_index.reconstruct_n(0, index.count)
@@ -36,11 +42,11 @@ class NaivePipeline:
         with torch.inference_mode():
             tokens = self.tokenizer(
                 list(queries), padding=True, truncation=True, return_tensors="pt"
-            )
+            ).to(self.device)
             states = self.model(**tokens).last_hidden_state
             mask = tokens["attention_mask"].unsqueeze(-1).float()
             pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            query = torch.nn.functional.normalize(pooled, dim=1).numpy()
+            query = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
         scores = query @ self.embeddings.T
         order = np.argsort(-scores, axis=1)[:, :k]
         return [

@@ -32,6 +32,9 @@ class BenchSettings:
     no_batching_concurrencies: Sequence[int] = (BATCHING_COMPARISON_CONCURRENCY,)
     # The served ensemble to load: `search`, or `search_unranked` to price the ranker.
     ensemble: str = contract.SEARCH_MODEL
+    # The model-config profile served (None: the default, CPU one; "gpu": configs/gpu.pbtxt),
+    # and the one the in-process pipeline and the naive baseline mirror.
+    profile: str | None = None
 
 
 def triton_worker_factory(url: str, model_name: str, k: int, clients: list):
@@ -85,11 +88,24 @@ def without_dynamic_batching(source: Path, target: Path) -> Path:
 
 
 @contextmanager
-def served(repository: Path, log_path: Path):
+def served(repository: Path, log_path: Path, profile: str | None = None):
     from ecomsearch.server.launcher import TritonServer
 
-    with TritonServer.local(repository, log_path) as server:
+    # No response cache: the bench replays a few dozen queries, and prices each one's work
+    # (`ecomsearch bench-cache` measures the cache on a realistic stream).
+    with TritonServer.local(repository, log_path, model_config_name=profile) as server:
         yield server
+
+
+def visible_gpus() -> list[str]:
+    """The NVIDIA GPUs `nvidia-smi -L` lists (none without the driver)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
 
 
 def bench_triton(report, server, system, queries, concurrencies, settings) -> None:
@@ -140,15 +156,18 @@ def run_bench(
             "max_seconds": settings.max_seconds,
             "top_k": settings.top_k,
             "ensemble": settings.ensemble,
+            "profile": settings.profile or "cpu",
         }
     )
     # One system at a time: they share two cores, and a measurement must not pay for another.
     if "triton" in settings.systems:
-        with served(repository, out_dir / "tritonserver.log") as server:
+        with served(repository, out_dir / "tritonserver.log", settings.profile) as server:
             bench_triton(report, server, "triton", queries, settings.concurrencies, settings)
     if "triton_no_batching" in settings.systems:
         unbatched = without_dynamic_batching(repository, out_dir / "repository-no-batching")
-        with served(unbatched, out_dir / "tritonserver-no-batching.log") as server:
+        with served(
+            unbatched, out_dir / "tritonserver-no-batching.log", settings.profile
+        ) as server:
             bench_triton(
                 report,
                 server,
@@ -163,7 +182,7 @@ def run_bench(
         bench_local(
             report,
             "in_process",
-            InProcessPipeline(repository),
+            InProcessPipeline(repository, profile=settings.profile),
             queries,
             settings.concurrencies,
             settings,
@@ -171,8 +190,14 @@ def run_bench(
     if "naive" in settings.systems:
         from ecomsearch.loadtest.baseline import NaivePipeline
 
+        device = "cuda" if settings.profile == "gpu" else "cpu"
         bench_local(
-            report, "naive", NaivePipeline(repository), queries, settings.concurrencies, settings
+            report,
+            "naive",
+            NaivePipeline(repository, device=device),
+            queries,
+            settings.concurrencies,
+            settings,
         )
     write_report(report, out_dir)
     return report

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from ecomsearch.loadtest.load import LoadResult
 from ecomsearch.loadtest.report import BenchReport, target_ratios
 from ecomsearch.loadtest.triton_stats import breakdown, stage_compute_per_row_us
@@ -98,3 +100,32 @@ def test_the_hit_rate_comes_from_the_cache_counters() -> None:
     before = {"encoder": {**counters(0, 0, 0, 0, 0), "cache_hits": 0, "cache_misses": 0}}
     after = {"encoder": {**counters(10, 10, 4, 10, 4), "cache_hits": 6, "cache_misses": 4}}
     assert breakdown(before, after)["encoder"]["cache_hit_rate"] == 0.6
+
+
+def test_bench_gpu_refuses_without_a_gpu_before_doing_anything(monkeypatch, caplog) -> None:
+    from ecomsearch import cli
+    from ecomsearch.loadtest import bench
+
+    monkeypatch.setattr(bench, "visible_gpus", lambda: [])
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("must not run"))
+    assert cli.main(["bench", "--gpu"]) == 2
+    assert "needs an NVIDIA GPU" in caplog.text
+
+
+def test_the_gpu_bench_serves_the_gpu_profile(monkeypatch, tmp_path) -> None:
+    from ecomsearch.loadtest import bench
+    from ecomsearch.server import launcher
+
+    started = []
+
+    class Recorder:
+        @classmethod
+        def local(cls, repository, log_path, **options):
+            started.append(options)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(launcher, "TritonServer", Recorder)
+    settings = bench.BenchSettings(systems=("triton",), profile="gpu")
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench.run_bench(tmp_path, ["q"], tmp_path / "out", settings)
+    assert started == [{"model_config_name": "gpu"}]
