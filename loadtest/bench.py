@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,14 +119,23 @@ def bench_triton(report, server, system, queries, concurrencies, settings) -> No
         for concurrency in concurrencies:
             before = snapshot(url, admin_headers)
             cpu_before = group_cpu_seconds(server.process.pid)  # its own process group
+            client_before = time.process_time()
             result = closed_loop(
                 system, factory, queries, concurrency, settings.max_requests, settings.max_seconds
             )
             # The server's CPU time (tritonserver and every stub) per answered request; the
-            # closed loop's warm-up requests are in it too, a handful among thousands.
+            # closed loop's warm-up requests are in it too, a handful among thousands. The
+            # load generator's own (this process: gRPC clients in Python threads) shares the
+            # same cores, so it is reported beside it.
             cpu_s = group_cpu_seconds(server.process.pid) - cpu_before
-            cpu_ms = 1000 * cpu_s / result.requests if result.requests else None
-            report.add(result, breakdown(before, snapshot(url, admin_headers)), cpu_ms)
+            client_s = time.process_time() - client_before
+            per_request = 1000 / result.requests if result.requests else None
+            report.add(
+                result,
+                breakdown(before, snapshot(url, admin_headers)),
+                None if per_request is None else cpu_s * per_request,
+                None if per_request is None else client_s * per_request,
+            )
     finally:
         for client in clients:
             client.close()

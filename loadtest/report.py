@@ -29,6 +29,7 @@ class BenchReport:
         result: LoadResult,
         stages: dict | None = None,
         server_cpu_ms_per_request: float | None = None,
+        client_cpu_ms_per_request: float | None = None,
     ) -> None:
         summary = result.summary()
         if stages is not None:
@@ -37,6 +38,8 @@ class BenchReport:
             summary["stage_compute_per_row_ms"] = _ms(stage_compute_per_row_us(stages, ensemble))
         if server_cpu_ms_per_request is not None:
             summary["server_cpu_ms_per_request"] = round(server_cpu_ms_per_request, 3)
+        if client_cpu_ms_per_request is not None:
+            summary["client_cpu_ms_per_request"] = round(client_cpu_ms_per_request, 3)
         self.runs.append(summary)
         log.info(
             "%-19s c=%-3d %7.1f req/s  p50 %7.2f ms  p99 %7.2f ms  (%d requests, %d errors)",
@@ -108,8 +111,9 @@ def markdown(report) -> str:
         f"Settings: `{report.settings}`",
         "",
         "| system | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms "
-        "| stages' compute per row ms | server CPU per request ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| stages' compute per row ms | server CPU per request ms | load generator CPU per "
+        "request ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def shown(value: float | None) -> str:
@@ -120,7 +124,8 @@ def markdown(report) -> str:
             f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['errors']} "
             f"| {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {shown(r.get('stage_compute_per_row_ms'))} "
-            f"| {shown(r.get('server_cpu_ms_per_request'))} |"
+            f"| {shown(r.get('server_cpu_ms_per_request'))} "
+            f"| {shown(r.get('client_cpu_ms_per_request'))} |"
         )
     lines += ["", "## Targets (ratios measured in this run)", "", "| ratio | measured | target |"]
     lines.append("|---|---|---|")
