@@ -110,7 +110,7 @@ def visible_gpus() -> list[str]:
 
 
 def bench_triton(report, server, system, queries, concurrencies, settings) -> None:
-    from ecomsearch.server.processes import group_cpu_seconds
+    from ecomsearch.server.processes import cpu_seconds_by_process
 
     url, admin_headers = server.grpc_url, server.admin_headers
     clients: list = []
@@ -118,7 +118,7 @@ def bench_triton(report, server, system, queries, concurrencies, settings) -> No
     try:
         for concurrency in concurrencies:
             before = snapshot(url, admin_headers)
-            cpu_before = group_cpu_seconds(server.process.pid)  # its own process group
+            cpu_before = cpu_seconds_by_process(server.process.pid)  # its own process group
             client_before = time.process_time()
             result = closed_loop(
                 system, factory, queries, concurrency, settings.max_requests, settings.max_seconds
@@ -127,14 +127,22 @@ def bench_triton(report, server, system, queries, concurrencies, settings) -> No
             # closed loop's warm-up requests are in it too, a handful among thousands. The
             # load generator's own (this process: gRPC clients in Python threads) shares the
             # same cores, so it is reported beside it.
-            cpu_s = group_cpu_seconds(server.process.pid) - cpu_before
+            cpu_after = cpu_seconds_by_process(server.process.pid)
             client_s = time.process_time() - client_before
-            per_request = 1000 / result.requests if result.requests else None
+            per_request = 1000 / result.requests if result.requests else 0.0
+            by_process = {
+                name: round((seconds - cpu_before.get(name, 0.0)) * per_request, 3)
+                for name, seconds in cpu_after.items()
+            }
+            stages = breakdown(before, snapshot(url, admin_headers))
+            for name, stage in stages.items():
+                stage["server_cpu_ms_per_request"] = by_process.get(name)
             report.add(
                 result,
-                breakdown(before, snapshot(url, admin_headers)),
-                None if per_request is None else cpu_s * per_request,
-                None if per_request is None else client_s * per_request,
+                stages,
+                sum(by_process.values()) if result.requests else None,
+                client_s * per_request if result.requests else None,
+                by_process,
             )
     finally:
         for client in clients:

@@ -30,6 +30,7 @@ class BenchReport:
         stages: dict | None = None,
         server_cpu_ms_per_request: float | None = None,
         client_cpu_ms_per_request: float | None = None,
+        server_cpu_ms_by_process: dict[str, float] | None = None,
     ) -> None:
         summary = result.summary()
         if stages is not None:
@@ -40,6 +41,8 @@ class BenchReport:
             summary["server_cpu_ms_per_request"] = round(server_cpu_ms_per_request, 3)
         if client_cpu_ms_per_request is not None:
             summary["client_cpu_ms_per_request"] = round(client_cpu_ms_per_request, 3)
+        if server_cpu_ms_by_process is not None:
+            summary["server_cpu_ms_by_process"] = server_cpu_ms_by_process
         self.runs.append(summary)
         log.info(
             "%-19s c=%-3d %7.1f req/s  p50 %7.2f ms  p99 %7.2f ms  (%d requests, %d errors)",
@@ -138,18 +141,40 @@ def markdown(report) -> str:
             "## Per-model time (Triton statistics API)",
             "",
             "Queue and compute are means per request (a batched request's compute is its "
-            "batch's); compute per row shares each execution's compute among its rows.",
+            "batch's); compute per row shares each execution's compute among its rows; CPU is "
+            "the model's processes' CPU time (/proc) per request of the run.",
             "",
             "| run | model | requests | queue us | compute us | compute per row us "
-            "| rows per execution |",
-            "|---|---|---|---|---|---|---|",
+            "| rows per execution | CPU per request ms |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for run, models in report.stages.items():
             for model, s in models.items():
                 lines.append(
                     f"| {run} | {model} | {s['requests']} | {s['queue_us']} | {s['compute_us']} "
-                    f"| {s.get('compute_per_row_us')} | {s['rows_per_execution']} |"
+                    f"| {s.get('compute_per_row_us')} | {s['rows_per_execution']} "
+                    f"| {shown(s.get('server_cpu_ms_per_request'))} |"
                 )
+        server_rows = [
+            (run, r["server_cpu_ms_by_process"])
+            for run, r in ((f"{r['system']}@{r['concurrency']}", r) for r in report.runs)
+            if r.get("server_cpu_ms_by_process")
+        ]
+        if server_rows:
+            lines += [
+                "",
+                "CPU per request of the processes outside the ensemble's steps (the server "
+                "itself, other models' instances):",
+                "",
+            ]
+            for run, by_process in server_rows:
+                others = {
+                    name: ms
+                    for name, ms in by_process.items()
+                    if name not in report.stages.get(run, {})
+                }
+                shown_others = ", ".join(f"{name} {ms:.2f} ms" for name, ms in others.items())
+                lines.append(f"- {run}: {shown_others}")
     return "\n".join(lines) + "\n"
 
 

@@ -80,26 +80,41 @@ def group_members(pgid: int) -> list[Process]:
     return members
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) used so far by the live members of process group `pgid`: the
-    server and its stubs. A difference of two readings prices the work done between them."""
+def cpu_seconds_by_process(pgid: int) -> dict[str, float]:
+    """CPU time (user + system) used so far by the live members of process group `pgid`, by
+    what each is: a stub by its model's name (its instances summed), the server as
+    "tritonserver". A difference of two readings prices the work done between them."""
     import os
 
     ticks_per_second = os.sysconf("SC_CLK_TCK")
-    total = 0
+    totals: dict[str, float] = {}
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # gone while we read
             continue
         # After "(comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
         # utime stime ...
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks_per_second
+        if int(fields[2]) != pgid:
+            continue
+        process = Process(
+            int(entry.name), fields[0], tuple(a.decode(errors="replace") for a in argv if a)
+        )
+        stub = StubInstance.from_process(process)
+        name = stub.model if stub else Path(process.argv[0]).name if process.argv else "?"
+        seconds = (int(fields[11]) + int(fields[12])) / ticks_per_second
+        totals[name] = totals.get(name, 0.0) + seconds
+    return totals
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time used so far by the live members of process group `pgid`: the server and its
+    stubs."""
+    return sum(cpu_seconds_by_process(pgid).values())
 
 
 def stubs(members: Iterable[Process]) -> list[StubInstance]:

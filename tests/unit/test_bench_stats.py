@@ -129,3 +129,18 @@ def test_the_gpu_bench_serves_the_gpu_profile(monkeypatch, tmp_path) -> None:
     with pytest.raises(RuntimeError, match="stop here"):
         bench.run_bench(tmp_path, ["q"], tmp_path / "out", settings)
     assert started == [{"model_config_name": "gpu"}]
+
+
+def test_cpu_by_process_names_each_process_and_sums_to_the_group() -> None:
+
+    from ecomsearch.server.processes import cpu_seconds_by_process
+
+    group = os.getpgid(0)
+    before = cpu_seconds_by_process(group)
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after = cpu_seconds_by_process(group)
+    # This process is named after its argv[0] (pytest, or python); a stub by its model.
+    assert any(after[name] - before.get(name, 0.0) >= 0.2 for name in after), after
+    assert sum(after.values()) == pytest.approx(group_cpu_seconds(group), abs=0.05)
