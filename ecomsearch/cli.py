@@ -18,10 +18,6 @@ from ecomsearch import contract
 
 # Where `ecomsearch serve` reads the admin key from when no --admin-key-file is given.
 ADMIN_KEY_ENV = "ECOMSEARCH_ADMIN_KEY"
-# Triton's response cache for preprocess and query_encoder: an entry is a query's tokens or its
-# 384-float embedding plus the cache's bookkeeping, so 64 MiB holds tens of thousands of
-# distinct queries, a shop's head and torso (docs/performance.md measures the hit rate).
-DEFAULT_RESPONSE_CACHE_MB = 64
 
 log = logging.getLogger("ecomsearch")
 
@@ -302,7 +298,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tritonserver=args.tritonserver,
         store_url=args.store,
         write_key=_serving_write_key(args),
-        response_cache_bytes=args.response_cache_mb * 1024 * 1024,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1101,13 +1096,6 @@ def build_parser() -> argparse.ArgumentParser:
         "the catalog store the models follow and write to",
         "the store the served index was built from, which its manifest records without a password",
     )
-    serve.add_argument(
-        "--response-cache-mb",
-        type=int,
-        default=DEFAULT_RESPONSE_CACHE_MB,
-        help="Triton's response cache for the stages that read only the query text (tokens "
-        "and embeddings of repeated queries, never the catalog); 0 turns it off",
-    )
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver's verbosity")
     serve.add_argument(
         "--startup-timeout-s", type=float, default=300.0, help="give up if not ready by then"
@@ -1403,9 +1391,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--requests", type=int, default=4000, help="length of the replay")
     cache.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
-    cache.add_argument(
-        "--cache-mb", type=int, default=DEFAULT_RESPONSE_CACHE_MB, help="the cache measured"
-    )
+    cache.add_argument("--cache-mb", type=int, default=64, help="the cache measured")
     cache.add_argument("--max-seconds", type=float, default=60.0, help="per run, at most")
     cache.add_argument(
         "--out", type=Path, default=Path("results/cache"), help="where the report goes"

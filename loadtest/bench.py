@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +61,9 @@ def triton_worker_factory(url: str, model_name: str, k: int, clients: list):
     return factory
 
 
-def without_dynamic_batching(source: Path, target: Path) -> Path:
-    """A copy of a model repository with dynamic batching removed from every model
-    (configs rewritten through Triton's protobuf; large artefacts linked, not copied)."""
+def rewritten_repository(source: Path, target: Path, edit: Callable[[str, object], None]) -> Path:
+    """A copy of a model repository whose configs (every profile's) went through
+    `edit(model name, ModelConfig)` via Triton's protobuf; large artefacts linked, not copied."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -83,17 +83,23 @@ def without_dynamic_batching(source: Path, target: Path) -> Path:
     (target / index.relative_to(source)).symlink_to(index.resolve(), target_is_directory=True)
     for path in [*target.glob("*/config.pbtxt"), *target.glob("*/configs/*.pbtxt")]:
         config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-        config.ClearField("dynamic_batching")
+        edit(config.name, config)
         path.write_text(text_format.MessageToString(config))
     return target
+
+
+def without_dynamic_batching(source: Path, target: Path) -> Path:
+    """A copy of a model repository with dynamic batching removed from every model."""
+    return rewritten_repository(
+        source, target, lambda _, config: config.ClearField("dynamic_batching")
+    )
 
 
 @contextmanager
 def served(repository: Path, log_path: Path, profile: str | None = None):
     from ecomsearch.server.launcher import TritonServer
 
-    # No response cache: the bench replays a few dozen queries, and prices each one's work
-    # (`ecomsearch bench-cache` measures the cache on a realistic stream).
+    # No response cache (no shipped config enables one; `ecomsearch bench-cache` measures it).
     with TritonServer.local(repository, log_path, model_config_name=profile) as server:
         yield server
 

@@ -133,8 +133,8 @@ def markdown(report) -> str:
     lines += ["", "## Targets (ratios measured in this run)", "", "| ratio | measured | target |"]
     lines.append("|---|---|---|")
     for what, value, target in target_ratios(report.runs):
-        shown = "not measured" if value is None else f"{value:.2f}"
-        lines.append(f"| {what} | {shown} | {target} |")
+        measured = "not measured" if value is None else f"{value:.2f}"
+        lines.append(f"| {what} | {measured} | {target} |")
     if report.stages:
         lines += [
             "",

@@ -207,8 +207,8 @@ class TritonServer:
         response_cache_bytes: int = 0,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
-        # Triton's local response cache, used by the models whose config enables it (the
-        # query-only stages: preprocess, query_encoder); 0 leaves the server without one.
+        # Triton's local response cache, used by the models whose config enables it (none as
+        # shipped: `ecomsearch bench-cache` measures it on a copy); 0: the server has none.
         if response_cache_bytes < 0:
             raise ValueError(f"response_cache_bytes must be >= 0, got {response_cache_bytes}")
         self.response_cache_bytes = response_cache_bytes

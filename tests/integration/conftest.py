@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from ecomsearch.cli import DEFAULT_RESPONSE_CACHE_MB
 from ecomsearch.paths import ModelRepositoryLayout, demo_catalog
 from ecomsearch.server.launcher import TritonServer
 from ecomsearch.workspace import link_model_repository
@@ -92,10 +91,7 @@ def model_repository(tmp_path_factory, fixture_catalog, embedding_cache) -> Path
 @pytest.fixture(scope="session")
 def triton_server(model_repository, tmp_path_factory) -> Iterator[TritonServer]:
     log_path = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    # With the response cache `ecomsearch serve` starts by default.
-    with TritonServer.local(
-        model_repository, log_path, response_cache_bytes=DEFAULT_RESPONSE_CACHE_MB << 20
-    ) as server:
+    with TritonServer.local(model_repository, log_path) as server:
         yield server
 
 

@@ -53,6 +53,12 @@ def test_bench_runs_every_system_and_writes_reports(model_repository, tmp_path):
     assert "ranker" in saved["stages"]["triton@2"]
     markdown = (tmp_path / "bench.md").read_text()
     assert "| triton | 2 | 6 | 0 |" in markdown
+    # What a query costs: the stages' compute, the server's and the load generator's CPU.
+    triton = next(r for r in report.runs if (r["system"], r["concurrency"]) == ("triton", 2))
+    assert triton["stage_compute_per_row_ms"] > 0 and triton["server_cpu_ms_per_request"] > 0
+    assert triton["client_cpu_ms_per_request"] > 0
+    assert {"tritonserver", "query_encoder", "retrieve"} <= set(triton["server_cpu_ms_by_process"])
+    assert "CPU per query at c=16" in markdown
     for plot in ("latency_vs_concurrency.png", "throughput_vs_concurrency.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
 
@@ -154,3 +160,21 @@ def test_freshness_measures_every_phase_and_every_new_product_becomes_visible(
     markdown = (out / "freshness.md").read_text()
     assert "## Visibility lag of new products" in markdown and "| with writer / alone |" in markdown
     assert (out / "tritonserver.log").stat().st_size > 0
+
+
+def test_bench_cache_replays_a_stream_with_and_without_the_cache(model_repository, tmp_path):
+    from ecomsearch.loadtest.cache_bench import CacheBenchSettings, run_cache_bench
+
+    judgments = tmp_path / "judgments.csv"
+    rows = [f"{q},p{i},3" for q in ("gaming mouse", "nvme ssd", "case fan") for i in range(5)]
+    judgments.write_text("query,product_id,relevance\n" + "\n".join(rows) + "\n")
+    settings = CacheBenchSettings(requests=30, concurrency=2, cache_mb=8, max_seconds=30)
+    report = run_cache_bench(model_repository, judgments, tmp_path / "out", settings)
+    uncached, cached = report["runs"]
+    assert report["repeat_rate"] == 0.9 and report["distinct_queries"] == 3
+    assert uncached["requests"] == cached["requests"] == 30
+    assert uncached["errors"] == cached["errors"] == 0
+    assert set(uncached["cache_hit_rate"].values()) == {None}  # no cache, no lookups
+    # Every repeat not in flight beside its first occurrence hits.
+    assert 0.5 <= cached["cache_hit_rate"]["query_encoder"] <= 0.9
+    assert "Throughput with / without" in (tmp_path / "out" / "cache.md").read_text()

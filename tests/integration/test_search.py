@@ -195,27 +195,3 @@ def test_cli_search_prints_mice(grpc_url):
     lines = completed.stdout.strip().splitlines()
     assert len(lines) == 3
     assert all("mouse-" in line for line in lines), completed.stdout
-
-
-def test_a_repeated_query_skips_the_query_stages_through_the_response_cache(triton_server, client):
-    from ecomsearch.loadtest.triton_stats import snapshot
-
-    def hits() -> dict[str, int]:
-        counters = snapshot(triton_server.grpc_url, triton_server.admin_headers)
-        return {
-            m: counters[m]["cache_hits"]
-            for m in (contract.PREPROCESS_MODEL, contract.ENCODER_MODEL, contract.RETRIEVE_MODEL)
-        }
-
-    query = "cache probe: silent 140mm case fan"
-    before = hits()
-    first = client.search(query, k=5)
-    between = hits()
-    second = client.search(query, k=5)
-    after = hits()
-    assert between == before  # a new query misses
-    assert after[contract.PREPROCESS_MODEL] == before[contract.PREPROCESS_MODEL] + 1
-    assert after[contract.ENCODER_MODEL] == before[contract.ENCODER_MODEL] + 1
-    # The catalog-dependent stages never cache: a product written since must be found.
-    assert after[contract.RETRIEVE_MODEL] == before[contract.RETRIEVE_MODEL] == 0
-    assert [(h.product_id, h.score) for h in second] == [(h.product_id, h.score) for h in first]

@@ -507,3 +507,10 @@ def test_the_rerank_is_asked_for_not_on_by_default(profile):
     assert int(select.parameters["rerank_depth"].string_value) == 0
     cross_encoder = profile_config(contract.CROSS_ENCODER_MODEL, profile)
     assert cross_encoder.max_batch_size == CROSS_ENCODER_MAX_PAIRS
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
+def test_no_model_enables_the_response_cache(path):
+    # tritonserver 2.51 caches a Python model's error response as an empty success: the second
+    # identical bad request (or any request after a failed execution) gets OK and no outputs.
+    assert not parse(path).response_cache.enable
