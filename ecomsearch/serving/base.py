@@ -22,7 +22,7 @@ __all__ = [
     "Tensors",
     "input_array",
     "int_parameter",
-    "limit_blas_threads",
+    "limit_native_threads",
     "model_config",
     "parameter",
     "split_rows",
@@ -78,18 +78,25 @@ def text_values(raw: np.ndarray, name: str, limit_bytes: int) -> np.ndarray:
     return out
 
 
-def limit_blas_threads(threads: int = 1) -> None:
-    """Caps every BLAS library loaded in this process (numpy's OpenBLAS, FAISS's) at `threads`.
+def limit_native_threads(threads: int = 1) -> None:
+    """Caps the thread pools of the native libraries a Python model uses at `threads`: every
+    BLAS library loaded in this process (numpy's OpenBLAS, FAISS's), and the tokenizers'.
 
-    A model instance is a process, and Triton's instance groups are the parallelism: a BLAS
-    pool of one thread per core inside each instance only oversubscribes the cores, and its
-    idle workers spin after every call. Measured on `retrieve` at concurrency 1 (2 cores):
-    12.4 ms of CPU per request for 2.7 ms of work, a core burnt spinning. OpenMP (FAISS's
+    A model instance is a process, and Triton's instance groups are the parallelism: a pool of
+    one thread per core inside each instance only oversubscribes the cores, and its idle
+    workers spin after every call. Measured at concurrency 1 (2 cores): `retrieve` used 12.4 ms
+    of CPU per request for 2.7 ms of work, a core burnt spinning in OpenBLAS; tokenizing two
+    queries cost 185 us of CPU with the tokenizers' thread pool, 49 us without. OpenMP (FAISS's
     search) is left to its owner's parameter.
     """
+    import os
+
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=threads, user_api="blas")
+    # Read by the tokenizers library when it next encodes a batch.
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def input_array(pb_utils, request, name: str) -> np.ndarray | None:
@@ -115,7 +122,7 @@ class BatchedModel(abc.ABC):
     def __init__(self, pb_utils) -> None:
         self.pb_utils = pb_utils
         self.logger = pb_utils.Logger
-        limit_blas_threads(1)
+        limit_native_threads(1)
 
     @abc.abstractmethod
     def parse(self, request) -> Tensors:

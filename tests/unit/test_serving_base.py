@@ -286,13 +286,19 @@ def test_the_fake_tensor_is_contiguous_like_the_real_one(pb_utils) -> None:
     assert not response.has_error() and response.error() is None
 
 
-def test_a_model_caps_the_blas_pools_of_its_process_at_one_thread(triton) -> None:
-    # Idle BLAS workers spin on the cores that the other instances need (ecomsearch.serving.base).
+def test_a_model_caps_the_native_thread_pools_of_its_process_at_one_thread(
+    triton, monkeypatch
+) -> None:
+    # Idle workers spin on the cores that the other instances need (ecomsearch.serving.base).
+    import os
+
     from threadpoolctl import threadpool_info, threadpool_limits
 
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     with threadpool_limits(limits=2, user_api="blas"):
         assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
         Doubler(triton.pb_utils)
         blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
         assert blas, "numpy links a BLAS library"
         assert {pool["num_threads"] for pool in blas} == {1}
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
