@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 CATALOG ?= data/pc_parts/products_priced.jsonl.gz
 MODEL_REPOSITORY ?= model_repository
 ENCODER_ONNX := $(MODEL_REPOSITORY)/query_encoder/1/model.onnx
+# The CPU profile's int8 twin, written beside it by the same command.
+ENCODER_INT8_ONNX := $(MODEL_REPOSITORY)/query_encoder/1/model.int8.onnx
 PYTEST_ARGS ?=
 
 .PHONY: help install models index serve test lint clean bench loadtest relevance-gate
@@ -25,7 +27,7 @@ install: $(BIN)/ecomsearch
 # The fine-tuned adapter (ecomsearch train-encoder) is part of the encoder: a new one re-exports.
 ENCODER_ADAPTER := $(wildcard $(MODEL_REPOSITORY)/query_encoder/adapter/adapter.safetensors)
 
-$(ENCODER_ONNX): $(ENCODER_ADAPTER) | $(BIN)/ecomsearch
+$(ENCODER_ONNX) $(ENCODER_INT8_ONNX) &: $(ENCODER_ADAPTER) | $(BIN)/ecomsearch
 	$(BIN)/ecomsearch export-encoder --model-repository $(MODEL_REPOSITORY)
 
 # The cross-encoder (select's rerank stage, docs/relevance.md) is built from its checked-in adapter.
@@ -35,7 +37,7 @@ CROSS_ENCODER_ADAPTER := $(wildcard $(MODEL_REPOSITORY)/cross_encoder/adapter/ad
 $(CROSS_ENCODER_ONNX): $(CROSS_ENCODER_ADAPTER) | $(BIN)/ecomsearch
 	$(BIN)/ecomsearch export-cross-encoder --model-repository $(MODEL_REPOSITORY)
 
-models: $(ENCODER_ONNX) $(CROSS_ENCODER_ONNX)
+models: $(ENCODER_ONNX) $(ENCODER_INT8_ONNX) $(CROSS_ENCODER_ONNX)
 
 # build-index itself skips the work when the index matches the catalog and the encoder.
 index: models
