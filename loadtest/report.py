@@ -156,8 +156,8 @@ def markdown(report) -> str:
                     f"| {shown(s.get('server_cpu_ms_per_request'))} |"
                 )
         server_rows = [
-            (run, r["server_cpu_ms_by_process"])
-            for run, r in ((f"{r['system']}@{r['concurrency']}", r) for r in report.runs)
+            (f"{r['system']}@{r['concurrency']}", r["server_cpu_ms_by_process"])
+            for r in report.runs
             if r.get("server_cpu_ms_by_process")
         ]
         if server_rows:

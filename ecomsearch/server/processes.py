@@ -27,6 +27,7 @@ class Process:
     pid: int
     state: str  # R, S, D, Z (zombie: dead, not yet reaped), ...
     argv: tuple[str, ...]
+    cpu_ticks: int = 0  # user + system CPU time so far, in clock ticks (SC_CLK_TCK)
 
     @property
     def alive(self) -> bool:
@@ -66,7 +67,8 @@ def group_members(pgid: int) -> list[Process]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # gone while we read
             continue
-        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+        # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime
+        # stime ...: comm may hold spaces and parentheses.
         fields = stat.rsplit(")", 1)[1].split()
         if int(fields[2]) != pgid:
             continue
@@ -75,6 +77,7 @@ def group_members(pgid: int) -> list[Process]:
                 int(entry.name),
                 fields[0],
                 tuple(a.decode(errors="replace") for a in argv if a),
+                int(fields[11]) + int(fields[12]),
             )
         )
     return members
@@ -88,26 +91,10 @@ def cpu_seconds_by_process(pgid: int) -> dict[str, float]:
 
     ticks_per_second = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone while we read
-            continue
-        # After "(comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-        # utime stime ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) != pgid:
-            continue
-        process = Process(
-            int(entry.name), fields[0], tuple(a.decode(errors="replace") for a in argv if a)
-        )
+    for process in group_members(pgid):
         stub = StubInstance.from_process(process)
         name = stub.model if stub else Path(process.argv[0]).name if process.argv else "?"
-        seconds = (int(fields[11]) + int(fields[12])) / ticks_per_second
-        totals[name] = totals.get(name, 0.0) + seconds
+        totals[name] = totals.get(name, 0.0) + process.cpu_ticks / ticks_per_second
     return totals
 
 
