@@ -64,6 +64,9 @@ class ChangeFollower:
         self.on_poll = on_poll
         self.with_embeddings = with_embeddings  # `select` needs labels, not vectors
         self.last_poll_monotonic: float | None = None
+        # Unix time of the start of the last poll that read everything the store held: every
+        # change committed before it is read, and applied before the next search.
+        self.caught_up_at: float | None = None
         self._pending: list[Any] = []
         self._pending_lock = threading.Lock()  # held for list operations only
         self._store: Any = None
@@ -95,6 +98,7 @@ class ChangeFollower:
         """Reads the changes after the read cursor (at most POLL_BATCH_LIMIT) and applies them,
         with what was pending, if the lock is free; returns how many were read. Reading happens
         outside the lock: only applying blocks searches."""
+        started_at = time.time()
         changes = store.changes(
             self.read_cursor, limit=POLL_BATCH_LIMIT, with_embeddings=self.with_embeddings
         )
@@ -104,6 +108,8 @@ class ChangeFollower:
                 self.read_cursor = max(self.read_cursor, changes[-1].seq)
         self.apply_if_idle()
         self.last_poll_monotonic = time.monotonic()
+        if len(changes) < POLL_BATCH_LIMIT:
+            self.caught_up_at = started_at
         return len(changes)
 
     def apply_if_idle(self) -> None:

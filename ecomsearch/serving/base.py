@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ecomsearch.errors import RequestError
+from ecomsearch.serving.metrics import ModelMetrics
 
 # One request's (or one batch's) tensors by name; every array has a row per query on axis 0.
 Tensors = dict[str, np.ndarray]
@@ -116,13 +117,21 @@ class BatchedModel(abc.ABC):
     No traceback or server path reaches a client: a RequestError is INVALID_ARG with its own
     message, and any other exception (a bug that one request's inputs trigger) is logged with its
     traceback under an id, and the request gets INTERNAL with that id only. A model that cannot
-    serve at all fails in `initialize`, where Triton refuses to load it.
+    serve at all fails in `initialize`, where Triton refuses to load it. Each error answer
+    counts in `ecomsearch_requests_rejected_total` by reason (`metrics`, set by the server).
     """
 
     def __init__(self, pb_utils) -> None:
         self.pb_utils = pb_utils
         self.logger = pb_utils.Logger
+        # A served instance's (from_triton_args sets them); off for a model built in-process.
+        self.metrics = ModelMetrics.disabled()
         limit_native_threads(1)
+
+    def instrumented(self, args: dict[str, Any]) -> BatchedModel:
+        """This model with the metrics of the instance Triton's `args` describe."""
+        self.metrics = ModelMetrics.of_instance(self.pb_utils, args)
+        return self
 
     @abc.abstractmethod
     def parse(self, request) -> Tensors:
@@ -202,6 +211,7 @@ class BatchedModel(abc.ABC):
 
     def _invalid(self, error: RequestError):
         pb_utils = self.pb_utils
+        self.metrics.rejected(pb_utils.TritonError.INVALID_ARG)
         return pb_utils.InferenceResponse(
             output_tensors=[],
             error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG),
@@ -211,6 +221,7 @@ class BatchedModel(abc.ABC):
         """INTERNAL for a bug one request triggered: the traceback goes to the server log under
         an id, the client gets only the id (no paths, no code)."""
         pb_utils = self.pb_utils
+        self.metrics.rejected(pb_utils.TritonError.INTERNAL)
         error_id = uuid.uuid4().hex[:12]
         name = type(self).__name__
         self.logger.log_error(

@@ -239,7 +239,9 @@ class CatalogModel(StoreWriter):
                 f"catalog: no store (the index in {layout.index_dir} was built from a file and "
                 f"${STORE_URL_ENV} is not set): every write is refused"
             )
-            return cls(pb_utils, None, BlsEmbedder(pb_utils), fingerprint, write_key)
+            return cls(pb_utils, None, BlsEmbedder(pb_utils), fingerprint, write_key).instrumented(
+                args
+            )
         store = open_store(url)
         pb_utils.Logger.log_info(
             f"catalog: store {store.url} at seq {store.head()}, served encoder "
@@ -248,7 +250,9 @@ class CatalogModel(StoreWriter):
         pb_utils.Logger.log_info(
             "catalog: writes need the write key" if write_key else "catalog: writes are open"
         )
-        return cls(pb_utils, store, BlsEmbedder(pb_utils), fingerprint, write_key)
+        return cls(pb_utils, store, BlsEmbedder(pb_utils), fingerprint, write_key).instrumented(
+            args
+        )
 
     def close(self) -> None:
         if self.store is not None:

@@ -101,13 +101,13 @@ class EventsModel(StoreWriter):
         url = served_store_url(layout)
         if url is None:
             pb_utils.Logger.log_warn("events: no store (the catalog is a file): writes refused")
-            return cls(pb_utils, None, write_key)
+            return cls(pb_utils, None, write_key).instrumented(args)
         store = open_store(url)
         pb_utils.Logger.log_info(
             f"events: store {store.url}, event log at seq {store.events_head()}; "
             + ("writes need the write key" if write_key else "writes are open")
         )
-        return cls(pb_utils, store, write_key)
+        return cls(pb_utils, store, write_key).instrumented(args)
 
     def close(self) -> None:
         if self.store is not None:

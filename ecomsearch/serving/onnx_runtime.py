@@ -143,7 +143,7 @@ class OnnxRuntimeModel(BatchedModel):
         pb_utils.Logger.log_info(
             f"onnxruntime (python drop-in): {path} on {session.get_providers()[0]}"
         )
-        return cls(pb_utils, session, config)
+        return cls(pb_utils, session, config).instrumented(args)
 
     def parse(self, request) -> Tensors:
         inputs = {}

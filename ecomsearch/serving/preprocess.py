@@ -64,7 +64,7 @@ class PreprocessModel(BatchedModel):
             f"{contract.MAX_QUERY_TOKENS} tokens (product text: {contract.MAX_TOKENS!r} up to "
             f"{contract.PRODUCT_MAX_TOKENS}) and {contract.MAX_QUERY_BYTES} bytes a query"
         )
-        return cls(pb_utils, tokenizers)
+        return cls(pb_utils, tokenizers).instrumented(args)
 
     def parse(self, request) -> Tensors:
         queries = decode_queries(input_array(self.pb_utils, request, contract.QUERY))

@@ -173,7 +173,8 @@ class RecommendCandidatesModel(BatchedModel):
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> RecommendCandidatesModel:
-        return cls(pb_utils, LiveRecommender.from_triton_args(args, pb_utils, "recommend"))
+        live = LiveRecommender.from_triton_args(args, pb_utils, "recommend")
+        return cls(pb_utils, live).instrumented(args)
 
     def finalize(self) -> None:
         self.live.stop()
@@ -243,7 +244,8 @@ class SimilarCandidatesModel(BatchedModel):
         layout, _ = ModelRepositoryLayout.of_triton_model(args)
         weight = similar_weight(layout.recommender_info)
         pb_utils.Logger.log_info(f"similar: co-purchase weight {weight:g}")
-        return cls(pb_utils, LiveRecommender.from_triton_args(args, pb_utils, "similar"), weight)
+        live = LiveRecommender.from_triton_args(args, pb_utils, "similar")
+        return cls(pb_utils, live, weight).instrumented(args)
 
     def finalize(self) -> None:
         self.live.stop()

@@ -20,7 +20,7 @@ from ecomsearch.live.served import COMPACT_DELTA_ROWS, LiveRetriever
 from ecomsearch.paths import INDEX_DIR, ModelRepositoryLayout
 from ecomsearch.query import decode_queries, queries_array
 from ecomsearch.ranking.candidates import LEXICAL_POOL, VECTOR_POOL, HybridRetriever
-from ecomsearch.ranking.features import check_ranker_features
+from ecomsearch.ranking.features import FEATURE_NAMES, check_ranker_features
 from ecomsearch.serving.base import (
     BatchedModel,
     RequestError,
@@ -29,7 +29,23 @@ from ecomsearch.serving.base import (
     int_parameter,
     model_config,
 )
+from ecomsearch.serving.metrics import (
+    APPLIED_SEQ,
+    CANDIDATES,
+    CAUGHT_UP,
+    DELTA_ROWS,
+    EMPTY_RESULTS,
+    INDEX_BUILT,
+    INDEX_PRODUCTS,
+    QUERIES,
+    Every,
+    MetricSpec,
+    timestamp_of,
+)
 from ecomsearch.store import redact
+
+_VECTOR_RANK = FEATURE_NAMES.index("vector_rank")
+_LEXICAL_RANK = FEATURE_NAMES.index("lexical_rank")
 
 
 @dataclass(frozen=True)
@@ -142,6 +158,18 @@ def parse_filters(pb_utils, request, batch: int) -> np.ndarray:
 FILTERS = "filters"
 
 
+def candidate_sources(
+    rows: np.ndarray, features: np.ndarray, vector_pool: int, lexical_pool: int
+) -> tuple[int, int, int]:
+    """(vector, lexical, empty) of a batch of candidates: how many came from each list (a
+    candidate in both counts twice) and how many queries had none. A rank feature holds
+    log(1 + rank) in its list, log(1 + pool) when the candidate is not in it."""
+    found = rows >= 0
+    in_vector = found & (features[..., _VECTOR_RANK] < np.float32(np.log1p(vector_pool)))
+    in_lexical = found & (features[..., _LEXICAL_RANK] < np.float32(np.log1p(lexical_pool)))
+    return int(in_vector.sum()), int(in_lexical.sum()), int((~found.any(axis=1)).sum())
+
+
 class RetrieveModel(BatchedModel):
     def __init__(
         self,
@@ -159,6 +187,7 @@ class RetrieveModel(BatchedModel):
         # ecomsearch.live.served): a search sees a whole batch of changes or none of it.
         self.lock = lock or threading.Lock()
         self.live: LiveRetriever | None = None
+        self._gauges_refresh = Every()
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> RetrieveModel:
@@ -211,7 +240,7 @@ class RetrieveModel(BatchedModel):
                 f"retrieve: candidate pools {served_pools} differ from the ranker's training "
                 f"pools {trained_pools}; rank features will be off its training distribution"
             )
-        model = cls(pb_utils, retriever, gpu["resources"])
+        model = cls(pb_utils, retriever, gpu["resources"]).instrumented(args)
         manifest = retriever.catalog.base.manifest
         store_url = served_store_url(layout, manifest)
         if store_url is None:
@@ -230,7 +259,9 @@ class RetrieveModel(BatchedModel):
                 warn=pb_utils.Logger.log_warn,
                 interval_s=settings.catalog_poll_interval_ms / 1000,
                 compact_delta_rows=settings.compact_delta_rows,
+                after_poll=model.publish_catalog_state,
             ).catch_up_and_start()
+        model.metrics.set_all(model.catalog_state())
         catalog = retriever.catalog
         pb_utils.Logger.log_info(
             f"retrieve: {catalog.live_count} products ({manifest.count} in the "
@@ -241,9 +272,27 @@ class RetrieveModel(BatchedModel):
         )
         return model
 
+    def catalog_state(self) -> dict[MetricSpec, float | None]:
+        """The served catalog's gauges (read without the lock: each value is one attribute)."""
+        catalog = self.retriever.catalog
+        follower = None if self.live is None else self.live.follower
+        return {
+            INDEX_PRODUCTS: catalog.live_count,
+            INDEX_BUILT: timestamp_of(catalog.base.manifest.built_at),
+            DELTA_ROWS: catalog.delta_rows,
+            APPLIED_SEQ: catalog.applied_seq,
+            CAUGHT_UP: None if follower is None else follower.caught_up_at,
+        }
+
+    def publish_catalog_state(self) -> None:
+        """The catalog's gauges, at most once a second (after each of the follower's polls)."""
+        if self.metrics.enabled and self._gauges_refresh.due():
+            self.metrics.set_all(self.catalog_state())
+
     def finalize(self) -> None:
         if self.live is not None:
             self.live.stop()
+        self.metrics.close()
 
     def parse(self, request) -> Tensors:
         embeddings = input_array(self.pb_utils, request, contract.EMBEDDING)
@@ -273,6 +322,17 @@ class RetrieveModel(BatchedModel):
             candidates = self.retriever.retrieve(
                 list(inputs[contract.QUERY]), inputs[contract.EMBEDDING], list(inputs[FILTERS])
             )
+        if self.metrics.enabled:  # once per batch: each update is a message to Triton
+            vector, lexical, empty = candidate_sources(
+                candidates.rows,
+                candidates.features,
+                self.retriever.vector_pool,
+                self.retriever.lexical_pool,
+            )
+            self.metrics.increment(QUERIES, len(candidates.rows))
+            self.metrics.increment(CANDIDATES, vector, source="vector")
+            self.metrics.increment(CANDIDATES, lexical, source="lexical")
+            self.metrics.increment(EMPTY_RESULTS, empty)
         return {
             contract.CANDIDATE_ROWS: candidates.rows,
             contract.CANDIDATE_FEATURES: candidates.features,

@@ -43,6 +43,7 @@ from ecomsearch.serving.base import (
     model_config,
     text_values,
 )
+from ecomsearch.serving.metrics import APPLIED_SEQ, CAUGHT_UP, EMPTY_RESULTS, Every
 from ecomsearch.serving.rerank import CrossEncoderScorer, RerankUnavailableError
 from ecomsearch.store import redact
 
@@ -157,6 +158,7 @@ class SelectModel(BatchedModel):
         # What shoppers did, for personalised searches: read from the event log on the first
         # one (a plain search never pays for it), then caught up before each.
         self.events: EventCatchUp | None = None
+        self._gauges_refresh = Every()
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> SelectModel:
@@ -176,7 +178,7 @@ class SelectModel(BatchedModel):
                 ProductLabels.from_index(index.keys, index.metadata),
                 **explainer_of(layout, pb_utils),
                 **rerank,
-            )
+            ).instrumented(args)
             pb_utils.Logger.log_info(f"select: {index.count} products from {layout.index_dir}")
             return model
         from ecomsearch.store import open_store
@@ -185,7 +187,7 @@ class SelectModel(BatchedModel):
         with open_store(store_url) as store:
             seq, products = store.snapshot(with_embeddings=False)
         labels.load(seq, products)
-        model = cls(pb_utils, labels, **explainer_of(layout, pb_utils), **rerank)
+        model = cls(pb_utils, labels, **explainer_of(layout, pb_utils), **rerank).instrumented(args)
         model.events = EventCatchUp(store_url, Interactions())
         model.follower = ChangeFollower(
             store_url,
@@ -194,6 +196,7 @@ class SelectModel(BatchedModel):
             model.lock,
             interval_ms / 1000,
             pb_utils.Logger.log_warn,
+            on_poll=model.publish_catalog_state,
             name="select-follower",
             with_embeddings=False,
         ).start()
@@ -202,11 +205,19 @@ class SelectModel(BatchedModel):
         )
         return model
 
+    def publish_catalog_state(self, _store: Any = None) -> None:
+        """The labels' catalog gauges, at most once a second (after the follower's polls)."""
+        if self.metrics.enabled and self.follower is not None and self._gauges_refresh.due():
+            self.metrics.set_all(
+                {APPLIED_SEQ: self.labels.applied_seq, CAUGHT_UP: self.follower.caught_up_at}
+            )
+
     def finalize(self) -> None:
         if self.follower is not None:
             self.follower.stop()
         if self._catch_up_store is not None:
             self._catch_up_store.close()
+        self.metrics.close()
 
     def follower_drain(self) -> None:
         """Applies the changes the follower has read; the caller holds the lock."""
@@ -339,6 +350,7 @@ class SelectModel(BatchedModel):
                     scores = scores + rerank_terms_of
             positions, top_rows, top_scores = top_k(rows, scores, k)
             labels = self.labels.labels(top_rows)
+        self.metrics.increment(EMPTY_RESULTS, int((~(top_rows >= 0).any(axis=1)).sum()))
         # Fewer candidates than k (a tiny catalog): empty ids that clients skip.
         outputs = {
             contract.PRODUCT_IDS: labels["ids"],

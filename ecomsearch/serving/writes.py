@@ -13,6 +13,7 @@ import numpy as np
 
 from ecomsearch import contract
 from ecomsearch.errors import RequestError
+from ecomsearch.serving.metrics import UNAUTHENTICATED, ModelMetrics
 
 
 class StoreWriter:
@@ -26,6 +27,13 @@ class StoreWriter:
         self.logger = pb_utils.Logger
         # When set, a write must carry it (request parameter WRITE_KEY_PARAMETER).
         self.write_key = write_key
+        # A served instance's (from_triton_args sets them): refused writes count by reason.
+        self.metrics = ModelMetrics.disabled()
+
+    def instrumented(self, args: dict) -> StoreWriter:
+        """This model with the metrics of the instance Triton's `args` describe."""
+        self.metrics = ModelMetrics.of_instance(self.pb_utils, args)
+        return self
 
     def authorised(self, request) -> bool:
         """Whether the request may write: no key is set, or it carries the key."""
@@ -45,10 +53,13 @@ class StoreWriter:
             f"this server takes writes only with its write key, in the request parameter "
             f"{contract.WRITE_KEY_PARAMETER!r} (ecomsearch clients: write_key=...)",
             self.pb_utils.TritonError.INVALID_ARG,
+            reason=UNAUTHENTICATED,
         )
 
-    def error(self, message: str, code: int):
+    def error(self, message: str, code: int, reason: str | None = None):
+        """An error answer, counted by `reason` (by default the code's)."""
         pb_utils = self.pb_utils
+        self.metrics.rejected(code, reason)
         return pb_utils.InferenceResponse(
             output_tensors=[], error=pb_utils.TritonError(message, code)
         )

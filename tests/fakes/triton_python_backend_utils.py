@@ -184,6 +184,78 @@ class Logger:
         Logger._record("VERBOSE", message)
 
 
+class MetricFamily:
+    """Custom metrics, as the stub's MetricFamily: a family per name (registered again with the
+    same kind and description, it is the same family; otherwise refused), metrics per label
+    set. What the models published is readable from `MetricFamily.registry`."""
+
+    COUNTER = 0
+    GAUGE = 1
+    HISTOGRAM = 2
+
+    registry: dict[str, MetricFamily] = {}  # noqa: RUF012 (per fresh module, like Logger)
+    _NAME = __import__("re").compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+    def __init__(self, name: str, description: str, kind: int) -> None:
+        if not isinstance(name, str) or not self._NAME.fullmatch(name):
+            raise TritonModelException(f"invalid metric family name {name!r}")
+        if not isinstance(description, str):
+            raise TypeError("description must be a str")
+        if kind not in (self.COUNTER, self.GAUGE, self.HISTOGRAM):
+            raise TritonModelException(f"unknown metric kind {kind!r}")
+        known = MetricFamily.registry.get(name)
+        if known is not None and (known.kind, known.description) != (kind, description):
+            raise TritonModelException(
+                f"metric family {name!r} is already registered with another kind or description"
+            )
+        self.name, self.description, self.kind = name, description, kind
+        self.metrics: dict[tuple[tuple[str, str], ...], Metric] = (
+            known.metrics if known is not None else {}
+        )
+        MetricFamily.registry[name] = self
+
+    def Metric(self, labels: dict[str, str] | None = None, buckets=None) -> Metric:  # noqa: N802
+        labels = dict(labels or {})
+        for key, value in labels.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"metric labels must be str: str, got {key!r}: {value!r}")
+        if (buckets is not None) != (self.kind == self.HISTOGRAM):
+            raise TritonModelException("buckets are for histograms, and histograms need them")
+        key = tuple(sorted(labels.items()))
+        metric = self.metrics.get(key)
+        if metric is None:
+            metric = self.metrics[key] = Metric(self, labels)
+        return metric
+
+    def value(self, **labels: str) -> float:
+        """The value of the series with exactly these labels (KeyError when none)."""
+        return self.metrics[tuple(sorted(labels.items()))].value()
+
+
+class Metric:
+    def __init__(self, family: MetricFamily, labels: dict[str, str]) -> None:
+        self.family = family
+        self.labels = labels
+        self._value = 0.0
+
+    def increment(self, value: float) -> None:
+        if not isinstance(value, float | int) or isinstance(value, bool):
+            raise TypeError(f"increment takes a number, got {type(value).__name__}")
+        if self.family.kind == MetricFamily.COUNTER and value < 0:
+            raise TritonModelException("a counter cannot be decremented")
+        if self.family.kind == MetricFamily.HISTOGRAM:
+            raise TritonModelException("a histogram is observed, not incremented")
+        self._value += value
+
+    def set(self, value: float) -> None:
+        if self.family.kind != MetricFamily.GAUGE:
+            raise TritonModelException("only a gauge can be set")
+        self._value = float(value)
+
+    def value(self) -> float:
+        return self._value
+
+
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
     for tensor in inference_request.inputs():
         if tensor.name() == name:

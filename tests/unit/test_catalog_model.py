@@ -567,3 +567,26 @@ def test_with_a_write_key_a_write_without_it_is_refused_and_writes_nothing(
     assert "s3cret" not in message
     assert ack(triton, allowed) == (1, 1)
     assert set(store.get(["sku-1", "sku-2"])) == {"sku-2"}
+
+
+def test_refused_writes_count_by_reason(pb_utils, triton, store, embedder) -> None:
+    from ecomsearch.serving.metrics import REQUESTS_REJECTED
+
+    args = {"model_name": "catalog", "model_version": "1", "model_instance_name": "catalog_0_0"}
+    model = CatalogModel(pb_utils, store, embedder, ENCODER, write_key="s3cret").instrumented(args)
+    key = {contract.WRITE_KEY_PARAMETER: "s3cret"}
+    model.execute(
+        [
+            triton.request(
+                parameters={contract.WRITE_KEY_PARAMETER: "guess"}, products=products(SSD)
+            ),
+            triton.request(parameters=key, products=products(b"{not json")),
+            triton.request(parameters=key, products=products(SSD)),
+        ]
+    )
+
+    family = pb_utils.MetricFamily.registry[REQUESTS_REJECTED.name]
+    labels = {"model": "catalog", "version": "1", "model_instance": "catalog_0_0"}
+    assert family.value(**labels, reason="unauthenticated") == 1
+    assert family.value(**labels, reason="invalid_argument") == 1
+    assert len(family.metrics) == 2, "the acknowledged write counts nowhere"

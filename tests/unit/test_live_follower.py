@@ -334,3 +334,21 @@ def test_a_tombstone_keeps_its_key_known_even_without_a_title() -> None:
     labels.apply([replace(stored(1, 1), deleted=True, title="")])
     assert labels.known(np.array([1])).tolist() == [True]
     assert labels.live(np.array([1])).tolist() == [False]
+
+
+def test_caught_up_is_the_start_of_the_last_poll_that_read_everything(
+    store, applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(follower_module, "POLL_BATCH_LIMIT", 2)
+    clock = iter([100.0, 101.0, 102.0])
+    monkeypatch.setattr(follower_module.time, "time", lambda: next(clock))
+    store.put("a", "b", "c")
+    follower = follower_of(applied)
+    assert follower.caught_up_at is None
+
+    assert follower.poll(store) == 2  # a full batch: more may be waiting
+    assert follower.caught_up_at is None
+    assert follower.poll(store) == 1  # short: everything committed before 101.0 is read
+    assert follower.caught_up_at == 101.0
+    assert follower.poll(store) == 0
+    assert follower.caught_up_at == 102.0

@@ -851,3 +851,30 @@ def test_past_the_threshold_the_catalog_is_compacted_and_the_new_base_served(
     catalog = retriever.catalog
     assert catalog.delta_rows == 0 and catalog.base_count == len(live.keys) + 2
     assert catalog.base.manifest.catalog_seq == live.store.head()
+
+
+def test_a_batch_publishes_its_queries_candidates_by_source_and_gauges(
+    triton, small_retrieve, tiny
+) -> None:
+    from ecomsearch.serving import metrics
+
+    family = triton.pb_utils.MetricFamily.registry
+    instance = {"model": "retrieve", "version": "1", "model_instance": "retrieve_0_0"}
+    assert family[metrics.INDEX_PRODUCTS.name].value(**instance) == len(tiny.products)
+    embedding = near(tiny, [8, 3], seed=4)
+
+    (response,) = small_retrieve.execute(
+        [triton.request(query=texts(["cordless drill", "zzzz"]), embedding=embedding)]
+    )
+
+    out = triton.outputs(response)
+    rows, features = out[contract.CANDIDATE_ROWS], out[contract.CANDIDATE_FEATURES]
+    lexical = {0, 2, 10, 11}  # the titles with "cordless" or "drill"; "zzzz" matches none
+    assert family[metrics.QUERIES.name].value(**instance) == 2
+    assert family[metrics.CANDIDATES.name].value(**instance, source="vector") == (
+        2 * SMALL_VECTOR_POOL
+    )
+    assert family[metrics.CANDIDATES.name].value(**instance, source="lexical") == len(lexical)
+    assert metrics.EMPTY_RESULTS.name not in family, "both queries had candidates"
+    assert (rows >= 0).sum() == len(set(rows[0].tolist()) - {-1}) + SMALL_VECTOR_POOL
+    assert features.shape[:2] == rows.shape

@@ -814,3 +814,16 @@ def test_a_default_rerank_depth_beyond_the_contract_refuses_to_load(triton):
 
     with pytest.raises(ValueError, match="rerank_depth"):
         SelectModel(triton.pb_utils, ProductLabels(), rerank_depth=contract.MAX_RERANK_DEPTH + 1)
+
+
+def test_queries_left_without_a_product_count_as_empty_results(triton, select) -> None:
+    from ecomsearch.serving.metrics import EMPTY_RESULTS
+
+    (response,) = select.execute(
+        [request(triton, [[3, 2, -1], [-1, -1, -1], [-1, -1, -1]], [[3, 2, 0]] * 3, top_k=2)]
+    )
+
+    assert not response.has_error()
+    series = triton.pb_utils.MetricFamily.registry[EMPTY_RESULTS.name].metrics
+    ((labels, metric),) = series.items()
+    assert dict(labels)["model"] == "select" and metric.value() == 2

@@ -1,0 +1,227 @@
+"""The Python models' own Prometheus metrics, beside Triton's (`pb_utils.MetricFamily`).
+
+Triton publishes them on its metrics port with its own (`nv_*`), and the launcher relays both
+(ecomsearch.server.ops). Every series carries `model`, `version` and `model_instance`: each
+model instance is a process of its own, and one series per instance keeps gauges from
+overwriting each other (sum or max them by `model` in queries).
+
+Updating a metric is a message from the stub to the Triton process, so the models update their
+counters once per batch, never per query, and the catalog gauges at most once per
+GAUGE_REFRESH_INTERVAL_S from the follower's thread (never on a search's path).
+
+The names here are the contract with deploy/monitoring (the dashboard and the alert rules);
+tests/unit/test_monitoring_rules.py checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+COUNTER = "counter"
+GAUGE = "gauge"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: str
+    description: str
+    # Label names beyond model, version and model_instance.
+    labels: tuple[str, ...] = ()
+
+
+REQUESTS_REJECTED = MetricSpec(
+    "ecomsearch_requests_rejected_total",
+    COUNTER,
+    "Requests a Python model answered with an error, by reason (invalid_argument: a bad "
+    "request; internal: a bug one request triggered; unavailable: work shed; unauthenticated: "
+    "a write without the write key; unsupported: a write to a server without a store)",
+    ("reason",),
+)
+QUERIES = MetricSpec("ecomsearch_queries_total", COUNTER, "Queries searched by retrieve")
+CANDIDATES = MetricSpec(
+    "ecomsearch_candidates_total",
+    COUNTER,
+    "Candidates retrieve found, by source (vector: FAISS, lexical: BM25); a candidate both "
+    "found counts in both",
+    ("source",),
+)
+EMPTY_RESULTS = MetricSpec(
+    "ecomsearch_empty_results_total",
+    COUNTER,
+    "Queries answered with nothing: no candidate (retrieve), no product (select)",
+)
+INDEX_PRODUCTS = MetricSpec(
+    "ecomsearch_index_products", GAUGE, "Products searchable now: base index + delta - deleted"
+)
+INDEX_BUILT = MetricSpec(
+    "ecomsearch_index_built_timestamp_seconds",
+    GAUGE,
+    "Unix time the served base index was built (its age: time() - this)",
+)
+DELTA_ROWS = MetricSpec(
+    "ecomsearch_catalog_delta_rows",
+    GAUGE,
+    "Rows in the live delta: catalog changes since the base index, until a compaction",
+)
+APPLIED_SEQ = MetricSpec(
+    "ecomsearch_catalog_applied_seq",
+    GAUGE,
+    "The sequence number of the last catalog change this instance applied",
+)
+CAUGHT_UP = MetricSpec(
+    "ecomsearch_catalog_caught_up_timestamp_seconds",
+    GAUGE,
+    "Unix time at which this instance had last read every change the catalog store held; the "
+    "catalog lag is time() - this",
+)
+
+MODEL_METRICS = (
+    REQUESTS_REJECTED,
+    QUERIES,
+    CANDIDATES,
+    EMPTY_RESULTS,
+    INDEX_PRODUCTS,
+    INDEX_BUILT,
+    DELTA_ROWS,
+    APPLIED_SEQ,
+    CAUGHT_UP,
+)
+# The launcher's own (ecomsearch.server.ops), without model labels.
+SERVER_LIVE = "ecomsearch_server_live"
+SERVER_READY = "ecomsearch_server_ready"
+METRIC_NAMES = frozenset({spec.name for spec in MODEL_METRICS} | {SERVER_LIVE, SERVER_READY})
+
+# How often the catalog gauges are refreshed: the lag's resolution. The alert fires at seconds.
+GAUGE_REFRESH_INTERVAL_S = 1.0
+
+# Rejection reasons by TritonError code name; the code's own name otherwise.
+_REASONS = {
+    "INVALID_ARG": "invalid_argument",
+    "INTERNAL": "internal",
+    "UNAVAILABLE": "unavailable",
+    "UNSUPPORTED": "unsupported",
+}
+UNAUTHENTICATED = "unauthenticated"
+
+
+class ModelMetrics:
+    """One model instance's metrics; `ModelMetrics.disabled()` for a model built outside a
+    server (unit tests, the in-process pipeline), where every update does nothing."""
+
+    def __init__(self, pb_utils: Any, labels: dict[str, str] | None) -> None:
+        self.pb_utils = pb_utils
+        self.labels = labels
+        self._families: dict[str, Any] = {}
+        self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        self._lock = threading.Lock()  # the follower's thread and the model's share them
+
+    @classmethod
+    def of_instance(cls, pb_utils: Any, args: dict[str, Any]) -> ModelMetrics:
+        """The metrics of the model instance Triton's `initialize(args)` describes."""
+        return cls(
+            pb_utils,
+            {
+                "model": str(args["model_name"]),
+                "version": str(args["model_version"]),
+                "model_instance": str(args["model_instance_name"]),
+            },
+        )
+
+    @classmethod
+    def disabled(cls) -> ModelMetrics:
+        return cls(None, None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.labels is not None
+
+    def metric(self, spec: MetricSpec, **labels: str) -> Any:
+        """The series of `spec` with these extra labels (created on first use)."""
+        if sorted(labels) != sorted(spec.labels):
+            raise ValueError(f"{spec.name} takes the labels {spec.labels}, got {sorted(labels)}")
+        key = (spec.name, tuple(sorted(labels.items())))
+        with self._lock:
+            metric = self._metrics.get(key)
+            if metric is None:
+                family = self._families.get(spec.name)
+                if family is None:
+                    family_type = self.pb_utils.MetricFamily
+                    kind = family_type.COUNTER if spec.kind == COUNTER else family_type.GAUGE
+                    family = family_type(name=spec.name, description=spec.description, kind=kind)
+                    self._families[spec.name] = family
+                metric = family.Metric(labels={**self.labels, **labels})
+                self._metrics[key] = metric
+        return metric
+
+    def increment(self, spec: MetricSpec, value: float = 1, **labels: str) -> None:
+        if self.enabled and value:
+            self.metric(spec, **labels).increment(float(value))
+
+    def set(self, spec: MetricSpec, value: float, **labels: str) -> None:
+        if self.enabled:
+            self.metric(spec, **labels).set(float(value))
+
+    def rejected(self, code: int, reason: str | None = None) -> None:
+        """One request answered with the TritonError `code`, counted by `reason` (by default
+        the code's)."""
+        if self.enabled:
+            self.increment(REQUESTS_REJECTED, reason=reason or self.reason_of(code))
+
+    def reason_of(self, code: int) -> str:
+        error_type = self.pb_utils.TritonError
+        for name, reason in _REASONS.items():
+            if getattr(error_type, name) == code:
+                return reason
+        names = {
+            getattr(error_type, name): name.lower() for name in dir(error_type) if name.isupper()
+        }
+        return names.get(code, "unknown")
+
+    def set_all(self, values: dict[MetricSpec, float | None]) -> None:
+        """Sets each gauge to its value; None leaves one as it is (nothing known yet)."""
+        for spec, value in values.items():
+            if value is not None:
+                self.set(spec, value)
+
+    def close(self) -> None:
+        """Drops the series: the stub wants a family deleted after its metrics."""
+        with self._lock:
+            self._metrics.clear()
+            self._families.clear()
+
+
+def timestamp_of(iso: str | None) -> float | None:
+    """Unix time of an ISO 8601 time (a manifest's `built_at`), None when absent or unreadable."""
+    if not iso:
+        return None
+    try:
+        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.timestamp()
+
+
+class Every:
+    """Says when something is due again, at most every `interval_s` (the catalog gauges)."""
+
+    def __init__(
+        self,
+        interval_s: float = GAUGE_REFRESH_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._next = float("-inf")
+
+    def due(self) -> bool:
+        now = self.clock()
+        if now < self._next:
+            return False
+        self._next = now + self.interval_s
+        return True
