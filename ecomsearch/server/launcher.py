@@ -293,6 +293,9 @@ class TritonServer:
             f"--allow-http={str(self.http).lower()}",
             f"--metrics-address={LOOPBACK}",
             f"--metrics-port={self._private_metrics_port}",
+            # Latency quantiles per model (nv_*_summary_us), beside the cumulative counters:
+            # the dashboard's p99 and the SearchLatencyHighP99 alert (docs/operations.md).
+            "--metrics-config=summary_latencies=true",
             f"--log-verbose={self.log_verbose}",
             # Explicit control, every model loaded at start: the repository API (behind the
             # admin key) can then reload a model whose stub died.

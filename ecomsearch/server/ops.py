@@ -6,7 +6,11 @@ body limit. So tritonserver's own metrics port listens on the loopback interface
 endpoint faces the network instead. It answers three GETs and refuses any request that carries
 a body, without reading it:
 
-- `GET /metrics`: tritonserver's Prometheus metrics, relayed;
+- `GET /metrics`: tritonserver's Prometheus metrics (the Python models' own among them),
+  relayed, followed by the launcher's `ecomsearch_server_live` and `ecomsearch_server_ready`
+  (1 or 0, as the probes below answer). When tritonserver's metrics cannot be read, the
+  launcher's are served alone, so a dead server shows as not ready rather than as a failed
+  scrape;
 - `GET /v2/health/live`: 200 while the server runs and has not given up on a model;
 - `GET /v2/health/ready`: 200 when tritonserver is ready and every model instance's stub is
   alive (503 while the watchdog replaces a dead one), the same paths as Triton's own probes.
@@ -22,9 +26,26 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ecomsearch.serving.metrics import SERVER_LIVE, SERVER_READY
+
 log = logging.getLogger(__name__)
 
 METRICS_TIMEOUT_S = 5.0
+
+
+def launcher_metrics(live: bool, ready: bool) -> bytes:
+    """The launcher's own gauges, in the Prometheus text format."""
+    lines = []
+    for name, value, meaning in (
+        (SERVER_LIVE, live, "the server runs and has not given up on a model"),
+        (SERVER_READY, ready, "every model is loaded and every model instance is alive"),
+    ):
+        lines += [
+            f"# HELP {name} 1 when {meaning} (/v2/health/{name.rsplit('_', 1)[1]})",
+            f"# TYPE {name} gauge",
+            f"{name} {int(value)}",
+        ]
+    return ("\n".join(lines) + "\n").encode()
 
 
 class OpsEndpoint:
@@ -108,13 +129,16 @@ def _handler(
         do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _refuse  # noqa: N815
 
         def _metrics(self) -> None:
+            body, content_type = b"", "text/plain; version=0.0.4; charset=utf-8"
             try:
                 with urllib.request.urlopen(metrics_url, timeout=METRICS_TIMEOUT_S) as reply:
                     body = reply.read()
-                    content_type = reply.headers.get("Content-Type", "text/plain")
+                    content_type = reply.headers.get("Content-Type", content_type)
             except (urllib.error.URLError, OSError) as e:
-                self._text(HTTPStatus.BAD_GATEWAY, f"tritonserver metrics unavailable: {e}")
-                return
+                log.warning("tritonserver metrics unavailable: %s", e)
+            if body and not body.endswith(b"\n"):
+                body += b"\n"
+            body += launcher_metrics(live()[0], ready()[0])
             self._reply(HTTPStatus.OK, body, content_type)
 
     return Handler

@@ -249,9 +249,26 @@ def get(port: int, path: str, method: str = "GET", body: bytes | None = None, he
         connection.close()
 
 
+def metric_values(body: bytes) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
 def test_ops_endpoint_relays_metrics_and_reports_health(ops) -> None:
     endpoint, state = ops
-    assert get(endpoint.port, "/metrics") == (200, b"nv_inference_count 42\n")
+    status, body = get(endpoint.port, "/metrics")
+    assert status == 200
+    assert body.startswith(b"nv_inference_count 42\n")
+    assert metric_values(body) == {
+        "nv_inference_count": 42,
+        "ecomsearch_server_live": 1,
+        "ecomsearch_server_ready": 1,
+    }
     assert get(endpoint.port, "/v2/health/live")[0] == 200
     assert get(endpoint.port, "/v2/health/ready")[0] == 200
     state["ready"] = (False, "a model instance died and is being replaced")
@@ -260,6 +277,26 @@ def test_ops_endpoint_relays_metrics_and_reports_health(ops) -> None:
         b"a model instance died and is being replaced\n",
     )
     assert get(endpoint.port, "/v2/repository/index")[0] == 404
+    assert metric_values(get(endpoint.port, "/metrics")[1])["ecomsearch_server_ready"] == 0
+
+
+def test_without_tritonserver_metrics_the_launcher_still_reports_not_ready() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_port = unused.getsockname()[1]
+    endpoint = OpsEndpoint(
+        "127.0.0.1",
+        0,
+        f"http://127.0.0.1:{dead_port}/metrics",
+        live=lambda: (False, "tritonserver is not running"),
+        ready=lambda: (False, "tritonserver is not running"),
+    ).start()
+    try:
+        status, body = get(endpoint.port, "/metrics")
+    finally:
+        endpoint.close()
+    assert status == 200
+    assert metric_values(body) == {"ecomsearch_server_live": 0, "ecomsearch_server_ready": 0}
 
 
 def test_ops_endpoint_refuses_bodies_and_other_methods_unread(ops) -> None:
@@ -296,6 +333,7 @@ def test_the_default_server_command_is_locked_down(tmp_path: Path) -> None:
     assert command["--allow-http"] == ["false"] and "--http-address" not in command
     # tritonserver's own metrics port: loopback, and not the public one (the ops endpoint's).
     assert command["--metrics-address"] == ["127.0.0.1"] and command["--metrics-port"] != ["3"]
+    assert command["--metrics-config"] == ["summary_latencies=true"]  # the p99 panels and alert
     (restricted,) = command["--grpc-restricted-protocol"]
     protocols, _, key = restricted.partition(":")
     assert set(protocols.split(",")) == set(ADMIN_PROTOCOLS)
