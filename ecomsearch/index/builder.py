@@ -269,13 +269,28 @@ def store_snapshot(store: Any, catalog_sha256: str) -> CatalogSnapshot:
 LOADED_CATALOG_META = "loaded_catalog_sha256"
 
 
+# Store-wide lock held while a catalog file is loaded (CatalogStore.exclusive).
+CATALOG_LOAD_LOCK = "catalog-load"
+
+
 def load_catalog_into_store(
     store: Any, catalog_path: Path, encoder: OnnxEncoder, cache: EmbeddingCache
 ) -> bool:
     """Makes the store's catalog the file's, as changes (upserts of every product, deletes of
     products the file lacks), unless the store was last loaded from this very file; re-embeds
     stored products first if the store's embeddings come from another encoder. Returns whether
-    the store changed."""
+    the store changed.
+
+    The whole of it holds the store's CATALOG_LOAD_LOCK: replicas starting together (each
+    pod's init step) load a file once, the others finding it loaded when the lock is theirs,
+    instead of each upserting the file again over the live changes made since the first."""
+    with store.exclusive(CATALOG_LOAD_LOCK):
+        return _load_catalog_into_store(store, catalog_path, encoder, cache)
+
+
+def _load_catalog_into_store(
+    store: Any, catalog_path: Path, encoder: OnnxEncoder, cache: EmbeddingCache
+) -> bool:
     changed = False
     if store.encoder_fingerprint not in (None, encoder.fingerprint):
         seq, records = store.snapshot(with_embeddings=False)

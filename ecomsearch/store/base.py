@@ -26,6 +26,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -332,6 +333,14 @@ class CatalogStore(ABC):
     @abstractmethod
     def dimension(self) -> int | None:
         """The stored embeddings' dimension (None before the first write)."""
+
+    @abstractmethod
+    def exclusive(self, name: str) -> AbstractContextManager[None]:
+        """Holds the store-wide lock `name` for the `with` block: one holder at a time among
+        every process (and machine) using this store, the others waiting. For work made of
+        several transactions that must not interleave with itself, such as loading a catalog
+        file (check, upsert, delete, record), which two pods starting together would
+        otherwise both do."""
 
     @abstractmethod
     def close(self) -> None:

@@ -26,6 +26,7 @@ ecomsearch.store needs no PostgreSQL driver.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -546,6 +547,22 @@ class PostgresStore(CatalogStore):
         with self._errors():
             value = self._meta(META_DIMENSION)
         return None if value is None else int(value)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        # A session-level advisory lock (the connection is in autocommit, so no transaction is
+        # held open meanwhile); released explicitly, or by the server if the holder dies.
+        key = int.from_bytes(
+            hashlib.sha256(f"ecomsearch:{name}".encode()).digest()[:8], "big", signed=True
+        )
+        with self._errors():
+            self._db.execute("SELECT pg_advisory_lock(%s)", (key,))
+        try:
+            yield
+        finally:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):  # a lost connection released it already
+                    self._db.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     def close(self) -> None:
         if self._conn is not None:

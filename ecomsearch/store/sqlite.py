@@ -13,6 +13,7 @@ writer being killed or the machine losing power.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import sqlite3
@@ -493,6 +494,15 @@ class SqliteStore(CatalogStore):
         with self._errors():
             value = self._meta(META_DIMENSION)
         return None if value is None else int(value)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        # Every user of a SQLite file is on this machine: a lock file beside it will do, released
+        # by the kernel if the holder dies.
+        lock_path = self.path.with_name(f"{self.path.name}.{name}.lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def close(self) -> None:
         if self._conn is not None:

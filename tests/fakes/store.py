@@ -9,6 +9,7 @@ tombstones on delete; unknown ids skipped; another encoder's embeddings refused.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -30,6 +31,7 @@ class FakeStore:
         self.fail_next: Exception | None = None
         self.writes: list[tuple[str, list[str]]] = []
         self.closed = False
+        self._exclusive: dict[str, threading.Lock] = {}
 
     @property
     def encoder_fingerprint(self) -> str | None:
@@ -130,6 +132,9 @@ class FakeStore:
 
     def count(self) -> int:
         return sum(not p.deleted for p in self._products.values())
+
+    def exclusive(self, name: str) -> threading.Lock:
+        return self._exclusive.setdefault(name, threading.Lock())
 
     def close(self) -> None:
         self.closed = True

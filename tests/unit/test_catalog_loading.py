@@ -85,3 +85,42 @@ def test_a_store_whose_products_were_all_deleted_takes_a_new_encoder(
 
     assert store.encoder_fingerprint == new.fingerprint and store.count() == 2
     np.testing.assert_array_equal(stored_vectors(store)["sku-1"], new.vector("Paint roller"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_replicas_loading_one_file_together_load_it_once(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """Each pod's init step loads the catalog file; started together, exactly one loads it and
+    the others find it loaded (without the store's lock, each upserted every product)."""
+    import threading
+
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_server").create_database()
+    else:
+        url = str(tmp_path / "shared.sqlite3")
+    titles = [f"Product {n}" for n in range(300)]
+    catalog = write_catalog(tmp_path / "catalog.jsonl", titles)
+    encoder = FakeEncoder("encoder")
+    start = threading.Barrier(3)
+    loaded: list[bool] = []
+
+    def init_step(n: int) -> None:
+        with open_store(url) as store:
+            start.wait()
+            loaded.append(
+                load_catalog_into_store(
+                    store, catalog, encoder, EmbeddingCache(tmp_path / f"cache-{n}")
+                )
+            )
+
+    steps = [threading.Thread(target=init_step, args=(n,)) for n in range(3)]
+    for step in steps:
+        step.start()
+    for step in steps:
+        step.join(60)
+
+    assert sorted(loaded) == [False, False, True]
+    with open_store(url) as store:
+        assert store.count() == len(titles)
+        assert store.head() == len(titles), "every product was written once"
