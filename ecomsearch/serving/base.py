@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ecomsearch.errors import RequestError
-from ecomsearch.serving.metrics import ModelMetrics
+from ecomsearch.serving.metrics import MetricSpec, ModelMetrics, rejections
 
 # One request's (or one batch's) tensors by name; every array has a row per query on axis 0.
 Tensors = dict[str, np.ndarray]
@@ -129,9 +129,15 @@ class BatchedModel(abc.ABC):
         limit_native_threads(1)
 
     def instrumented(self, args: dict[str, Any]) -> BatchedModel:
-        """This model with the metrics of the instance Triton's `args` describe."""
-        self.metrics = ModelMetrics.of_instance(self.pb_utils, args)
+        """This model with the metrics of the instance Triton's `args` describe, its counters
+        created at 0 (`counters`)."""
+        self.metrics = ModelMetrics.of_instance(self.pb_utils, args).declare(self.counters())
         return self
+
+    def counters(self) -> list[tuple[MetricSpec, dict[str, str]]]:
+        """The counter series this model publishes: its error answers' (extended by models
+        that count more)."""
+        return rejections("invalid_argument", "internal")
 
     @abc.abstractmethod
     def parse(self, request) -> Tensors:

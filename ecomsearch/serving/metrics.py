@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -110,6 +110,11 @@ _REASONS = {
 UNAUTHENTICATED = "unauthenticated"
 
 
+def rejections(*reasons: str) -> list[tuple[MetricSpec, dict[str, str]]]:
+    """The rejection series of these reasons (for ModelMetrics.declare)."""
+    return [(REQUESTS_REJECTED, {"reason": reason}) for reason in reasons]
+
+
 class ModelMetrics:
     """One model instance's metrics; `ModelMetrics.disabled()` for a model built outside a
     server (unit tests, the in-process pipeline), where every update does nothing."""
@@ -158,6 +163,14 @@ class ModelMetrics:
                 metric = family.Metric(labels={**self.labels, **labels})
                 self._metrics[key] = metric
         return metric
+
+    def declare(self, series: Iterable[tuple[MetricSpec, dict[str, str]]]) -> ModelMetrics:
+        """Creates these series now, at 0: a counter that first appears at its first increment
+        has no earlier sample, so rate() over it misses that first event."""
+        if self.enabled:
+            for spec, labels in series:
+                self.metric(spec, **labels)
+        return self
 
     def increment(self, spec: MetricSpec, value: float = 1, **labels: str) -> None:
         if self.enabled and value:

@@ -272,6 +272,15 @@ class RetrieveModel(BatchedModel):
         )
         return model
 
+    def counters(self) -> list[tuple[MetricSpec, dict[str, str]]]:
+        return [
+            *super().counters(),
+            (QUERIES, {}),
+            (CANDIDATES, {"source": "vector"}),
+            (CANDIDATES, {"source": "lexical"}),
+            (EMPTY_RESULTS, {}),
+        ]
+
     def catalog_state(self) -> dict[MetricSpec, float | None]:
         """The served catalog's gauges (read without the lock: each value is one attribute)."""
         catalog = self.retriever.catalog

@@ -43,7 +43,7 @@ from ecomsearch.serving.base import (
     model_config,
     text_values,
 )
-from ecomsearch.serving.metrics import APPLIED_SEQ, CAUGHT_UP, EMPTY_RESULTS, Every
+from ecomsearch.serving.metrics import APPLIED_SEQ, CAUGHT_UP, EMPTY_RESULTS, Every, MetricSpec
 from ecomsearch.serving.rerank import CrossEncoderScorer, RerankUnavailableError
 from ecomsearch.store import redact
 
@@ -204,6 +204,9 @@ class SelectModel(BatchedModel):
             f"select: {labels.live_count} products at change {seq} from {redact(store_url)}"
         )
         return model
+
+    def counters(self) -> list[tuple[MetricSpec, dict[str, str]]]:
+        return [*super().counters(), (EMPTY_RESULTS, {})]
 
     def publish_catalog_state(self, _store: Any = None) -> None:
         """The labels' catalog gauges, at most once a second (after the follower's polls)."""

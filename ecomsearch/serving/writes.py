@@ -13,7 +13,7 @@ import numpy as np
 
 from ecomsearch import contract
 from ecomsearch.errors import RequestError
-from ecomsearch.serving.metrics import UNAUTHENTICATED, ModelMetrics
+from ecomsearch.serving.metrics import UNAUTHENTICATED, ModelMetrics, rejections
 
 
 class StoreWriter:
@@ -32,7 +32,8 @@ class StoreWriter:
 
     def instrumented(self, args: dict) -> StoreWriter:
         """This model with the metrics of the instance Triton's `args` describe."""
-        self.metrics = ModelMetrics.of_instance(self.pb_utils, args)
+        reasons = ("invalid_argument", "internal", "unavailable", "unsupported", UNAUTHENTICATED)
+        self.metrics = ModelMetrics.of_instance(self.pb_utils, args).declare(rejections(*reasons))
         return self
 
     def authorised(self, request) -> bool:

@@ -875,6 +875,9 @@ def test_a_batch_publishes_its_queries_candidates_by_source_and_gauges(
         2 * SMALL_VECTOR_POOL
     )
     assert family[metrics.CANDIDATES.name].value(**instance, source="lexical") == len(lexical)
-    assert metrics.EMPTY_RESULTS.name not in family, "both queries had candidates"
+    assert family[metrics.EMPTY_RESULTS.name].value(**instance) == 0, "both had candidates"
+    rejected = family[metrics.REQUESTS_REJECTED.name]
+    assert {dict(key)["reason"] for key in rejected.metrics} == {"invalid_argument", "internal"}
+    assert sum(m.value() for m in rejected.metrics.values()) == 0
     assert (rows >= 0).sum() == len(set(rows[0].tolist()) - {-1}) + SMALL_VECTOR_POOL
     assert features.shape[:2] == rows.shape

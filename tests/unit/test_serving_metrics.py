@@ -94,6 +94,16 @@ def test_a_zero_increment_sends_nothing(pb_utils) -> None:
     assert EMPTY_RESULTS.name not in pb_utils.MetricFamily.registry
 
 
+def test_declared_series_exist_at_zero_before_their_first_event(pb_utils) -> None:
+    from ecomsearch.serving.metrics import rejections
+
+    ModelMetrics.of_instance(pb_utils, ARGS).declare([*rejections("internal"), (QUERIES, {})])
+    assert value(pb_utils, REQUESTS_REJECTED.name, **INSTANCE, reason="internal") == 0
+    assert value(pb_utils, QUERIES.name, **INSTANCE) == 0
+    with pytest.raises(KeyError):
+        value(pb_utils, REQUESTS_REJECTED.name, **INSTANCE, reason="invalid_argument")
+
+
 def test_every_is_due_at_most_once_an_interval() -> None:
     now = [10.0]
     every = Every(interval_s=1.0, clock=lambda: now[0])
