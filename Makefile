@@ -9,7 +9,8 @@ ENCODER_ONNX := $(MODEL_REPOSITORY)/query_encoder/1/model.onnx
 ENCODER_INT8_ONNX := $(MODEL_REPOSITORY)/query_encoder/1/model.int8.onnx
 PYTEST_ARGS ?=
 
-.PHONY: help install models index serve test lint clean bench loadtest relevance-gate
+.PHONY: help install models index serve test lint clean bench loadtest relevance-gate \
+	prometheus-rule
 
 help:
 	@echo "make serve   set up (venv, encoder export, demo index) and run tritonserver"
@@ -65,6 +66,12 @@ loadtest: install
 # deliberate change of the models (see docs/relevance.md).
 relevance-gate: models
 	$(BIN)/ecomsearch relevance-gate $(if $(RECORD),--record)
+
+# The alert rules (deploy/monitoring/alerts.yaml, the one source) as a Prometheus operator
+# PrometheusRule, for clusters whose Prometheus selects rules by that resource:
+#   make -s prometheus-rule | kubectl apply -n <namespace> -f -
+prometheus-rule: install
+	@$(BIN)/python -c 'import sys, yaml; groups = yaml.safe_load(open("deploy/monitoring/alerts.yaml"))["groups"]; yaml.safe_dump({"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "ecomsearch", "labels": {"app.kubernetes.io/name": "ecomsearch", "app.kubernetes.io/part-of": "ecomsearch"}}, "spec": {"groups": groups}}, sys.stdout, sort_keys=False, width=4096)'
 
 # Generated artefacts are exactly what .gitignore lists under model_repository/.
 clean:

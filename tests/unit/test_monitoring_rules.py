@@ -329,3 +329,22 @@ def test_the_alerts_read_every_recording_rule_they_define() -> None:
     recorded = [rule["record"] for rule in recording_rules()]
     assert len(recorded) == len(set(recorded)), "a recording rule is defined twice"
     assert set(recorded) <= used, f"unused recording rules: {sorted(set(recorded) - used)}"
+
+
+def test_make_prometheus_rule_wraps_exactly_the_alert_rules() -> None:
+    """The operator's PrometheusRule is made from alerts.yaml, not kept as a second copy."""
+    from tests.project import PROJECT_ROOT
+
+    rendered = subprocess.run(
+        ["make", "-s", "prometheus-rule"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    resource = yaml.safe_load(rendered)
+    assert resource["apiVersion"] == "monitoring.coreos.com/v1"
+    assert resource["kind"] == "PrometheusRule"
+    assert resource["metadata"]["name"] == "ecomsearch"
+    assert resource["spec"]["groups"] == monitoring.rule_groups()
