@@ -348,3 +348,23 @@ def test_make_prometheus_rule_wraps_exactly_the_alert_rules() -> None:
     assert resource["kind"] == "PrometheusRule"
     assert resource["metadata"]["name"] == "ecomsearch"
     assert resource["spec"]["groups"] == monitoring.rule_groups()
+
+
+def test_every_alert_has_its_runbook_section_in_the_operations_guide() -> None:
+    """The runbook link of each alert lands on a heading of docs/operations.md (GitHub's
+    anchor: the heading lower-cased)."""
+    from tests.project import PROJECT_ROOT
+
+    guide = (PROJECT_ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in guide.splitlines()
+        if line.startswith("#")
+    }
+    missing = []
+    for rule in monitoring.alert_rules():
+        path, _, anchor = rule["annotations"]["runbook"].partition("#")
+        assert path == "docs/operations.md", rule["alert"]
+        if anchor not in anchors:
+            missing.append(rule["alert"])
+    assert not missing, f"no section in docs/operations.md for {missing}"
