@@ -855,6 +855,24 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard_snapshot(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.bench import load_queries
+    from ecomsearch.loadtest.dashboard import run_snapshot
+    from ecomsearch.workspace import catalog_repository
+
+    repository, _ = catalog_repository(args.catalog, args.cache_dir, _layout(args).root)
+    rules = args.dashboard.with_name("alerts.yaml")
+    png = run_snapshot(
+        repository,
+        args.dashboard,
+        args.out,
+        load_queries(args.queries),
+        rule_files=[rules] if rules.is_file() else [],
+    )
+    print(f"{png}\n{args.out / 'panels.md'}")
+    return 0
+
+
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
     from ecomsearch.loadtest.scaling import run_scaling
 
@@ -1375,6 +1393,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_dir(chaos)
     _add_model_repository(chaos)
     chaos.set_defaults(handler=cmd_chaos)
+
+    snapshot = command(
+        "dashboard-snapshot",
+        "the Grafana dashboard drawn from a real Prometheus scraping a server under scripted load",
+    )
+    snapshot.add_argument(
+        "--dashboard",
+        type=Path,
+        default=Path("deploy/monitoring/grafana-dashboard.json"),
+        help="the dashboard JSON (its alerts.yaml beside it is loaded too)",
+    )
+    snapshot.add_argument(
+        "--catalog", type=Path, default=demo_catalog(), help="JSON Lines (.gz ok) to serve"
+    )
+    snapshot.add_argument(
+        "--queries", type=Path, default=default_queries(), help="one search query per line"
+    )
+    snapshot.add_argument(
+        "--out", type=Path, default=Path("results/dashboard"), help="dashboard.png, panels.md"
+    )
+    _add_cache_dir(snapshot)
+    _add_model_repository(snapshot)
+    snapshot.set_defaults(handler=cmd_dashboard_snapshot)
 
     cache = command(
         "bench-cache", "Triton's response cache on a replay with a realistic repeat rate"

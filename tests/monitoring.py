@@ -16,16 +16,17 @@ test_operations.py evaluates every expression against a live Prometheus scraping
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ecomsearch.loadtest import dashboard
+from ecomsearch.loadtest.dashboard import substitute_variables  # noqa: F401 (the tests use it from here)
 from tests.project import PROJECT_ROOT
 
 MONITORING_DIR = PROJECT_ROOT / "deploy" / "monitoring"
@@ -104,7 +105,6 @@ SEARCH_STEPS = ("preprocess", "query_encoder", "retrieve", "ranker", "select")
 # Grafana's variables the dashboard may use. `$datasource` only ever appears in datasource
 # references, never in an expression.
 DATASOURCE_VARIABLE = "datasource"
-RATE_INTERVAL_VARIABLE = "__rate_interval"
 
 INSTALL_HINT = (
     "`promtool` was not found on PATH or in /usr/bin; `.ci/run` installs Debian's `prometheus` "
@@ -149,56 +149,23 @@ def promtool_output(result: subprocess.CompletedProcess) -> str:
 
 
 def load_dashboard(path: Path = DASHBOARD_PATH) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+    return dashboard.load_dashboard(path)
 
 
-def _walk_panels(panels: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for panel in panels:
-        yield panel
-        # A collapsed row keeps its panels inside it.
-        yield from _walk_panels(panel.get("panels", ()))
-
-
-def dashboard_panels(dashboard: dict[str, Any] | None = None, rows: bool = False) -> list[dict]:
-    """Every panel of the dashboard, those inside collapsed rows too, in order; the rows
-    themselves (type "row", no query) only when `rows`."""
-    dashboard = load_dashboard() if dashboard is None else dashboard
-    return [
-        panel
-        for panel in _walk_panels(dashboard.get("panels", ()))
-        if rows or panel.get("type") != "row"
-    ]
-
-
-_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
-
-
-def substitute_variables(expr: str, rate_interval: str = "1m") -> str:
-    """`expr` as Grafana sends it to Prometheus: `$__rate_interval` (or `${__rate_interval}`)
-    replaced by `rate_interval`. Any other variable raises ValueError: the dashboard's
-    expressions must stand on their own."""
-
-    def replace(match: re.Match) -> str:
-        name = match.group(1) or match.group(2) or match.group(3)
-        if name == RATE_INTERVAL_VARIABLE:
-            return rate_interval
-        raise ValueError(f"unknown Grafana variable {match.group(0)!r} in {expr!r}")
-
-    return _VARIABLE.sub(replace, expr)
+def dashboard_panels(board: dict[str, Any] | None = None, rows: bool = False) -> list[dict]:
+    """Every panel of the dashboard (the checked-in one by default), those inside collapsed rows
+    too, in order; the rows themselves only when `rows`."""
+    return dashboard.dashboard_panels(load_dashboard() if board is None else board, rows)
 
 
 def dashboard_expressions(
-    rate_interval: str = "1m", dashboard: dict[str, Any] | None = None
+    rate_interval: str = "1m", board: dict[str, Any] | None = None
 ) -> list[tuple[str, str]]:
     """(panel title, PromQL expression) of every query of every panel, with Grafana's
-    variables substituted (`rate_interval`: what `$__rate_interval` becomes; Grafana makes it at
-    least four scrape intervals). A panel with several queries gives several pairs."""
-    pairs = []
-    for panel in dashboard_panels(dashboard):
-        for target in panel.get("targets", ()):
-            if target.get("expr"):
-                pairs.append((panel["title"], substitute_variables(target["expr"], rate_interval)))
-    return pairs
+    variables substituted (ecomsearch.loadtest.dashboard, which the snapshot command uses)."""
+    return dashboard.dashboard_expressions(
+        load_dashboard() if board is None else board, rate_interval
+    )
 
 
 # ---------------------------------------------------------------------------------- the rules

@@ -28,13 +28,13 @@ from ecomsearch import contract
 from ecomsearch.client import SearchClient
 from ecomsearch.index.builder import build_index
 from ecomsearch.live.location import STORE_URL_ENV, WRITE_KEY_ENV
+from ecomsearch.loadtest.prometheus import JOB, SCRAPE_INTERVAL_S, PrometheusServer
 from ecomsearch.paths import ModelRepositoryLayout
 from ecomsearch.pids import process_alive
 from ecomsearch.server.launcher import ServerPorts
 from ecomsearch.store import open_store
 from tests import monitoring
 from tests.integration.conftest import copy_model_repository, wait_ready
-from tests.prometheus import JOB, SCRAPE_INTERVAL_S, PrometheusServer
 
 # The live catalog's promise (docs/live-catalog.md): a write acknowledged by any server is
 # searchable on every server within a second.

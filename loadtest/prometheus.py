@@ -1,10 +1,11 @@
-"""A real, throwaway Prometheus for the tests: `with PrometheusServer(targets, rules) as p: ...`.
+"""A throwaway Prometheus: `with PrometheusServer(targets, rules) as prometheus: ...`.
 
 It runs the installed `prometheus` binary (Debian's `prometheus` package, which `.ci/run`
-installs when it is missing) on a temporary directory: one scrape job, `ecomsearch`, over the
-given targets every second, the given rule files evaluated every second, listening on a free
-loopback port. Like tests/postgres.py, the server is this process's child, in a process group
-of its own, told to die with this process; stopping it leaves nothing behind.
+installs for the tests) on a temporary directory: one scrape job, `ecomsearch`, over the given
+targets every second, the given rule files evaluated every second, listening on a free loopback
+port. The server is this process's child, in a process group of its own, told to die with this
+process; stopping it leaves nothing behind. Used by the operations tests and by
+`ecomsearch dashboard-snapshot`.
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import yaml
-
 from ecomsearch.server.launcher import free_port
 from ecomsearch.server.processes import die_with_parent
 
 INSTALL_HINT = (
-    "the `prometheus` binary was not found on PATH; `.ci/run` installs Debian's `prometheus` "
-    "package (apt-get install prometheus)"
+    "the `prometheus` binary was not found on PATH: install Prometheus (Debian: apt-get install "
+    "prometheus; `.ci/run` does)"
 )
 JOB = "ecomsearch"
 SCRAPE_INTERVAL_S = 1
@@ -52,9 +51,15 @@ def prometheus_binary() -> str:
 
 
 class PrometheusServer:
-    def __init__(self, targets: Sequence[str], rule_files: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        targets: Sequence[str],
+        rule_files: Sequence[Path] = (),
+        scrape_interval_s: int = SCRAPE_INTERVAL_S,
+    ) -> None:
         self.targets = list(targets)
         self.rule_files = [Path(p).resolve() for p in rule_files]
+        self.scrape_interval_s = scrape_interval_s
         self.port: int | None = None
         self.directory: Path | None = None
         self.process: subprocess.Popen | None = None
@@ -69,15 +74,15 @@ class PrometheusServer:
         self.directory = Path(tempfile.mkdtemp(prefix="ecomsearch-prometheus-"))
         config = {
             "global": {
-                "scrape_interval": f"{SCRAPE_INTERVAL_S}s",
-                "scrape_timeout": f"{SCRAPE_INTERVAL_S}s",
-                "evaluation_interval": f"{SCRAPE_INTERVAL_S}s",
+                "scrape_interval": f"{self.scrape_interval_s}s",
+                "scrape_timeout": f"{self.scrape_interval_s}s",
+                "evaluation_interval": f"{self.scrape_interval_s}s",
             },
             "rule_files": [str(p) for p in self.rule_files],
             "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": self.targets}]}],
         }
         config_path = self.directory / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(config))
+        config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         self.port = free_port()
         self._log = open(self.directory / "prometheus.log", "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
@@ -143,6 +148,19 @@ class PrometheusServer:
         data = self.api("query", query=expression)
         if data["resultType"] == "scalar":
             return [{"metric": {}, "value": data["result"]}]
+        return data["result"]
+
+    def query_range(
+        self, expression: str, start_s: float, end_s: float, step_s: float
+    ) -> list[dict[str, Any]]:
+        """A range query's result: a list of {metric: labels, values: [[time, "value"], ...]}."""
+        data = self.api(
+            "query_range",
+            query=expression,
+            start=f"{start_s:.3f}",
+            end=f"{end_s:.3f}",
+            step=f"{step_s:g}",
+        )
         return data["result"]
 
     def values(self, expression: str) -> dict[tuple[tuple[str, str], ...], float]:
