@@ -24,6 +24,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RATE_INTERVAL_VARIABLE = "__rate_interval"
+# A panel with more series than this leaves out those that stayed at 0 (or had no value).
+MAX_FLAT_SERIES = 6
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
 _LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
@@ -205,17 +207,22 @@ def draw(
     for axis, panel in zip(axes.flat, panels, strict=False):
         unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
         axis.set_title(panel["title"], fontsize=10)
-        drawn = 0
+        drawn = hidden = 0
         for target in panel.get("targets", ()):
             expr = substitute_variables(target["expr"], rate_interval)
             last = []
-            for series in prometheus.query_range(expr, start_s, end_s, step_s):
+            result = prometheus.query_range(expr, start_s, end_s, step_s)
+            for series in result:
                 times = [float(t) - start_s for t, _ in series["values"]]
                 values = [float(v) for _, v in series["values"]]
                 name = legend(target.get("legendFormat"), series["metric"])
+                last.append(f"{name}={values[-1]:.4g}")
+                # Many idle models' flat zeros would only repeat the colour cycle.
+                if len(result) > MAX_FLAT_SERIES and all(v == 0 or v != v for v in values):
+                    hidden += 1
+                    continue
                 axis.plot(times, values, label=name, linewidth=1.2)
                 drawn += 1
-                last.append(f"{name}={values[-1]:.4g}")
             table.append((panel["title"], expr, ", ".join(last) or "(no data)"))
         for _, phase_start_s in phases:
             axis.axvline(phase_start_s - start_s, color="grey", linewidth=0.6, linestyle=":")
@@ -223,7 +230,8 @@ def draw(
         axis.set_ylabel(unit, fontsize=8)
         axis.tick_params(labelsize=7)
         if drawn:
-            axis.legend(fontsize=6, loc="upper left")
+            title = f"{hidden} series at 0 not drawn" if hidden else None
+            axis.legend(fontsize=6, loc="upper left", title=title, title_fontsize=6)
         else:
             axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
     for axis in list(axes.flat)[len(panels) :]:
