@@ -299,6 +299,35 @@ def test_every_dashboard_panel_and_alert_evaluates_on_live_data(service: Service
     assert not active, active
 
 
+def test_the_autoscalers_metric_is_computed_per_replica_from_live_data(service: Service) -> None:
+    """The Prometheus adapter's rule (deploy/kubernetes/prometheus-adapter) that the HPA scales
+    on, with its templates filled as the adapter fills them for a pod (the pod's label matchers,
+    grouped by pod; here by scrape target): one finite value per replica."""
+    import yaml
+
+    from tests.project import PROJECT_ROOT
+
+    configmap = yaml.safe_load(
+        (PROJECT_ROOT / "deploy/kubernetes/prometheus-adapter/configmap.yaml").read_text()
+    )
+    (rule,) = yaml.safe_load(configmap["data"]["config.yaml"])["rules"]
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.LabelMatchers>>", f'job="{JOB}"')
+        .replace("<<.GroupBy>>", "instance")
+    )
+    assert "<<" not in query, query
+    drive_traffic(service)
+    time.sleep(3 * SCRAPE_INTERVAL_S)
+    values = service.prometheus.values(query)
+    assert sorted(dict(labels)["instance"] for labels in values) == sorted(
+        replica.target for replica in service.replicas
+    )
+    for microseconds in values.values():
+        # Finite and plausible: a search on this machine waits well under a second in queues.
+        assert 0 <= microseconds < 1_000_000, values
+
+
 def test_a_failed_search_counts_twice_in_tritons_failures(service: Service) -> None:
     """Triton 2.51 counts a failed ensemble request twice in nv_inference_request_failure (once
     when the error is sent, once when the request is released); the dashboard and the
