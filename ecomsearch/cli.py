@@ -873,6 +873,21 @@ def cmd_dashboard_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_cold_start(args: argparse.Namespace) -> int:
+    from ecomsearch.loadtest.cold_start import ColdStartSettings, markdown, run_cold_start
+
+    settings = ColdStartSettings(
+        repeats=args.repeats,
+        steady_requests=args.steady_requests,
+        strip_only=tuple(model for model in args.strip_only.split(",") if model),
+        profile=args.model_config_name,
+    )
+    command = "ecomsearch bench-cold-start " + " ".join(sys.argv[2:])
+    report = run_cold_start(_layout(args).root, args.out, settings, command)
+    print(markdown(report))
+    return 0
+
+
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
     from ecomsearch.loadtest.scaling import run_scaling
 
@@ -1393,6 +1408,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_dir(chaos)
     _add_model_repository(chaos)
     chaos.set_defaults(handler=cmd_chaos)
+
+    cold = command(
+        "bench-cold-start",
+        "first-request latency of fresh servers with and without model_warmup",
+    )
+    cold.add_argument("--repeats", type=int, default=5, help="fresh servers per condition")
+    cold.add_argument(
+        "--steady-requests", type=int, default=30, help="requests whose median is the steady state"
+    )
+    cold.add_argument(
+        "--strip-only",
+        default="",
+        help="comma-separated models whose warm-up alone is removed, as a third condition",
+    )
+    cold.add_argument(
+        "--model-config-name", default=None, help="the profile served (gpu: configs/gpu.pbtxt)"
+    )
+    cold.add_argument(
+        "--out", type=Path, default=Path("results/cold_start"), help="where the report goes"
+    )
+    _add_model_repository(cold)
+    cold.set_defaults(handler=cmd_bench_cold_start)
 
     snapshot = command(
         "dashboard-snapshot",
