@@ -5,9 +5,12 @@ Triton publishes them on its metrics port with its own (`nv_*`), and the launche
 model instance is a process of its own, and one series per instance keeps gauges from
 overwriting each other (sum or max them by `model` in queries).
 
-Updating a metric is a message from the stub to the Triton process, so the models update their
-counters once per batch, never per query, and the catalog gauges at most once per
-GAUGE_REFRESH_INTERVAL_S from the follower's thread (never on a search's path).
+Updating a metric is a message from the stub to the Triton process and a wait for its answer:
+about 37 us of a model's time, measured with a probe model on tritonserver 2.51 here (four a
+batch added 140 us to each request). So what a model counts on every batch (`count`) is added up
+in the process and sent by a background thread once per FLUSH_INTERVAL_S; the rare events (a
+rejected request: `increment`) are sent at once; and the catalog gauges are set at most once per
+GAUGE_REFRESH_INTERVAL_S from the follower's thread. Nothing is sent on a search's path.
 
 The names here are the contract with deploy/monitoring (the dashboard and the alert rules);
 tests/unit/test_monitoring_rules.py checks that the two agree.
@@ -99,6 +102,8 @@ METRIC_NAMES = frozenset({spec.name for spec in MODEL_METRICS} | {SERVER_LIVE, S
 
 # How often the catalog gauges are refreshed: the lag's resolution. The alert fires at seconds.
 GAUGE_REFRESH_INTERVAL_S = 1.0
+# How often the per-batch counts are sent: well under a scrape interval.
+FLUSH_INTERVAL_S = 1.0
 
 # Rejection reasons by TritonError code name; the code's own name otherwise.
 _REASONS = {
@@ -125,6 +130,11 @@ class ModelMetrics:
         self._families: dict[str, Any] = {}
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         self._lock = threading.Lock()  # the follower's thread and the model's share them
+        # `count`'s sums not sent yet, by series, and the thread that sends them.
+        self._pending: dict[tuple[MetricSpec, tuple[tuple[str, str], ...]], float] = {}
+        self._pending_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._closed = threading.Event()
 
     @classmethod
     def of_instance(cls, pb_utils: Any, args: dict[str, Any]) -> ModelMetrics:
@@ -173,8 +183,39 @@ class ModelMetrics:
         return self
 
     def increment(self, spec: MetricSpec, value: float = 1, **labels: str) -> None:
+        """Adds `value` to a counter now (for rare events; per batch, use `count`)."""
         if self.enabled and value:
             self.metric(spec, **labels).increment(float(value))
+
+    def count(self, spec: MetricSpec, value: float = 1, **labels: str) -> None:
+        """Adds `value` to a counter within FLUSH_INTERVAL_S (by the flusher thread, started on
+        the first call), costing the caller no message to Triton."""
+        if not self.enabled or not value:
+            return
+        if sorted(labels) != sorted(spec.labels):
+            raise ValueError(f"{spec.name} takes the labels {spec.labels}, got {sorted(labels)}")
+        key = (spec, tuple(sorted(labels.items())))
+        with self._pending_lock:
+            self._pending[key] = self._pending.get(key, 0.0) + value
+            if self._flusher is None and not self._closed.is_set():
+                self._flusher = threading.Thread(
+                    target=self._flush_every, name="metrics-flusher", daemon=True
+                )
+                self._flusher.start()
+
+    def flush(self) -> None:
+        """Sends what `count` has added up."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for (spec, labels), value in pending.items():
+            self.metric(spec, **dict(labels)).increment(float(value))
+
+    def _flush_every(self) -> None:
+        while not self._closed.wait(FLUSH_INTERVAL_S):
+            try:
+                self.flush()
+            except Exception:  # a metric is not worth a model: try again next time
+                continue
 
     def set(self, spec: MetricSpec, value: float, **labels: str) -> None:
         if self.enabled:
@@ -203,7 +244,13 @@ class ModelMetrics:
                 self.set(spec, value)
 
     def close(self) -> None:
-        """Drops the series: the stub wants a family deleted after its metrics."""
+        """Sends what is pending, stops the flusher, and drops the series (the stub wants a
+        family deleted after its metrics)."""
+        self._closed.set()
+        if self._flusher is not None:
+            self._flusher.join(5)
+        if self.enabled:
+            self.flush()
         with self._lock:
             self._metrics.clear()
             self._families.clear()

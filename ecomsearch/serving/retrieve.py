@@ -331,17 +331,17 @@ class RetrieveModel(BatchedModel):
             candidates = self.retriever.retrieve(
                 list(inputs[contract.QUERY]), inputs[contract.EMBEDDING], list(inputs[FILTERS])
             )
-        if self.metrics.enabled:  # once per batch: each update is a message to Triton
+        if self.metrics.enabled:  # added up here, sent once a second (serving.metrics)
             vector, lexical, empty = candidate_sources(
                 candidates.rows,
                 candidates.features,
                 self.retriever.vector_pool,
                 self.retriever.lexical_pool,
             )
-            self.metrics.increment(QUERIES, len(candidates.rows))
-            self.metrics.increment(CANDIDATES, vector, source="vector")
-            self.metrics.increment(CANDIDATES, lexical, source="lexical")
-            self.metrics.increment(EMPTY_RESULTS, empty)
+            self.metrics.count(QUERIES, len(candidates.rows))
+            self.metrics.count(CANDIDATES, vector, source="vector")
+            self.metrics.count(CANDIDATES, lexical, source="lexical")
+            self.metrics.count(EMPTY_RESULTS, empty)
         return {
             contract.CANDIDATE_ROWS: candidates.rows,
             contract.CANDIDATE_FEATURES: candidates.features,

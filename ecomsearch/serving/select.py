@@ -353,7 +353,7 @@ class SelectModel(BatchedModel):
                     scores = scores + rerank_terms_of
             positions, top_rows, top_scores = top_k(rows, scores, k)
             labels = self.labels.labels(top_rows)
-        self.metrics.increment(EMPTY_RESULTS, int((~(top_rows >= 0).any(axis=1)).sum()))
+        self.metrics.count(EMPTY_RESULTS, int((~(top_rows >= 0).any(axis=1)).sum()))
         # Fewer candidates than k (a tiny catalog): empty ids that clients skip.
         outputs = {
             contract.PRODUCT_IDS: labels["ids"],

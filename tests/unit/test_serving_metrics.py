@@ -4,6 +4,7 @@ rejection reasons, the catalog gauges and their refresh limit."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,31 @@ def test_declared_series_exist_at_zero_before_their_first_event(pb_utils) -> Non
     assert value(pb_utils, QUERIES.name, **INSTANCE) == 0
     with pytest.raises(KeyError):
         value(pb_utils, REQUESTS_REJECTED.name, **INSTANCE, reason="invalid_argument")
+
+
+def test_counts_are_sent_together_by_the_flusher_and_on_close(
+    pb_utils, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ecomsearch.serving import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "FLUSH_INTERVAL_S", 0.05)
+    sent: list[float] = []
+    metrics = ModelMetrics.of_instance(pb_utils, ARGS).declare([(QUERIES, {})])
+    series = metrics.metric(QUERIES)
+    real_increment = series.increment
+    monkeypatch.setattr(series, "increment", lambda v: (sent.append(v), real_increment(v)))
+
+    for _ in range(5):
+        metrics.count(QUERIES, 2)
+    assert value(pb_utils, QUERIES.name, **INSTANCE) in (0, 10)  # the flusher may be quick
+    deadline = time.monotonic() + 5
+    while value(pb_utils, QUERIES.name, **INSTANCE) != 10:
+        assert time.monotonic() < deadline, "the flusher never sent the counts"
+        time.sleep(0.01)
+    assert sum(sent) == 10 and len(sent) < 5, "counts are sent added up, not one by one"
+    metrics.count(QUERIES, 3)
+    metrics.close()  # the flusher stops, and what was pending is sent
+    assert value(pb_utils, QUERIES.name, **INSTANCE) == 13
 
 
 def test_every_is_due_at_most_once_an_interval() -> None:
