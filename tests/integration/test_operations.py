@@ -187,6 +187,7 @@ def test_a_write_through_one_replica_is_searchable_through_the_other_within_the_
         with SearchClient(writer.grpc_url, write_key=WRITE_KEY) as client:
             client.upsert_products([{"id": product_id, "title": f"{word} cable", "price": 3.0}])
         seconds = seconds_until_visible(reader.grpc_url, word, product_id)
+        print(f"written through {writer.name}: searchable through {reader.name} in {seconds:.3f} s")
         assert seconds <= VISIBILITY_WINDOW_S, (
             f"written through {writer.name}, searchable through {reader.name} after {seconds:.3f} s"
         )
