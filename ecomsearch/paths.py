@@ -61,6 +61,14 @@ def version_numbers(model_dir: Path) -> list[int]:
     )
 
 
+def read_model_config(path: Path):
+    """A config.pbtxt as Triton's ModelConfig protobuf."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
 @dataclass(frozen=True)
 class ModelRepositoryLayout:
     """Paths of the artefacts inside a model repository; the only place that names them.
@@ -92,13 +100,13 @@ class ModelRepositoryLayout:
     def served_model_file(self, model: str, profile: str | None = None) -> Path:
         """The file a profile serves for an ONNX model: its config's `default_model_filename`
         (Triton's rule; model.onnx when unset), in the latest version directory."""
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-
-        config = text_format.Parse(
-            self.config_path(model, profile).read_text(), model_config_pb2.ModelConfig()
-        )
+        config = read_model_config(self.config_path(model, profile))
         return self.version_dir(model) / (config.default_model_filename or ENCODER_FILE)
+
+    def config_files(self) -> list[Path]:
+        """Every config Triton may read: each model's config.pbtxt and its profiles'
+        configs/<profile>.pbtxt."""
+        return sorted([*self.root.glob("*/config.pbtxt"), *self.root.glob("*/configs/*.pbtxt")])
 
     @classmethod
     def of_triton_model(cls, args: Mapping[str, str]) -> tuple[ModelRepositoryLayout, Path]:

@@ -61,30 +61,37 @@ def triton_worker_factory(url: str, model_name: str, k: int, clients: list):
     return factory
 
 
-def rewritten_repository(source: Path, target: Path, edit: Callable[[str, object], None]) -> Path:
-    """A copy of a model repository whose configs (every profile's) went through
-    `edit(model name, ModelConfig)` via Triton's protobuf; large artefacts linked, not copied."""
+def rewrite_configs(repository: Path, edit: Callable[[str, object], None]) -> list[Path]:
+    """Passes every config of `repository` (every profile's) through `edit(model name,
+    ModelConfig)` via Triton's protobuf, in place; writes back and returns those it changed."""
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
-    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.paths import ModelRepositoryLayout, read_model_config
 
-    if target.exists():
-        shutil.rmtree(target)
-    index = ModelRepositoryLayout(source).index_dir
-
-    def index_and_versions(directory: str, names: list[str]) -> list[str]:
-        # `index` and its versioned directories beside it (ecomsearch.index.atomic): linked below.
-        if Path(directory) != index.parent:
-            return []
-        return [n for n in names if n == index.name or n.startswith(f".{index.name}.")]
-
-    shutil.copytree(source, target, symlinks=True, ignore=index_and_versions)
-    (target / index.relative_to(source)).symlink_to(index.resolve(), target_is_directory=True)
-    for path in [*target.glob("*/config.pbtxt"), *target.glob("*/configs/*.pbtxt")]:
-        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    changed = []
+    for path in ModelRepositoryLayout(repository).config_files():
+        config = read_model_config(path)
+        before = config.SerializeToString(deterministic=True)
         edit(config.name, config)
-        path.write_text(text_format.MessageToString(config))
+        if config.SerializeToString(deterministic=True) != before:
+            path.write_text(text_format.MessageToString(config))
+            changed.append(path)
+    return changed
+
+
+def rewritten_repository(source: Path, target: Path, edit: Callable[[str, object], None]) -> Path:
+    """A copy of a model repository whose configs went through `edit` (see rewrite_configs):
+    its checked-in files copied, its exported models and served index linked."""
+    from ecomsearch.paths import ModelRepositoryLayout
+    from ecomsearch.workspace import link_model_repository
+
+    shutil.rmtree(target, ignore_errors=True)
+    link_model_repository(source, target)
+    index = ModelRepositoryLayout(source).index_dir.resolve()
+    if not index.is_dir():
+        raise FileNotFoundError(f"{index} missing: build the index first (`make index`)")
+    ModelRepositoryLayout(target).index_dir.symlink_to(index, target_is_directory=True)
+    rewrite_configs(target, edit)
     return target
 
 

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ecomsearch import contract
+from ecomsearch.loadtest.bench import rewrite_configs, rewritten_repository
+from ecomsearch.paths import ModelRepositoryLayout, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -90,64 +92,21 @@ def strip_warmup(config, models: Collection[str] | None = None) -> bool:
     return had
 
 
-def config_files(repository: Path) -> list[Path]:
-    """Every config Triton may read: config.pbtxt and each profile's configs/<name>.pbtxt."""
-    return sorted([*repository.glob("*/config.pbtxt"), *repository.glob("*/configs/*.pbtxt")])
-
-
-def parse_config(path: Path):
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
-def rewrite_configs(repository: Path, edit: Callable[[Any], bool]) -> list[Path]:
-    """Passes each config of `repository` through `edit(ModelConfig)` and writes back the ones
-    it changed (edit returns True); returns those."""
-    from google.protobuf import text_format
-
-    changed = []
-    for path in config_files(repository):
-        config = parse_config(path)
-        if edit(config):
-            path.write_text(text_format.MessageToString(config))
-            changed.append(path)
-    return changed
-
-
 def without_warmup(repository: Path, models: Collection[str] | None = None) -> list[Path]:
     """Removes the warm-up of `models` (None: every model) from the repository's configs, in
     place; returns the configs changed."""
-    return rewrite_configs(repository, lambda config: strip_warmup(config, models))
+    return rewrite_configs(repository, lambda _, config: strip_warmup(config, models))
 
 
 def warmups(repository: Path) -> dict[str, list[str]]:
     """Each config's warm-up samples by name ("<model>" or "<model> (<profile>)")."""
     found = {}
-    for path in config_files(repository):
-        config = parse_config(path)
+    for path in ModelRepositoryLayout(repository).config_files():
+        config = read_model_config(path)
         if config.model_warmup:
             label = config.name if path.name == "config.pbtxt" else f"{config.name} ({path.stem})"
             found[label] = [sample.name for sample in config.model_warmup]
     return found
-
-
-def copy_repository(source: Path, target: Path) -> Path:
-    """A served-ready copy of `source`: its checked-in files copied, its exported models and
-    tokenizer linked (ecomsearch.workspace), and its current index copied, so a rebuild of the
-    source's index during a run cannot remove the one the copy serves."""
-    from ecomsearch.paths import ModelRepositoryLayout
-    from ecomsearch.workspace import link_model_repository
-
-    link_model_repository(source, target)
-    index = ModelRepositoryLayout(source).index_dir.resolve()
-    if not index.is_dir():
-        raise FileNotFoundError(f"{index} missing: build the index first (`make index`)")
-    copied = ModelRepositoryLayout(target).index_dir
-    shutil.rmtree(copied, ignore_errors=True)
-    shutil.copytree(index, copied)
-    return target
 
 
 # --- Statistics and the server log (pure parts) -----------------------------------------------
@@ -346,13 +305,17 @@ def run_cold_start(
     logs.mkdir(exist_ok=True)
     copies = out_dir / "repositories"
     try:
-        repositories = {WITH: copy_repository(repository, copies / "with")}
-        repositories[WITHOUT] = copy_repository(repository, copies / "without")
-        without_warmup(repositories[WITHOUT])
-        if settings.strip_only:
-            partial = f"without {','.join(settings.strip_only)}"
-            repositories[partial] = copy_repository(repository, copies / "partial")
-            without_warmup(repositories[partial], set(settings.strip_only))
+        strip_only = set(settings.strip_only)
+        repositories = {
+            WITH: rewritten_repository(repository, copies / "with", lambda *_: None),
+            WITHOUT: rewritten_repository(
+                repository, copies / "without", lambda _, config: strip_warmup(config)
+            ),
+        }
+        if strip_only:
+            repositories[f"without {','.join(settings.strip_only)}"] = rewritten_repository(
+                repository, copies / "partial", lambda _, config: strip_warmup(config, strip_only)
+            )
         warmed = warmups(repositories[WITH])
         runs = []
         for repeat in range(settings.repeats):

@@ -148,24 +148,25 @@ def _drive(
         while not stop.wait(1 / rate_per_s):
             action()
 
+    # One client each for the writer and the sender of bad requests, each used by its thread.
+    writer = SearchClient(url, write_key=write_key)
+    raw = grpcclient.InferenceServerClient(url)
+    # Past the client's own checks, as any gRPC caller can send it.
+    bad_query = grpcclient.InferInput(contract.QUERY, [1, 1], "BYTES")
+    bad_query.set_data_from_numpy(np.array([["x" * (contract.MAX_QUERY_BYTES + 1)]], dtype=object))
+
     def write() -> None:
         written[0] += 1
-        product = {"id": f"snapshot-{written[0]}", "title": f"Snapshot cable {written[0]}"}
-        with SearchClient(url, write_key=write_key) as client:
-            client.upsert_products([product])
+        writer.upsert_products(
+            [{"id": f"snapshot-{written[0]}", "title": f"Snapshot cable {written[0]}"}]
+        )
         count("writes")
 
-    bad_query = np.array([["x" * (contract.MAX_QUERY_BYTES + 1)]], dtype=object)
-
     def bad_request() -> None:
-        # Past the client's own checks, as any gRPC caller can send it.
-        query = grpcclient.InferInput(contract.QUERY, [1, 1], "BYTES")
-        query.set_data_from_numpy(bad_query)
-        with grpcclient.InferenceServerClient(url) as client:
-            try:
-                client.infer(contract.SEARCH_MODEL, [query])
-            except Exception:
-                count("bad_requests")
+        try:
+            raw.infer(contract.SEARCH_MODEL, [bad_query])
+        except Exception:
+            count("bad_requests")
 
     threads = [threading.Thread(target=searcher, args=(i * 7,)) for i in range(phase.searchers)]
     if phase.writes_per_s:
@@ -178,7 +179,8 @@ def _drive(
     stop.set()
     for thread in threads:
         thread.join(60)
-    counts["last_written"] = written[0]
+    writer.close()
+    raw.close()
     return counts
 
 
@@ -246,10 +248,6 @@ def draw(
     return table
 
 
-def _written_count(sent: Sequence[tuple[str, dict]]) -> int:
-    return max((counts.get("last_written", 0) for _, counts in sent), default=0)
-
-
 def run_snapshot(
     model_repository: Path,
     dashboard_path: Path,
@@ -281,12 +279,11 @@ def run_snapshot(
                 counts = _drive(server.grpc_url, phase, queries, write_key, written)
                 sent.append((phase.name, counts))
             # The run's products go again: the store is the workspace's, used by other runs.
-            written = [f"snapshot-{n}" for n in range(1, _written_count(sent) + 1)]
-            if written:
+            if written[0]:
                 from ecomsearch.client import SearchClient
 
                 with SearchClient(server.grpc_url, write_key=write_key) as client:
-                    client.delete_products(written)
+                    client.delete_products([f"snapshot-{n}" for n in range(1, written[0] + 1)])
             time.sleep(3 * prometheus.scrape_interval_s)
             png = out_dir / "dashboard.png"
             table = draw(prometheus, dashboard, started, time.time(), png, marks)

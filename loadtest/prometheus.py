@@ -10,9 +10,7 @@ process; stopping it leaves nothing behind. Used by the operations tests and by
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ecomsearch.server.launcher import free_port
+from ecomsearch.server.launcher import free_port, signal_group
 from ecomsearch.server.processes import die_with_parent
 
 INSTALL_HINT = (
@@ -189,12 +187,11 @@ class PrometheusServer:
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+            signal_group(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                signal_group(process.pid, signal.SIGKILL)
                 process.wait()
         if self._log is not None:
             self._log.close()

@@ -27,6 +27,7 @@ import yaml
 
 from ecomsearch.loadtest import dashboard
 from ecomsearch.loadtest.dashboard import substitute_variables  # noqa: F401 (the tests use it from here)
+from ecomsearch.serving.metrics import METRIC_NAMES
 from tests.project import PROJECT_ROOT
 
 MONITORING_DIR = PROJECT_ROOT / "deploy" / "monitoring"
@@ -38,23 +39,9 @@ ALERT_TESTS_PATH = MONITORING_DIR / "alerts.test.yaml"
 JOB = "ecomsearch"
 
 # ecomsearch's own metrics: the Python models' (pb_utils.MetricFamily; labels model, version,
-# model_instance, plus those noted) and the launcher's ops endpoint's (no model labels). The
-# code's list is ecomsearch.serving.metrics.METRIC_NAMES; the unit tests compare the two.
-ECOMSEARCH_METRICS = frozenset(
-    {
-        "ecomsearch_requests_rejected_total",  # counter, reason
-        "ecomsearch_queries_total",  # counter, model=retrieve
-        "ecomsearch_candidates_total",  # counter, source (vector, lexical), model=retrieve
-        "ecomsearch_empty_results_total",  # counter, model=retrieve or select
-        "ecomsearch_index_products",  # gauge, model=retrieve
-        "ecomsearch_index_built_timestamp_seconds",  # gauge, model=retrieve
-        "ecomsearch_catalog_delta_rows",  # gauge, model=retrieve
-        "ecomsearch_catalog_applied_seq",  # gauge, model=retrieve or select
-        "ecomsearch_catalog_caught_up_timestamp_seconds",  # gauge, model=retrieve or select
-        "ecomsearch_server_live",  # gauge, the launcher's
-        "ecomsearch_server_ready",  # gauge, the launcher's
-    }
-)
+# model_instance, plus their own) and the launcher's ops endpoint's (no model labels), as the
+# code names them.
+ECOMSEARCH_METRICS = METRIC_NAMES
 
 # Triton 2.51's summaries (--metrics-config=summary_latencies=true): each is exported as
 # `<name>{quantile=...}`, `<name>_count` and `<name>_sum`.

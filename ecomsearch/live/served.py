@@ -48,7 +48,6 @@ class LiveRetriever:
         interval_s: float = DEFAULT_POLL_INTERVAL_S,
         compact_delta_rows: int = COMPACT_DELTA_ROWS,
         name: str = "retrieve",
-        after_poll: Callable[[], None] | None = None,
     ) -> None:
         self.retriever = retriever
         self.name = name  # whose catalog this is, in logs and thread names
@@ -60,8 +59,6 @@ class LiveRetriever:
         # Loads (and for GPU instances, places) a base index version: the model's own recipe.
         self.load_base = load_base
         self.compact_delta_rows = compact_delta_rows
-        # Runs in the follower's thread after every poll (the model's gauges).
-        self.after_poll = after_poll
         self._next_version_check = 0.0
         self._compaction: threading.Thread | None = None
         # A catalog loaded from a new base version and brought up to date, waiting to be
@@ -142,8 +139,6 @@ class LiveRetriever:
                 target=self._compact, name=f"{self.name}-compaction", daemon=True
             )
             self._compaction.start()
-        if self.after_poll is not None:
-            self.after_poll()
 
     def switch_base(self, store: Any) -> None:
         """Loads the index version `index_dir` links to now and brings it up to date with

@@ -502,13 +502,13 @@ class TritonServer:
             self.watchdog.stop()
         process, self.process = self.process, None
         if process is not None:
-            _signal_group(process.pid, signal.SIGTERM)
+            signal_group(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
             # Stub processes may survive their server: nothing of the group may remain.
-            _signal_group(process.pid, signal.SIGKILL)
+            signal_group(process.pid, signal.SIGKILL)
             process.wait()
         if self._reaper is not None:
             try:
@@ -535,6 +535,7 @@ class TritonServer:
         self.stop()
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Sends `sig` to process group `pgid`; a group already gone is no error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)

@@ -7,10 +7,10 @@ overwriting each other (sum or max them by `model` in queries).
 
 Updating a metric is a message from the stub to the Triton process and a wait for its answer:
 about 37 us of a model's time, measured with a probe model on tritonserver 2.51 here (four a
-batch added 140 us to each request). So what a model counts on every batch (`count`) is added up
-in the process and sent by a background thread once per FLUSH_INTERVAL_S; the rare events (a
-rejected request: `increment`) are sent at once; and the catalog gauges are set at most once per
-GAUGE_REFRESH_INTERVAL_S from the follower's thread. Nothing is sent on a search's path.
+batch added 140 us to each request). So one background thread per instance sends, once per
+SEND_INTERVAL_S, what the model counted on every batch (`count`, added up in the process) and
+the gauges it watches (`watch`); only the rare events (a rejected request: `increment`) are sent
+at once. Nothing is sent on a search's path.
 
 The names here are the contract with deploy/monitoring (the dashboard and the alert rules);
 tests/unit/test_monitoring_rules.py checks that the two agree.
@@ -19,7 +19,6 @@ tests/unit/test_monitoring_rules.py checks that the two agree.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -81,7 +80,7 @@ CAUGHT_UP = MetricSpec(
     "ecomsearch_catalog_caught_up_timestamp_seconds",
     GAUGE,
     "Unix time at which this instance had last read every change the catalog store held; the "
-    "catalog lag is time() - this",
+    "catalog lag is the scrape's time minus this: timestamp(x) - x",
 )
 
 MODEL_METRICS = (
@@ -100,10 +99,9 @@ SERVER_LIVE = "ecomsearch_server_live"
 SERVER_READY = "ecomsearch_server_ready"
 METRIC_NAMES = frozenset({spec.name for spec in MODEL_METRICS} | {SERVER_LIVE, SERVER_READY})
 
-# How often the catalog gauges are refreshed: the lag's resolution. The alert fires at seconds.
-GAUGE_REFRESH_INTERVAL_S = 1.0
-# How often the per-batch counts are sent: well under a scrape interval.
-FLUSH_INTERVAL_S = 1.0
+# How often the counts and the watched gauges are sent: well under a scrape interval, and the
+# catalog lag's resolution (its alert fires at seconds).
+SEND_INTERVAL_S = 1.0
 
 # Rejection reasons by TritonError code name; the code's own name otherwise.
 _REASONS = {
@@ -130,10 +128,11 @@ class ModelMetrics:
         self._families: dict[str, Any] = {}
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         self._lock = threading.Lock()  # the follower's thread and the model's share them
-        # `count`'s sums not sent yet, by series, and the thread that sends them.
+        # `count`'s sums not sent yet, by series; the gauges' readers; the thread that sends.
         self._pending: dict[tuple[MetricSpec, tuple[tuple[str, str], ...]], float] = {}
         self._pending_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        self._watched: list[Callable[[], dict[MetricSpec, float | None]]] = []
+        self._sender: threading.Thread | None = None
         self._closed = threading.Event()
 
     @classmethod
@@ -156,11 +155,15 @@ class ModelMetrics:
     def enabled(self) -> bool:
         return self.labels is not None
 
-    def metric(self, spec: MetricSpec, **labels: str) -> Any:
-        """The series of `spec` with these extra labels (created on first use)."""
+    @staticmethod
+    def _labels_key(spec: MetricSpec, labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
         if sorted(labels) != sorted(spec.labels):
             raise ValueError(f"{spec.name} takes the labels {spec.labels}, got {sorted(labels)}")
-        key = (spec.name, tuple(sorted(labels.items())))
+        return tuple(sorted(labels.items()))
+
+    def metric(self, spec: MetricSpec, **labels: str) -> Any:
+        """The series of `spec` with these extra labels (created on first use)."""
+        key = (spec.name, self._labels_key(spec, labels))
         with self._lock:
             metric = self._metrics.get(key)
             if metric is None:
@@ -188,30 +191,44 @@ class ModelMetrics:
             self.metric(spec, **labels).increment(float(value))
 
     def count(self, spec: MetricSpec, value: float = 1, **labels: str) -> None:
-        """Adds `value` to a counter within FLUSH_INTERVAL_S (by the flusher thread, started on
-        the first call), costing the caller no message to Triton."""
+        """Adds `value` to a counter within SEND_INTERVAL_S (by the sender thread), costing the
+        caller no message to Triton."""
         if not self.enabled or not value:
             return
-        if sorted(labels) != sorted(spec.labels):
-            raise ValueError(f"{spec.name} takes the labels {spec.labels}, got {sorted(labels)}")
-        key = (spec, tuple(sorted(labels.items())))
+        key = (spec, self._labels_key(spec, labels))
         with self._pending_lock:
             self._pending[key] = self._pending.get(key, 0.0) + value
-            if self._flusher is None and not self._closed.is_set():
-                self._flusher = threading.Thread(
-                    target=self._flush_every, name="metrics-flusher", daemon=True
+        self._start_sender()
+
+    def watch(self, read: Callable[[], dict[MetricSpec, float | None]]) -> None:
+        """Sets the gauges `read()` returns now, then every SEND_INTERVAL_S (by the sender
+        thread: a stuck model thread does not stop them, so a lag computed from a timestamp
+        gauge keeps growing)."""
+        if not self.enabled:
+            return
+        self.set_all(read())
+        self._watched.append(read)
+        self._start_sender()
+
+    def _start_sender(self) -> None:
+        with self._pending_lock:
+            if self._sender is None and not self._closed.is_set():
+                self._sender = threading.Thread(
+                    target=self._send_every, name="metrics-sender", daemon=True
                 )
-                self._flusher.start()
+                self._sender.start()
 
     def flush(self) -> None:
-        """Sends what `count` has added up."""
+        """Sends what `count` has added up, and the watched gauges."""
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for (spec, labels), value in pending.items():
             self.metric(spec, **dict(labels)).increment(float(value))
+        for read in self._watched:
+            self.set_all(read())
 
-    def _flush_every(self) -> None:
-        while not self._closed.wait(FLUSH_INTERVAL_S):
+    def _send_every(self) -> None:
+        while not self._closed.wait(SEND_INTERVAL_S):
             try:
                 self.flush()
             except Exception:  # a metric is not worth a model: try again next time
@@ -244,13 +261,14 @@ class ModelMetrics:
                 self.set(spec, value)
 
     def close(self) -> None:
-        """Sends what is pending, stops the flusher, and drops the series (the stub wants a
+        """Sends what is pending, stops the sender, and drops the series (the stub wants a
         family deleted after its metrics)."""
         self._closed.set()
-        if self._flusher is not None:
-            self._flusher.join(5)
+        if self._sender is not None:
+            self._sender.join(5)
         if self.enabled:
             self.flush()
+        self._watched.clear()
         with self._lock:
             self._metrics.clear()
             self._families.clear()
@@ -265,23 +283,3 @@ def timestamp_of(iso: str | None) -> float | None:
     except ValueError:
         return None
     return moment.timestamp()
-
-
-class Every:
-    """Says when something is due again, at most every `interval_s` (the catalog gauges)."""
-
-    def __init__(
-        self,
-        interval_s: float = GAUGE_REFRESH_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.interval_s = interval_s
-        self.clock = clock
-        self._next = float("-inf")
-
-    def due(self) -> bool:
-        now = self.clock()
-        if now < self._next:
-            return False
-        self._next = now + self.interval_s
-        return True

@@ -38,7 +38,6 @@ from ecomsearch.serving.metrics import (
     INDEX_BUILT,
     INDEX_PRODUCTS,
     QUERIES,
-    Every,
     MetricSpec,
     timestamp_of,
 )
@@ -187,7 +186,6 @@ class RetrieveModel(BatchedModel):
         # ecomsearch.live.served): a search sees a whole batch of changes or none of it.
         self.lock = lock or threading.Lock()
         self.live: LiveRetriever | None = None
-        self._gauges_refresh = Every()
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> RetrieveModel:
@@ -259,9 +257,8 @@ class RetrieveModel(BatchedModel):
                 warn=pb_utils.Logger.log_warn,
                 interval_s=settings.catalog_poll_interval_ms / 1000,
                 compact_delta_rows=settings.compact_delta_rows,
-                after_poll=model.publish_catalog_state,
             ).catch_up_and_start()
-        model.metrics.set_all(model.catalog_state())
+        model.metrics.watch(model.catalog_state)
         catalog = retriever.catalog
         pb_utils.Logger.log_info(
             f"retrieve: {catalog.live_count} products ({manifest.count} in the "
@@ -292,11 +289,6 @@ class RetrieveModel(BatchedModel):
             APPLIED_SEQ: catalog.applied_seq,
             CAUGHT_UP: None if follower is None else follower.caught_up_at,
         }
-
-    def publish_catalog_state(self) -> None:
-        """The catalog's gauges, at most once a second (after each of the follower's polls)."""
-        if self.metrics.enabled and self._gauges_refresh.due():
-            self.metrics.set_all(self.catalog_state())
 
     def finalize(self) -> None:
         if self.live is not None:

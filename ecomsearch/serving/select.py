@@ -43,7 +43,7 @@ from ecomsearch.serving.base import (
     model_config,
     text_values,
 )
-from ecomsearch.serving.metrics import APPLIED_SEQ, CAUGHT_UP, EMPTY_RESULTS, Every, MetricSpec
+from ecomsearch.serving.metrics import APPLIED_SEQ, CAUGHT_UP, EMPTY_RESULTS, MetricSpec
 from ecomsearch.serving.rerank import CrossEncoderScorer, RerankUnavailableError
 from ecomsearch.store import redact
 
@@ -158,7 +158,6 @@ class SelectModel(BatchedModel):
         # What shoppers did, for personalised searches: read from the event log on the first
         # one (a plain search never pays for it), then caught up before each.
         self.events: EventCatchUp | None = None
-        self._gauges_refresh = Every()
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any], pb_utils) -> SelectModel:
@@ -196,10 +195,10 @@ class SelectModel(BatchedModel):
             model.lock,
             interval_ms / 1000,
             pb_utils.Logger.log_warn,
-            on_poll=model.publish_catalog_state,
             name="select-follower",
             with_embeddings=False,
         ).start()
+        model.metrics.watch(model.catalog_state)
         pb_utils.Logger.log_info(
             f"select: {labels.live_count} products at change {seq} from {redact(store_url)}"
         )
@@ -208,12 +207,12 @@ class SelectModel(BatchedModel):
     def counters(self) -> list[tuple[MetricSpec, dict[str, str]]]:
         return [*super().counters(), (EMPTY_RESULTS, {})]
 
-    def publish_catalog_state(self, _store: Any = None) -> None:
-        """The labels' catalog gauges, at most once a second (after the follower's polls)."""
-        if self.metrics.enabled and self.follower is not None and self._gauges_refresh.due():
-            self.metrics.set_all(
-                {APPLIED_SEQ: self.labels.applied_seq, CAUGHT_UP: self.follower.caught_up_at}
-            )
+    def catalog_state(self) -> dict[MetricSpec, float | None]:
+        """The labels' catalog gauges (each value one attribute: read without the lock)."""
+        return {
+            APPLIED_SEQ: self.labels.applied_seq,
+            CAUGHT_UP: None if self.follower is None else self.follower.caught_up_at,
+        }
 
     def finalize(self) -> None:
         if self.follower is not None:

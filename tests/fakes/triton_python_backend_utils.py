@@ -13,6 +13,7 @@ this module per test (tests/conftest.py does) so records do not leak between tes
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -194,7 +195,7 @@ class MetricFamily:
     HISTOGRAM = 2
 
     registry: dict[str, MetricFamily] = {}  # noqa: RUF012 (per fresh module, like Logger)
-    _NAME = __import__("re").compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+    _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
     def __init__(self, name: str, description: str, kind: int) -> None:
         if not isinstance(name, str) or not self._NAME.fullmatch(name):

@@ -28,7 +28,7 @@ from ecomsearch.index.builder import build_index
 from ecomsearch.index.manifest import IndexManifest
 from ecomsearch.live.compaction import compact, compaction_lock
 from ecomsearch.paths import ModelRepositoryLayout
-from ecomsearch.server.launcher import TritonServer, _signal_group
+from ecomsearch.server.launcher import TritonServer, signal_group
 from ecomsearch.store import open_store
 from tests.integration.conftest import copy_model_repository, set_instance_count
 
@@ -617,7 +617,7 @@ def test_searches_see_every_write_within_the_window_and_a_kill_9_loses_none(
 
     # kill -9 of tritonserver and every stub at once, then a restart over the same store.
     assert live.server is not None and live.server.process is not None
-    _signal_group(live.server.process.pid, signal.SIGKILL)
+    signal_group(live.server.process.pid, signal.SIGKILL)
     live.server.process.wait(30)
     live.server.stop()
     live.start()

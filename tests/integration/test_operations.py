@@ -31,8 +31,8 @@ from ecomsearch.index.builder import build_index
 from ecomsearch.live.location import STORE_URL_ENV, WRITE_KEY_ENV
 from ecomsearch.loadtest.prometheus import JOB, SCRAPE_INTERVAL_S, PrometheusServer
 from ecomsearch.paths import ModelRepositoryLayout
-from ecomsearch.pids import process_alive
-from ecomsearch.server.launcher import ServerPorts
+from ecomsearch.server.launcher import ServerPorts, signal_group
+from ecomsearch.server.processes import group_members
 from ecomsearch.store import open_store
 from tests import monitoring
 from tests.integration.conftest import copy_model_repository, wait_ready
@@ -86,31 +86,20 @@ class Replica:
         process, self.process = self.process, None
         if process is None:
             return
-        os.killpg(process.pid, signal.SIGTERM)
+        signal_group(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=STOP_TIMEOUT_S)
         finally:
             deadline = time.monotonic() + 10
-            while group_members(process.pid) and time.monotonic() < deadline:
+            while (left := alive_in_group(process.pid)) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            left = group_members(process.pid)
             if left:
-                os.killpg(process.pid, signal.SIGKILL)
+                signal_group(process.pid, signal.SIGKILL)
             assert not left, f"{self.name} left processes behind: {left}"
 
 
-def group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and process_alive(int(entry.name)):
-            members.append(int(entry.name))
-    return members
+def alive_in_group(pgid: int) -> list[int]:
+    return [member.pid for member in group_members(pgid) if member.alive]
 
 
 @dataclass

@@ -8,12 +8,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from ecomsearch import contract
 from ecomsearch.client import SearchClient
-from ecomsearch.paths import ModelRepositoryLayout
+from ecomsearch.paths import ModelRepositoryLayout, read_model_config
 from ecomsearch.server.launcher import TritonServer
 
 from .conftest import copy_model_repository
@@ -25,7 +23,7 @@ def warmed_models(repository) -> dict[str, tuple[int, list[str], int]]:
     """Per model with a warm-up: its instance count, sample names and warm-up requests."""
     found = {}
     for path in sorted(repository.glob("*/config.pbtxt")):
-        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        config = read_model_config(path)
         if not config.model_warmup:
             continue
         instances = sum(group.count or 1 for group in config.instance_group)

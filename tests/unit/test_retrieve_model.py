@@ -868,7 +868,7 @@ def test_a_batch_publishes_its_queries_candidates_by_source_and_gauges(
     )
 
     assert family[metrics.QUERIES.name].value(**instance) == 0, "sent within a second, not now"
-    small_retrieve.model.metrics.flush()  # what the flusher thread does once a second
+    small_retrieve.model.metrics.flush()  # what the sender thread does once a second
     out = triton.outputs(response)
     rows, features = out[contract.CANDIDATE_ROWS], out[contract.CANDIDATE_FEATURES]
     lexical = {0, 2, 10, 11}  # the titles with "cordless" or "drill"; "zzzz" matches none

@@ -824,7 +824,7 @@ def test_queries_left_without_a_product_count_as_empty_results(triton, select) -
     )
 
     assert not response.has_error()
-    select.model.metrics.flush()  # what the flusher thread does once a second
+    select.model.metrics.flush()  # what the sender thread does once a second
     series = triton.pb_utils.MetricFamily.registry[EMPTY_RESULTS.name].metrics
     ((labels, metric),) = series.items()
     assert dict(labels)["model"] == "select" and metric.value() == 2

@@ -20,7 +20,6 @@ from ecomsearch.serving.metrics import (
     MODEL_METRICS,
     QUERIES,
     REQUESTS_REJECTED,
-    Every,
     ModelMetrics,
     timestamp_of,
 )
@@ -105,12 +104,12 @@ def test_declared_series_exist_at_zero_before_their_first_event(pb_utils) -> Non
         value(pb_utils, REQUESTS_REJECTED.name, **INSTANCE, reason="invalid_argument")
 
 
-def test_counts_are_sent_together_by_the_flusher_and_on_close(
+def test_counts_are_sent_together_by_the_sender_and_on_close(
     pb_utils, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ecomsearch.serving import metrics as metrics_module
 
-    monkeypatch.setattr(metrics_module, "FLUSH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(metrics_module, "SEND_INTERVAL_S", 0.05)
     sent: list[float] = []
     metrics = ModelMetrics.of_instance(pb_utils, ARGS).declare([(QUERIES, {})])
     series = metrics.metric(QUERIES)
@@ -119,26 +118,39 @@ def test_counts_are_sent_together_by_the_flusher_and_on_close(
 
     for _ in range(5):
         metrics.count(QUERIES, 2)
-    assert value(pb_utils, QUERIES.name, **INSTANCE) in (0, 10)  # the flusher may be quick
+    assert value(pb_utils, QUERIES.name, **INSTANCE) in (0, 10)  # the sender may be quick
     deadline = time.monotonic() + 5
     while value(pb_utils, QUERIES.name, **INSTANCE) != 10:
-        assert time.monotonic() < deadline, "the flusher never sent the counts"
+        assert time.monotonic() < deadline, "the sender never sent the counts"
         time.sleep(0.01)
     assert sum(sent) == 10 and len(sent) < 5, "counts are sent added up, not one by one"
     metrics.count(QUERIES, 3)
-    metrics.close()  # the flusher stops, and what was pending is sent
+    metrics.close()  # the sender stops, and what was pending is sent
     assert value(pb_utils, QUERIES.name, **INSTANCE) == 13
 
 
-def test_every_is_due_at_most_once_an_interval() -> None:
-    now = [10.0]
-    every = Every(interval_s=1.0, clock=lambda: now[0])
-    assert every.due()
-    now[0] = 10.5
-    assert not every.due()
-    now[0] = 11.0
-    assert every.due()
-    assert not every.due()
+def test_watched_gauges_are_set_at_once_then_by_the_sender(
+    pb_utils, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ecomsearch.serving import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "SEND_INTERVAL_S", 0.05)
+    state = {INDEX_PRODUCTS: 5.0, APPLIED_SEQ: None}
+    metrics = ModelMetrics.of_instance(pb_utils, ARGS)
+
+    metrics.watch(lambda: dict(state))
+
+    assert value(pb_utils, INDEX_PRODUCTS.name, **INSTANCE) == 5
+    assert APPLIED_SEQ.name not in pb_utils.MetricFamily.registry, "None: nothing known yet"
+    state.update({INDEX_PRODUCTS: 7.0, APPLIED_SEQ: 42.0})
+    deadline = time.monotonic() + 5
+    while APPLIED_SEQ.name not in pb_utils.MetricFamily.registry:
+        assert time.monotonic() < deadline, "the sender never set the watched gauges"
+        time.sleep(0.01)
+    time.sleep(0.1)  # both gauges of that round are set
+    assert value(pb_utils, INDEX_PRODUCTS.name, **INSTANCE) == 7
+    assert value(pb_utils, APPLIED_SEQ.name, **INSTANCE) == 42
+    metrics.close()
 
 
 def test_timestamps_of_manifest_times() -> None:

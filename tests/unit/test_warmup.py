@@ -27,7 +27,7 @@ from tests.project import MODEL_REPOSITORY, PROJECT_ROOT
 
 REPOSITORY = MODEL_REPOSITORY
 LAYOUT = ModelRepositoryLayout(REPOSITORY)
-CONFIG_FILES = cold_start.config_files(REPOSITORY)
+CONFIG_FILES = ModelRepositoryLayout(REPOSITORY).config_files()
 PROFILES = (None, "gpu")
 WARMUP_DIR = "warmup"  # tritonserver reads input_data_file from <model directory>/warmup/
 # The models whose first request was measurably slow without a warm-up (`ecomsearch
