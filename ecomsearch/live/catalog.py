@@ -131,6 +131,10 @@ class DeltaLexical:
                 scores[rows_array] += weight * tf / (norm[rows_array] + tf)
         return scores.astype(np.float32)
 
+    def knows(self, word: str) -> bool:
+        """Whether any delta row's text has `word` (all fields are in "text")."""
+        return word in self._postings["text"]
+
     def contains(self, field: str, tokens: Sequence[str], rows: np.ndarray) -> np.ndarray:
         counts = self._counts[field]
         return np.array(
@@ -150,7 +154,8 @@ class LiveLexical:
         return self.base.count + self.delta.count
 
     def terms(self, query: str) -> QueryTerms:
-        return self.base.terms(query)
+        # A word only newer products use is known: it must match them, not be corrected away.
+        return self.base.terms(query, known=self.delta.knows)
 
     def scores(self, terms: QueryTerms, field: str) -> np.ndarray:
         base = self.base.scores(terms, field)

@@ -1,0 +1,163 @@
+"""Query spelling correction against the catalog's own vocabulary.
+
+A fifth of the Home Depot queries hold a word no product text contains ("toliet seat",
+"vaccuum", "celing fan", "doorknob"), and a word no product has adds nothing to BM25. Each such
+word is replaced, for lexical matching only, by the closest word the catalog does use:
+
+1. joined with its neighbour, if the pair written as one word is in the vocabulary
+   ("rubber maid" -> "rubbermaid");
+2. else the vocabulary word within a small edit distance (Damerau-Levenshtein, adjacent
+   transpositions counted once) that most products use; one edit for words under eight letters,
+   two from eight on, where a second typo is likelier than a different word;
+3. else split in two vocabulary words ("doorknob" -> "door knob");
+4. else kept as typed.
+
+Candidates within the distance come from a symmetric-delete index (SymSpell's idea): every
+vocabulary word is stored under each string left by deleting up to two of its letters, so a
+query word's own deletions find them without scanning the vocabulary. Only a word that no
+document has is corrected, so a query that already matches is left exactly as typed; numbers,
+words under four letters and mixed tokens are never touched. The vocabulary is the catalog's,
+so nothing here is tuned to one shop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+MIN_WORD_LENGTH = 4  # shorter words are too ambiguous to correct ("sku", "led", "hdmi" stays)
+LONG_WORD_LENGTH = 8  # from this length on, two edits are allowed
+MAX_EDITS = 2
+# A vocabulary word used by a single product is as likely a typo in the catalog as a word.
+MIN_DOCUMENT_FREQUENCY = 2
+MIN_SPLIT_PART_LENGTH = 3
+
+
+def deletions(word: str, edits: int) -> set[str]:
+    """The word and every string left by deleting up to `edits` of its letters."""
+    found = {word}
+    frontier = {word}
+    for _ in range(edits):
+        frontier = {w[:i] + w[i + 1 :] for w in frontier for i in range(len(w))}
+        found |= frontier
+    return found
+
+
+def edit_distance(a: str, b: str, limit: int) -> int:
+    """Optimal-string-alignment distance (insertions, deletions, substitutions, adjacent
+    transpositions), or limit + 1 as soon as it must exceed `limit`."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        current = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            best = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                best = min(best, previous2[j - 2] + 1)
+            current[j] = best
+        if min(current) > limit:
+            return limit + 1
+        previous2, previous = previous, current
+    return min(previous[-1], limit + 1)
+
+
+def allowed_edits(word: str) -> int:
+    return 1 if len(word) < LONG_WORD_LENGTH else MAX_EDITS
+
+
+def correctable(word: str) -> bool:
+    return len(word) >= MIN_WORD_LENGTH and word.isalpha()
+
+
+class SpellingCorrector:
+    """Corrects query tokens a catalog's documents never use; see the module docstring."""
+
+    def __init__(self, document_frequency: Mapping[str, int]) -> None:
+        """`document_frequency`: each vocabulary word and how many documents use it."""
+        self.document_frequency = dict(document_frequency)
+        self._by_deletion: dict[str, list[str]] = {}
+        for word, frequency in self.document_frequency.items():
+            if frequency < MIN_DOCUMENT_FREQUENCY or not correctable(word):
+                continue
+            for deleted in deletions(word, allowed_edits(word)):
+                self._by_deletion.setdefault(deleted, []).append(word)
+
+    def frequency(self, word: str) -> int:
+        return self.document_frequency.get(word, 0)
+
+    def closest(self, word: str) -> str | None:
+        """The most used vocabulary word within the allowed edits of `word`, or None; ties go
+        to the fewer edits, then the more documents, then the alphabet (deterministic)."""
+        limit = allowed_edits(word)
+        candidates = {c for d in deletions(word, limit) for c in self._by_deletion.get(d, ())}
+        best: tuple[int, int, str] | None = None
+        for candidate in candidates:
+            # A candidate stored under a long word's two deletions may be short: check its own
+            # limit too, so "padding" cannot become a four-letter word two edits away.
+            distance = edit_distance(word, candidate, min(limit, allowed_edits(candidate)))
+            if distance <= min(limit, allowed_edits(candidate)):
+                key = (distance, -self.frequency(candidate), candidate)
+                best = key if best is None or key < best else best
+        return None if best is None else best[2]
+
+    def split(self, word: str) -> tuple[str, str] | None:
+        """Two vocabulary words that spell `word`, the split whose rarer half is most used."""
+        best: tuple[int, int] | None = None
+        for at in range(MIN_SPLIT_PART_LENGTH, len(word) - MIN_SPLIT_PART_LENGTH + 1):
+            support = min(self.frequency(word[:at]), self.frequency(word[at:]))
+            if support >= MIN_DOCUMENT_FREQUENCY and (best is None or support > best[0]):
+                best = (support, at)
+        return None if best is None else (word[: best[1]], word[best[1] :])
+
+    def correct(
+        self, tokens: Sequence[str], known: Callable[[str], bool] | None = None
+    ) -> list[str]:
+        """The tokens with each correctable unknown word corrected. `known` names words that
+        count as known beyond the vocabulary (a live catalog's newer products)."""
+
+        def is_known(word: str) -> bool:
+            # Even one product's word is known: a query that matches it was typed on purpose.
+            return self.frequency(word) > 0 or (known is not None and known(word))
+
+        corrected: list[str] = []
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
+            following = tokens[position + 1] if position + 1 < len(tokens) else None
+            if is_known(token) or not correctable(token):
+                # A known word can still be half of an unknown pair written apart.
+                if following is not None and not is_known(following) and correctable(following):
+                    joined = token + following
+                    if self.frequency(joined) >= MIN_DOCUMENT_FREQUENCY:
+                        corrected.append(joined)
+                        position += 2
+                        continue
+                corrected.append(token)
+            elif following is not None and self.frequency(token + following) >= (
+                MIN_DOCUMENT_FREQUENCY
+            ):
+                corrected.append(token + following)
+                position += 1
+            elif (closest := self.closest(token)) is not None:
+                corrected.append(closest)
+            elif (halves := self.split(token)) is not None:
+                corrected.extend(halves)
+            else:
+                corrected.append(token)
+            position += 1
+        return corrected
+
+
+def document_frequencies(vocabulary: Mapping[str, int], postings_offsets) -> dict[str, int]:
+    """Word -> number of documents, from a CSC-style postings layout (offsets per term id)."""
+    size = len(postings_offsets) - 1
+    return {
+        word: int(postings_offsets[term + 1] - postings_offsets[term])
+        for word, term in vocabulary.items()
+        if word and 0 <= term < size
+    }
+
+
+__all__ = ["SpellingCorrector", "deletions", "document_frequencies", "edit_distance"]
