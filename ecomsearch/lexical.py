@@ -49,10 +49,16 @@ def _normalise(token: str) -> str:
     return token
 
 
+def typed_tokens(text: str) -> list[str]:
+    """Lower-cased word and number tokens as typed, stopwords dropped (tokenize's, before units
+    and plurals are normalised)."""
+    text = text.lower().replace('"', " in ")
+    return [token for token in _TOKEN.findall(text) if token not in _STOPWORDS]
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-cased word and number tokens, units and plurals normalised, stopwords dropped."""
-    text = text.lower().replace('"', " in ")
-    return [_normalise(token) for token in _TOKEN.findall(text) if token not in _STOPWORDS]
+    return [_normalise(token) for token in typed_tokens(text)]
 
 
 def is_number(token: str) -> bool:
@@ -138,7 +144,9 @@ class LexicalIndex:
         """The query's distinct tokens after spelling correction (ecomsearch.spelling): a word
         no product uses is matched as the catalog's nearest word. `known` names further words
         to leave as typed (the live catalog's newer products)."""
-        tokens = tuple(dict.fromkeys(self.spelling.correct(tokenize(query), known)))
+        typed = typed_tokens(query)
+        tokens = [_normalise(token) for token in typed]
+        tokens = tuple(dict.fromkeys(self.spelling.correct(tokens, known, typed=typed)))
         ids = {
             field: [retriever.vocab_dict[t] for t in tokens if t in retriever.vocab_dict]
             for field, retriever in self.retrievers.items()

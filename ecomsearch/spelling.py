@@ -87,19 +87,22 @@ class SpellingCorrector:
     def frequency(self, word: str) -> int:
         return self.document_frequency.get(word, 0)
 
-    def closest(self, word: str) -> str | None:
-        """The most used vocabulary word within the allowed edits of `word`, or None; ties go
-        to the fewer edits, then the more documents, then the alphabet (deterministic)."""
-        limit = allowed_edits(word)
-        candidates = {c for d in deletions(word, limit) for c in self._by_deletion.get(d, ())}
+    def closest(self, *spellings: str) -> str | None:
+        """The most used vocabulary word within the allowed edits of any of `spellings` (a word
+        as normalised, and as typed), or None; ties go to the fewer edits, then the more
+        documents, then the alphabet (deterministic)."""
         best: tuple[int, int, str] | None = None
-        for candidate in candidates:
-            # A candidate stored under a long word's two deletions may be short: check its own
-            # limit too, so "padding" cannot become a four-letter word two edits away.
-            distance = edit_distance(word, candidate, min(limit, allowed_edits(candidate)))
-            if distance <= min(limit, allowed_edits(candidate)):
-                key = (distance, -self.frequency(candidate), candidate)
-                best = key if best is None or key < best else best
+        for word in dict.fromkeys(spellings):
+            limit = allowed_edits(word)
+            candidates = {c for d in deletions(word, limit) for c in self._by_deletion.get(d, ())}
+            for candidate in candidates:
+                # A candidate stored under a long word's two deletions may be short: it is held
+                # to its own limit too, so "toiletxx" cannot become "toilet".
+                reach = min(limit, allowed_edits(candidate))
+                distance = edit_distance(word, candidate, reach)
+                if distance <= reach:
+                    key = (distance, -self.frequency(candidate), candidate)
+                    best = key if best is None or key < best else best
         return None if best is None else best[2]
 
     def split(self, word: str) -> tuple[str, str] | None:
@@ -112,10 +115,20 @@ class SpellingCorrector:
         return None if best is None else (word[: best[1]], word[best[1] :])
 
     def correct(
-        self, tokens: Sequence[str], known: Callable[[str], bool] | None = None
+        self,
+        tokens: Sequence[str],
+        known: Callable[[str], bool] | None = None,
+        typed: Sequence[str] | None = None,
     ) -> list[str]:
         """The tokens with each correctable unknown word corrected. `known` names words that
-        count as known beyond the vocabulary (a live catalog's newer products)."""
+        count as known beyond the vocabulary (a live catalog's newer products). `typed`, the
+        same words before normalisation, is searched too: plural folding turns "wireles" into
+        "wirele", two edits from "wireless" where the typed word is one."""
+        if typed is not None and len(typed) != len(tokens):
+            raise ValueError(f"{len(typed)} typed words for {len(tokens)} tokens")
+
+        def as_typed(position: int) -> tuple[str, ...]:
+            return () if typed is None else (typed[position],)
 
         def is_known(word: str) -> bool:
             # Even one product's word is known: a query that matches it was typed on purpose.
@@ -140,7 +153,7 @@ class SpellingCorrector:
             ):
                 corrected.append(token + following)
                 position += 1
-            elif (closest := self.closest(token)) is not None:
+            elif (closest := self.closest(token, *as_typed(position))) is not None:
                 corrected.append(closest)
             elif (halves := self.split(token)) is not None:
                 corrected.extend(halves)

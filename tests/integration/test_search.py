@@ -109,6 +109,23 @@ def test_a_rerank_orders_the_best_candidates_by_ranker_score_plus_the_cross_enco
     ]
 
 
+def test_a_misspelt_word_is_matched_as_the_catalog_spells_it(client):
+    # retrieve corrects "wireles" (in no product) to "wireless" for BM25, so a product found
+    # by both spellings has the same lexical features; the encoder still reads what was typed.
+    lexical = ("bm25_title", "bm25_text", "title_coverage", "text_coverage", "lexical_rank")
+    typed = {h.product_id: h for h in client.search("logitech wireles mouse", k=10, explain=True)}
+    spelt = {h.product_id: h for h in client.search("logitech wireless mouse", k=10, explain=True)}
+    both = typed.keys() & spelt.keys()
+    assert len(both) >= 5, (list(typed), list(spelt))
+    for product_id in both:
+        typed_values = typed[product_id].explanation["feature_values"]
+        spelt_values = spelt[product_id].explanation["feature_values"]
+        for name in lexical:
+            assert typed_values[name] == pytest.approx(spelt_values[name], abs=1e-6), name
+    # Products with every word of the query in their text, the corrected one too, are found.
+    assert any(h.explanation["feature_values"]["text_coverage"] == 1.0 for h in typed.values())
+
+
 def test_default_top_k_when_absent(grpc_url):
     import numpy as np
     import tritonclient.grpc as grpcclient

@@ -213,3 +213,19 @@ def test_a_word_only_a_newer_product_uses_is_not_corrected_away() -> None:
     terms = live.terms("toilex seat")
     assert terms.tokens == ("toilex", "seat")
     assert np.argmax(live.scores(terms, "title")) == len(CATALOG)  # the new product
+
+
+def test_the_word_as_typed_is_searched_too() -> None:
+    # Plural folding makes "wireles" "wirele": two edits from "wireless", the typed word one.
+    corrector = SpellingCorrector({"wireless": 10, "mouse": 10})
+    assert corrector.correct(["wirele", "mouse"]) == ["wirele", "mouse"]
+    assert corrector.correct(["wirele", "mouse"], typed=["wireles", "mouse"]) == [
+        "wireless",
+        "mouse",
+    ]
+    with pytest.raises(ValueError, match="typed words"):
+        corrector.correct(["wirele", "mouse"], typed=["wireles"])
+    lexical = LexicalIndex.build(
+        [Product(id="m0", title="Wireless mouse"), Product(id="m1", title="Wireless keyboard")]
+    )
+    assert lexical.terms("wireles mouse").tokens == ("wireless", "mouse")
