@@ -76,11 +76,22 @@ def assert_server_ready(url: str) -> None:
 
 # -- strategies: arrays a hostile client could send ------------------------------------------
 
+# One word of 2,000 random letters: a typo-corrector that searched it (ecomsearch.spelling) would
+# spend seconds and gigabytes on its deletion set.
+LONG_WORD = bytes(np.random.default_rng(7).integers(ord("a"), ord("z") + 1, 2000, dtype=np.uint8))
 hostile_text = st.one_of(
     st.binary(max_size=64),
     st.text(max_size=48).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.sampled_from(
-        [b"", b"\x00" * 8, "\u200b\u200c\u200d".encode(), b"\xff\xfe", b"x" * 5000, b" \t\n"]
+        [
+            b"",
+            b"\x00" * 8,
+            "\u200b\u200c\u200d".encode(),
+            b"\xff\xfe",
+            b"x" * 5000,
+            b" \t\n",
+            LONG_WORD,
+        ]
     ),
 )
 special_floats = st.floats(allow_nan=True, allow_infinity=True, width=32)

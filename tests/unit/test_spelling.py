@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from ecomsearch.catalog import Product
 from ecomsearch.lexical import LexicalIndex
 from ecomsearch.spelling import (
+    MAX_WORD_LENGTH,
     MIN_DOCUMENT_FREQUENCY,
     SpellingCorrector,
     allowed_edits,
@@ -229,3 +230,27 @@ def test_the_word_as_typed_is_searched_too() -> None:
         [Product(id="m0", title="Wireless mouse"), Product(id="m1", title="Wireless keyboard")]
     )
     assert lexical.terms("wireles mouse").tokens == ("wireless", "mouse")
+
+
+def test_overlong_words_cost_nothing_on_either_side(monkeypatch) -> None:
+    # Deletion sets grow with the square of a word's length: a hostile 2,000-letter query word
+    # (within the 2,048-byte limit), or such a word in a product's text, must never reach them.
+    import ecomsearch.spelling as spelling
+
+    # 60 letters: past the limit, yet cheap enough that this test fails fast without it.
+    rng = np.random.default_rng(0)
+    overlong = "".join(rng.choice(list("abcdefghij"), size=60))
+    near = overlong[: MAX_WORD_LENGTH + 1]
+    calls: list[str] = []
+    original = spelling.deletions
+    monkeypatch.setattr(
+        spelling, "deletions", lambda word, edits: calls.append(word) or original(word, edits)
+    )
+    corrector = SpellingCorrector({overlong: 9, near: 9, "seat": 9})
+    assert calls == ["seat"]  # the overlong vocabulary words were not indexed
+    assert corrector.correct([overlong[:-1] + "z", near[:-1] + "z", "seet"]) == [
+        overlong[:-1] + "z",
+        near[:-1] + "z",
+        "seat",
+    ]
+    assert calls == ["seat", "seet"]
