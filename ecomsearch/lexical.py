@@ -91,7 +91,7 @@ class LexicalIndex:
         self.count = int(next(iter(retrievers.values())).scores["num_docs"])
         for retriever in retrievers.values():
             _sort_postings(retriever.scores)
-        # Built once per index (about 1 s and 40 MB for the 17k words of 55k products), so no
+        # Built once per index (0.6 s and 2.7 MB for the 17k words of 55k products), so no
         # request pays for it. The "text" field's vocabulary holds every word of every field.
         text = retrievers["text"]
         self.spelling = SpellingCorrector(

@@ -84,7 +84,7 @@ class SpellingCorrector:
         """`document_frequency`: each vocabulary word and how many documents use it."""
         self.document_frequency = dict(document_frequency)
         # The deletion index as two arrays sorted by the deletion's hash (12 bytes an entry; a
-        # dict of lists took 40 MB for the 17k words of 55k products, this 2.6 MB). Hashes
+        # dict of lists took 40 MB for the 17k words of 55k products, this 2.7 MB). Hashes
         # that collide only add candidates, which are checked by their distance anyway. (str's
         # hash is salted per process: the index is used only by the process that built it.)
         self._targets = [
