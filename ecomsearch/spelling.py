@@ -192,7 +192,9 @@ class SpellingCorrector:
         return corrected
 
 
-def document_frequencies(vocabulary: Mapping[str, int], postings_offsets) -> dict[str, int]:
+def document_frequencies(
+    vocabulary: Mapping[str, int], postings_offsets: np.ndarray
+) -> dict[str, int]:
     """Word -> number of documents, from a CSC-style postings layout (offsets per term id)."""
     size = len(postings_offsets) - 1
     return {
