@@ -159,29 +159,28 @@ class SpellingCorrector:
         def as_typed(position: int) -> tuple[str, ...]:
             return () if typed is None else (typed[position],)
 
-        def is_known(word: str) -> bool:
+        def unknown(word: str) -> bool:
             # Even one product's word is known: a query that matches it was typed on purpose.
-            return self.frequency(word) > 0 or (known is not None and known(word))
+            return correctable(word) and not (
+                self.frequency(word) > 0 or (known is not None and known(word))
+            )
 
         corrected: list[str] = []
         position = 0
         while position < len(tokens):
             token = tokens[position]
             following = tokens[position + 1] if position + 1 < len(tokens) else None
-            if is_known(token) or not correctable(token):
-                # A known word can still be half of an unknown pair written apart.
-                if following is not None and not is_known(following) and correctable(following):
-                    joined = token + following
-                    if self.frequency(joined) >= MIN_DOCUMENT_FREQUENCY:
-                        corrected.append(joined)
-                        position += 2
-                        continue
-                corrected.append(token)
-            elif following is not None and self.frequency(token + following) >= (
-                MIN_DOCUMENT_FREQUENCY
+            # A word written apart, either half unknown ("rubber maid" -> "rubbermaid").
+            if (
+                following is not None
+                and (unknown(token) or unknown(following))
+                and self.frequency(token + following) >= MIN_DOCUMENT_FREQUENCY
             ):
                 corrected.append(token + following)
-                position += 1
+                position += 2
+                continue
+            if not unknown(token):
+                corrected.append(token)
             elif (closest := self.closest(token, *as_typed(position))) is not None:
                 corrected.append(closest)
             elif (halves := self.split(token)) is not None:
