@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ecomsearch.server.launcher import free_port, signal_group
+from ecomsearch.server.launcher import free_port, stop_group
 from ecomsearch.server.processes import die_with_parent
 
 INSTALL_HINT = (
@@ -187,12 +186,7 @@ class PrometheusServer:
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None:
-            signal_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                signal_group(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process, STOP_TIMEOUT_S)
         if self._log is not None:
             self._log.close()
             self._log = None

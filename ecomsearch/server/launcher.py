@@ -501,15 +501,8 @@ class TritonServer:
         if self.watchdog is not None:
             self.watchdog.stop()
         process, self.process = self.process, None
-        if process is not None:
-            signal_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
-            # Stub processes may survive their server: nothing of the group may remain.
-            signal_group(process.pid, signal.SIGKILL)
-            process.wait()
+        if process is not None and not stop_group(process, timeout_s):
+            log.warning("tritonserver did not stop within %.0f s; killed it", timeout_s)
         if self._reaper is not None:
             try:
                 self._reaper.wait(timeout=REAPER_EXIT_TIMEOUT_S)
@@ -539,3 +532,18 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
     """Sends `sig` to process group `pgid`; a group already gone is no error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def stop_group(process: subprocess.Popen, timeout_s: float) -> bool:
+    """SIGTERM to the group `process` leads, up to `timeout_s` for it to exit, then SIGKILL to
+    whatever is left of the group (children may outlive their leader, as Python-backend stubs
+    outlive tritonserver). Returns whether the leader exited within the timeout."""
+    signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+        stopped = True
+    except subprocess.TimeoutExpired:
+        stopped = False
+    signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+    return stopped
