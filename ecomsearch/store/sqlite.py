@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -161,6 +162,7 @@ class SqliteStore(CatalogStore):
             )
         except sqlite3.Error as e:
             raise StoreError(f"catalog store {self.url}: cannot open: {e}") from e
+        self.busy_timeout_s = busy_timeout_s
         try:
             with self._errors():
                 self._configure()
@@ -201,12 +203,30 @@ class SqliteStore(CatalogStore):
 
     def _configure(self) -> None:
         db = self._db
-        (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+        (mode,) = self._switch_to_wal(db)
         if str(mode).lower() != "wal":
             # Some filesystems (network ones) cannot do WAL; writes stay durable and atomic,
             # but readers and writers then block each other.
             log.warning("catalog store %s: journal mode is %s, not WAL", self.url, mode)
         db.execute("PRAGMA synchronous=FULL")
+
+    def _switch_to_wal(self, db: sqlite3.Connection) -> tuple[str]:
+        """Sets WAL journal mode, retrying while another connection holds the file. SQLite
+        answers `database is locked` at once, without calling the busy handler, when the
+        switch would deadlock with a connection that is itself opening the file, so replicas
+        opening a new store together need this loop; the busy timeout still bounds it."""
+        deadline_s = time.monotonic() + self.busy_timeout_s
+        pause_s = 0.005
+        while True:
+            try:
+                return db.execute("PRAGMA journal_mode=WAL").fetchone()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() + pause_s > deadline_s:
+                    raise
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 0.1)
 
     def _open_schema(self) -> str:
         """Creates the tables on first use, under the write lock so two processes opening a

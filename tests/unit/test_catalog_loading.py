@@ -102,17 +102,24 @@ def test_replicas_loading_one_file_together_load_it_once(
     titles = [f"Product {n}" for n in range(300)]
     catalog = write_catalog(tmp_path / "catalog.jsonl", titles)
     encoder = FakeEncoder("encoder")
-    start = threading.Barrier(3)
+    # A step that fails breaks the barrier, so the others stop waiting and the failure is
+    # reported below rather than as three missing results a minute later.
+    start = threading.Barrier(3, timeout=30)
     loaded: list[bool] = []
+    errors: list[BaseException] = []
 
     def init_step(n: int) -> None:
-        with open_store(url) as store:
-            start.wait()
-            loaded.append(
-                load_catalog_into_store(
-                    store, catalog, encoder, EmbeddingCache(tmp_path / f"cache-{n}")
+        try:
+            with open_store(url) as store:
+                start.wait()
+                loaded.append(
+                    load_catalog_into_store(
+                        store, catalog, encoder, EmbeddingCache(tmp_path / f"cache-{n}")
+                    )
                 )
-            )
+        except BaseException as e:  # reported by the assertion below
+            start.abort()
+            errors.append(e)
 
     steps = [threading.Thread(target=init_step, args=(n,)) for n in range(3)]
     for step in steps:
@@ -120,6 +127,7 @@ def test_replicas_loading_one_file_together_load_it_once(
     for step in steps:
         step.join(60)
 
+    assert not errors, f"{errors[0]!r}"  # the first is the cause; the rest see a broken barrier
     assert sorted(loaded) == [False, False, True]
     with open_store(url) as store:
         assert store.count() == len(titles)
