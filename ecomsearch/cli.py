@@ -300,8 +300,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         write_key=_serving_write_key(args),
     )
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous_handlers = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         server.start(timeout_s=args.startup_timeout_s)
         log.info(
@@ -320,6 +321,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     finally:
         server.stop()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
 
 def _price_column(price: float | None) -> str:
@@ -1816,12 +1819,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `serve` installs its own
+    # `serve` installs its own. The previous handler comes back on the way out: a SIGTERM
+    # during interpreter teardown (or in a caller that ran main() in-process, as the tests
+    # do) must not raise SystemExit where nothing can handle it.
+    previous_sigterm_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.handler(args)
     except _user_facing_errors() as e:
         log.error("%s: %s", type(e).__name__, e)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm_handler)
 
 
 if __name__ == "__main__":

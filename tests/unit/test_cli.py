@@ -230,6 +230,33 @@ def test_search_with_a_user_id_is_personalised(fake_client) -> None:
     assert client.searches[0]["user_id"] == "shopper-1"
 
 
+def test_main_stops_on_sigterm_and_gives_the_handler_back(
+    fake_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a command runs, SIGTERM unwinds it like Ctrl-C; afterwards the caller's own
+    handler is back (left installed, a late SIGTERM raised SystemExit in interpreter teardown)."""
+    import signal
+
+    def callers_handler(signum, frame) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        during: list[object] = []
+        search = fake_client.search
+
+        def search_noting_the_handler(self, *args, **kwargs):
+            during.append(signal.getsignal(signal.SIGTERM))
+            return search(self, *args, **kwargs)
+
+        monkeypatch.setattr(fake_client, "search", search_noting_the_handler)
+        assert cli.main(["search", "mouse"]) == 0
+        assert during == [cli._exit_on_sigterm]
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_search_json_carries_price_and_stock(fake_client, capsys) -> None:
     import json
 
