@@ -426,8 +426,10 @@ class TritonServer:
             return False
 
     def live(self) -> tuple[bool, str]:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return False, "tritonserver is not running"
+        if self.process.poll() is not None:
+            return False, f"tritonserver exited with code {self.process.returncode}{self._cause()}"
         if self.watchdog is not None and self.watchdog.failed:
             return False, self.watchdog.failed
         return True, "live"
@@ -481,6 +483,20 @@ class TritonServer:
                 return
             time.sleep(READY_POLL_INTERVAL_S)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_tail()}")
+
+    def _cause(self) -> str:
+        """The last line tritonserver wrote before dying, when it says why it aborted (a C++
+        `terminate called ...`, a signal), for the launcher's log and the orchestrator's."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(max(0, log_file.seek(0, 2) - 16_384))
+            tail = log_file.read().decode(errors="replace").splitlines()
+        for prefix in ("terminate called", "Signal ("):  # the first says more
+            causes = [line.strip() for line in tail if line.startswith(prefix)]
+            if causes:
+                return f": {causes[-1]}"
+        return ""
 
     def _log_tail(self, lines: int = 20) -> str:
         """Triton's error lines (a model's load failure names its cause), then the last lines."""

@@ -36,19 +36,47 @@ from ecomsearch.server.processes import SHM_DIR, group_members, shm_regions, stu
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RESTART_TIMEOUT_S = 60.0
+# What tritonserver 2.51 prints when it aborts because a stub died holding the lock of its
+# message queue (see kill_between_requests; upstream triton-inference-server/server#8882).
+UPSTREAM_QUEUE_LOCK_ABORT = "boost::interprocess::lock_exception"
+
+
+class ChaosServers:
+    """The server these tests kill processes of, started again when one of them took the whole
+    server down, so one such failure is reported once and not again by every later test."""
+
+    def __init__(self, model_repository: Path, log_dir: Path) -> None:
+        self.model_repository = model_repository
+        self.log_dir = log_dir
+        self.server: TritonServer | None = None
+
+    def current(self) -> TritonServer:
+        if self.server is not None and not self.server.live()[0]:
+            self.server.stop()
+            self.server = None
+        if self.server is None:
+            log_path = self.log_dir / f"tritonserver-{len(list(self.log_dir.iterdir()))}.log"
+            self.server = TritonServer.local(self.model_repository, log_path)
+            self.server.start()
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
 
 
 @pytest.fixture(scope="module")
-def chaos_server(model_repository, tmp_path_factory) -> Iterator[TritonServer]:
-    """A server of its own: these tests kill its processes."""
-    log_path = tmp_path_factory.mktemp("chaos") / "tritonserver.log"
-    with TritonServer.local(model_repository, log_path) as server:
-        yield server
+def chaos_servers(model_repository, tmp_path_factory) -> Iterator[ChaosServers]:
+    servers = ChaosServers(model_repository, tmp_path_factory.mktemp("chaos"))
+    try:
+        yield servers
+    finally:
+        servers.stop()
 
 
 @pytest.mark.parametrize("model", STUB_MODELS)
-def test_a_killed_model_instance_is_replaced_and_searches_succeed_again(chaos_server, model):
-    server = chaos_server
+def test_a_killed_model_instance_is_replaced_and_searches_succeed_again(chaos_servers, model):
+    server = chaos_servers.current()
     before = {s.pid: s for s in stubs(group_members(server.process.pid)) if s.alive}
     victim = next(s for s in before.values() if s.model == model)
     restarts = len(server.watchdog.restarts)
@@ -61,6 +89,13 @@ def test_a_killed_model_instance_is_replaced_and_searches_succeed_again(chaos_se
         while len(server.watchdog.restarts) == restarts and time.monotonic() < deadline:
             ready_seen.add(http_status(f"{server.ops_url}/v2/health/ready"))
             time.sleep(0.05)
+        live, reason = server.live()
+        if not live and UPSTREAM_QUEUE_LOCK_ABORT in reason:
+            # The kill landed while a thread of the stub (its metrics sender, say) was talking
+            # to tritonserver: the known upstream abort, not the watchdog's failure to replace
+            # an instance. `serve` exits on it, for the orchestrator to restart.
+            pytest.xfail(f"tritonserver aborted: {reason} (upstream server#8882)")
+        assert live, reason
         assert len(server.watchdog.restarts) > restarts, f"{model} was not restarted"
         replaced_at = time.monotonic()
         time.sleep(1.0)

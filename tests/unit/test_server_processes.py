@@ -393,3 +393,31 @@ def test_the_response_cache_is_asked_for_with_its_size_and_library(tmp_path: Pat
     assert command["--cache-directory"] == [str(tmp_path / "caches")]
     with pytest.raises(ValueError):
         TritonServer(tmp_path, response_cache_bytes=-1)
+
+
+def test_a_dead_server_says_how_it_died(tmp_path: Path) -> None:
+    """`serve` logs live()'s reason when it stops: an abort's exit code and its C++ cause say
+    more to whoever restarts the pod than "not running"."""
+    from ecomsearch.server.launcher import ServerPorts, TritonServer
+
+    log_path = tmp_path / "tritonserver.log"
+    server = TritonServer(tmp_path, ServerPorts(http=1, grpc=2, metrics=3), log_path=log_path)
+    assert server.live() == (False, "tritonserver is not running")
+    log_path.write_text(
+        "I1130 12:00:00.000 1 server.cc:1] ready\n"
+        "terminate called after throwing an instance of 'boost::interprocess::lock_exception'\n"
+        "  what():  boost::interprocess::lock_exception\n"
+        "Signal (6) received.\n"
+        " 0# 0x000055F3C1B2A0C9 in tritonserver\n"
+    )
+    server.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(134)"])
+    server.process.wait()
+    assert server.live() == (
+        False,
+        "tritonserver exited with code 134: terminate called after throwing an instance of "
+        "'boost::interprocess::lock_exception'",
+    )
+    log_path.write_text("Signal (11) received.\n")
+    assert server.live() == (False, "tritonserver exited with code 134: Signal (11) received.")
+    log_path.write_text("I1130 12:00:00.000 1 server.cc:1] Stopped\n")
+    assert server.live() == (False, "tritonserver exited with code 134")
