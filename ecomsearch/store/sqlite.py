@@ -203,23 +203,25 @@ class SqliteStore(CatalogStore):
 
     def _configure(self) -> None:
         db = self._db
-        (mode,) = self._switch_to_wal(db)
-        if str(mode).lower() != "wal":
+        mode = self._switch_to_wal(db)
+        if mode.lower() != "wal":
             # Some filesystems (network ones) cannot do WAL; writes stay durable and atomic,
             # but readers and writers then block each other.
             log.warning("catalog store %s: journal mode is %s, not WAL", self.url, mode)
         db.execute("PRAGMA synchronous=FULL")
 
-    def _switch_to_wal(self, db: sqlite3.Connection) -> tuple[str]:
-        """Sets WAL journal mode, retrying while another connection holds the file. SQLite
-        answers `database is locked` at once, without calling the busy handler, when the
-        switch would deadlock with a connection that is itself opening the file, so replicas
-        opening a new store together need this loop; the busy timeout still bounds it."""
+    def _switch_to_wal(self, db: sqlite3.Connection) -> str:
+        """Sets WAL journal mode and returns the mode the file is in, retrying while another
+        connection holds the file. SQLite answers `database is locked` at once, without calling
+        the busy handler, when the switch would deadlock with a connection that is itself
+        opening the file, so replicas opening a new store together need this loop; the busy
+        timeout still bounds it."""
         deadline_s = time.monotonic() + self.busy_timeout_s
         pause_s = 0.005
         while True:
             try:
-                return db.execute("PRAGMA journal_mode=WAL").fetchone()
+                (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+                return str(mode)
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e):
                     raise
