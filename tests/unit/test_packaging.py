@@ -22,6 +22,27 @@ def test_every_package_under_ecomsearch_is_in_the_wheel() -> None:
     assert on_disk - packages == set()
 
 
+def test_every_directory_of_package_data_is_declared_a_package() -> None:
+    """Python can import any directory with a valid name, so setuptools warns that it "would
+    ignore" one holding package data unless `packages` lists it (25 warnings on every install,
+    and a future setuptools may leave the model configs out of the wheel)."""
+    settings = PYPROJECT["tool"]["setuptools"]
+    packages = set(settings["packages"])
+    package_dir = settings["package-dir"]
+    undeclared, seen = set(), set()
+    for package, patterns in settings["package-data"].items():
+        source = PROJECT_ROOT / package_dir.get(package, package.replace(".", "/"))
+        for pattern in patterns:
+            for data_file in source.glob(pattern):
+                parts = data_file.parent.relative_to(source).parts
+                name = ".".join((package, *parts)) if parts else package
+                seen.add(name)
+                if all(part.isidentifier() for part in parts) and name not in packages:
+                    undeclared.add(name)
+    assert undeclared == set()
+    assert "ecomsearch.model_repository.query_encoder.configs" in seen  # the globs matched
+
+
 def test_the_server_extra_installs_what_the_python_models_import() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert "ecomsearch[python-backend]" in extras["server"]
