@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ecomsearch import contract
+from ecomsearch.export.int8 import DEFAULT_WEIGHT_BITS, QuantizedGraph, quantize_per_token
 from ecomsearch.export.onnx import (
     OPSET,
     ExportValidationError,
@@ -39,17 +40,12 @@ CHECK_BATCH, CHECK_SEQUENCE = 3, 21
 # float32 BERT through ORT's fused kernels differs from eager PyTorch by ~1e-6 on unit vectors.
 ATOL = 1e-4
 # int8 moves values, not directions: each quantized embedding must stay this close to fp32's
-# (measured: 0.998 at worst on the check inputs, 0.999 on average over real queries).
+# (measured: 0.995 at worst on the check inputs' random token ids, 0.996 at worst and 0.997 on
+# average over the demo's real queries).
 INT8_MIN_COSINE = 0.99
-# Block-wise int8 weights: one scale per 128 weights along the input axis (384 and 1536 are
-# multiples of it), symmetric, so no zero points.
-INT8_BLOCK_SIZE = 128
-# MatMulNBits accuracy level 4: the activations are quantized to int8 too, block by block within
-# each row, so the products run on integer instructions.
-INT8_ACCURACY_LEVEL = 4
-# A row alone and the same row in a batch: the int8 kernels tile rows differently, so sums may
-# be accumulated in another order (measured: cosine 0.999995 at worst). Per-batch activation
-# scales, which this rules out, gave 0.987.
+# A row alone and the same row in a batch: every token has its own scale, but kernels may tile
+# rows differently and sum in another order (measured: cosine 1.0 within float32 rounding).
+# Per-batch activation scales, which this rules out, gave 0.987.
 ROW_INDEPENDENCE_MIN_COSINE = 0.99999
 
 TOKENIZER_FILES = (
@@ -83,41 +79,15 @@ class EncoderExport:
     seconds: float
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """int8 weights in blocks of INT8_BLOCK_SIZE (ONNX Runtime's MatMulNBits, 8 bits).
-
-    Not ONNX Runtime's dynamic quantization (MatMulInteger), though that is ~20% faster on a
-    batch of four here: it quantizes each activation tensor with one scale for the whole batch,
-    so a query's embedding moved with the queries Triton batched it with (the top 10 of 84% of
-    the demo's queries changed between alone and batched). MatMulNBits quantizes every row on
-    its own: a query's embedding is the same in any batch, and closer to float32 (cosine 0.999
-    against 0.994). Its 8-bit CPU kernel needs ONNX Runtime 1.22 or later (docs/performance.md).
-    """
+def quantize_int8(source: Path, target: Path) -> QuantizedGraph:
+    """The CPU profile's encoder: per-token int8 in standard operators
+    (`ecomsearch.export.int8`). Each token's activations get their own scale, so a query's
+    embedding is the same in any batch (validate_rows_independent checks it)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
 
-    # It logs a line for every node of the graph at INFO.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=INT8_BLOCK_SIZE,
-        is_symmetric=True,
-        accuracy_level=INT8_ACCURACY_LEVEL,
-        bits=8,
-    )
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(source)),
-        bits=8,
-        block_size=INT8_BLOCK_SIZE,
-        is_symmetric=True,
-        accuracy_level=INT8_ACCURACY_LEVEL,
-        algo_config=config,
-    )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    quantized = quantize_per_token(onnx.load(str(source)))
+    onnx.save(quantized.model, str(target))
+    return quantized
 
 
 def validate_rows_independent(onnx_path: Path, inputs: dict[str, np.ndarray]) -> float:
@@ -150,9 +120,9 @@ def export_encoder(
 ) -> EncoderExport:
     """Exports and validates the float32 graph, quantizes it to int8 and validates that too,
     then moves both models and the tokenizer into the repository. Each profile's config picks
-    its file (`default_model_filename`): int8 for the CPU profile, float32 for the GPU one,
-    where ONNX Runtime's dynamically quantized operators do not run. `adapter_dir` holds a
-    fine-tuned low-rank update (`ecomsearch train-encoder`), merged before tracing."""
+    its file (`default_model_filename`): int8 for the CPU profile, float32 for the GPU one
+    (which TensorRT runs in float16). `adapter_dir` holds a fine-tuned low-rank update
+    (`ecomsearch train-encoder`), merged before tracing."""
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
     missing = [
@@ -185,7 +155,7 @@ def export_encoder(
     checked = sample_inputs(CHECK_BATCH, CHECK_SEQUENCE, vocab_size, seed=1)
     with verified_export(module, signature, traced, checked, atol=ATOL) as export:
         int8 = export.onnx_path.with_name(layout.encoder_int8_onnx.name)
-        quantize_int8(export.onnx_path, int8)
+        quantized = quantize_int8(export.onnx_path, int8)
         min_cosine = validate_embedding_agreement(module, int8, checked, INT8_MIN_COSINE)
         row_cosine = validate_rows_independent(int8, checked)
         # int8 first: a reader that sees the new float32 model finds its int8 twin beside it.
@@ -211,8 +181,9 @@ def export_encoder(
             "file": layout.encoder_int8_onnx.name,
             "fingerprint": file_sha256(layout.encoder_int8_onnx),
             "quantization": (
-                f"MatMulNBits: int8 weights in symmetric blocks of {INT8_BLOCK_SIZE}, "
-                f"accuracy level {INT8_ACCURACY_LEVEL} (int8 activations per row block)"
+                f"per-token int8 (MatMulInteger): u8 activations with one scale per token, "
+                f"{DEFAULT_WEIGHT_BITS}-bit weights with one scale per output column, "
+                f"{quantized.matmuls} MatMuls over {quantized.activations} quantized activations"
             ),
             "min_cosine_to_pytorch": min_cosine,
             "min_cosine_alone_to_batched": row_cosine,

@@ -138,5 +138,11 @@ def test_export_writes_the_int8_twin_verified_and_recorded(tiny_checkpoint, tmp_
     info = json.loads(layout.encoder_info.read_text())["int8"]
     assert info["min_cosine_to_pytorch"] >= encoder_export.INT8_MIN_COSINE
     assert info["min_cosine_alone_to_batched"] >= encoder_export.ROW_INDEPENDENCE_MIN_COSINE
-    ops = {node.op_type for node in onnx.load(str(layout.encoder_int8_onnx)).graph.node}
-    assert "MatMulNBits" in ops
+    graph = onnx.load(str(layout.encoder_int8_onnx)).graph
+    ops = {node.op_type for node in graph.node}
+    # Per-token int8 in standard operators only (export/int8.py): no float MatMul on a weight.
+    assert "MatMulInteger" in ops and {node.domain for node in graph.node} <= {""}
+    float_weights = {t.name for t in graph.initializer if len(t.dims) == 2 and t.data_type == 1}
+    assert not [
+        node for node in graph.node if node.op_type == "MatMul" and node.input[1] in float_weights
+    ]

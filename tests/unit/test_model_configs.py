@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from google.protobuf import text_format
+from onnx import numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ecomsearch import contract
+from ecomsearch.export.int8 import DEFAULT_WEIGHT_BITS
 from ecomsearch.paths import ModelRepositoryLayout, version_numbers
 from ecomsearch.ranking.features import FEATURE_NAMES
 from tests.project import MODEL_REPOSITORY
@@ -197,18 +200,17 @@ def test_the_cpu_profile_serves_the_int8_encoder_and_the_gpu_profile_float32():
     gpu = layout.served_model_file(contract.ENCODER_MODEL, "gpu")
     assert (cpu, gpu) == (layout.encoder_int8_onnx, layout.encoder_onnx)
 
-    def quantized_bits(path: Path) -> set[int]:
-        return {
-            attribute.i
-            for node in onnx.load(str(path)).graph.node
-            if node.op_type == "MatMulNBits"
-            for attribute in node.attribute
-            if attribute.name == "bits"
-        }
+    def integer_weights(path: Path) -> list[np.ndarray]:
+        graph = onnx.load(str(path)).graph
+        names = {node.input[1] for node in graph.node if node.op_type == "MatMulInteger"}
+        return [numpy_helper.to_array(t) for t in graph.initializer if t.name in names]
 
-    # Block-wise int8 weights in the CPU profile (ecomsearch.export.encoder.quantize_int8).
-    assert quantized_bits(cpu) == {8}
-    assert quantized_bits(gpu) == set()
+    # Per-token int8 in the CPU profile (ecomsearch.export.int8): every weight within 7 bits,
+    # which cannot saturate on CPUs without VNNI.
+    weights = integer_weights(cpu)
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    assert max(int(np.abs(w).max()) for w in weights) <= 2 ** (DEFAULT_WEIGHT_BITS - 1) - 1
+    assert integer_weights(gpu) == []
     # The index is built and fingerprinted with the float32 model in every profile.
     info = json.loads(layout.encoder_info.read_text())
     assert info["int8"]["file"] == cpu.name
