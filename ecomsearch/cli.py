@@ -900,14 +900,19 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
 
 def cmd_bench_encoder(args: argparse.Namespace) -> int:
     from ecomsearch.loadtest.bench import load_queries
-    from ecomsearch.loadtest.encoder_bench import compare_encoders, write_comparison
+    from ecomsearch.loadtest.encoder_bench import compare_encoders, markdown, write_comparison
 
-    repositories = dict(zip(args.names, args.model_repositories, strict=True))
+    paths = args.model_repositories or [_layout(args).root]
+    names = args.names or [path.resolve().name for path in paths]
+    if len(names) != len(paths) or len(set(names)) != len(names):
+        raise SystemExit("bench-encoder: give one distinct --names entry per repository")
     result = compare_encoders(
-        repositories, load_queries(args.queries, args.limit_queries), args.threads
+        dict(zip(names, paths, strict=True)),
+        load_queries(args.queries, args.limit_queries),
+        args.threads,
     )
     write_comparison(result, args.out)
-    print(json.dumps(result, indent=2))
+    print(markdown(result))
     return 0
 
 
@@ -1498,13 +1503,18 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.set_defaults(handler=cmd_bench_scaling)
 
     encoders = command(
-        "bench-encoder", "throughput and agreement of exported encoders (fp32 vs int8)"
+        "bench-encoder",
+        "speed and agreement of exported encoders: each repository's float32 and int8 files",
     )
     encoders.add_argument(
-        "model_repositories", type=Path, nargs="+", help="model repositories to compare"
+        "model_repositories",
+        type=Path,
+        nargs="*",
+        help="model repositories to compare (default: --model-repository); the first one's "
+        "float32 encoder is the reference",
     )
     encoders.add_argument(
-        "--names", nargs="+", default=["baseline", "candidate"], help="a name per repository"
+        "--names", nargs="+", help="a name per repository (default: their directory names)"
     )
     encoders.add_argument(
         "--queries", type=Path, default=default_queries(), help="one query a line"
@@ -1516,6 +1526,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoders.add_argument(
         "--out", type=Path, default=Path("results/encoders"), help="where the report goes"
     )
+    _add_model_repository(encoders)
     encoders.set_defaults(handler=cmd_bench_encoder)
 
     load = command("loadtest", "Locust load test of a running server")

@@ -178,3 +178,20 @@ def test_bench_cache_replays_a_stream_with_and_without_the_cache(model_repositor
     # Every repeat not in flight beside its first occurrence hits.
     assert 0.5 <= cached["cache_hit_rate"]["query_encoder"] <= 0.9
     assert "Throughput with / without" in (tmp_path / "out" / "cache.md").read_text()
+
+
+def test_bench_encoder_times_both_files_and_checks_agreement(model_repository, tmp_path):
+    from ecomsearch.loadtest.encoder_bench import compare_encoders, write_comparison
+
+    queries = load_queries(default_queries())[:24]
+    result = compare_encoders({"shipped": model_repository}, queries)
+    assert result["reference"] == "shipped:float32"
+    assert set(result["ms_per_query"]) == {"shipped:float32", "shipped:int8"}
+    assert all(ms > 0 for by_size in result["ms_per_query"].values() for ms in by_size.values())
+    assert result["cosine_to_reference"]["shipped:float32"]["min"] == pytest.approx(1.0, abs=1e-5)
+    # The int8 encoder is close to float32 but not equal to it, and batch-independent.
+    int8 = result["cosine_to_reference"]["shipped:int8"]
+    assert 0.99 <= int8["min"] < 0.99999
+    assert result["cosine_alone_to_batched_min"]["shipped:int8"] >= 0.99999
+    write_comparison(result, tmp_path)
+    assert "| shipped:int8 |" in (tmp_path / "encoders.md").read_text()
