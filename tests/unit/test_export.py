@@ -142,6 +142,10 @@ def test_export_writes_the_int8_twin_verified_and_recorded(tiny_checkpoint, tmp_
     ops = {node.op_type for node in graph.node}
     # Per-token int8 in standard operators only (export/int8.py): no float MatMul on a weight.
     assert "MatMulInteger" in ops and {node.domain for node in graph.node} <= {""}
+    # Smoothed: every quantized activation is divided by its calibrated channel factors first.
+    smoothed = [node for node in graph.node if node.output[0].endswith("/smoothed")]
+    quantized = [node for node in graph.node if node.output[0].endswith("/u8")]
+    assert smoothed and len(smoothed) == len(quantized)
     float_weights = {t.name for t in graph.initializer if len(t.dims) == 2 and t.data_type == 1}
     assert not [
         node for node in graph.node if node.op_type == "MatMul" and node.input[1] in float_weights

@@ -9,10 +9,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ecomsearch.export.int8 import (
+    DEFAULT_SMOOTHING_ALPHA,
     DEFAULT_WEIGHT_BITS,
+    channel_maxima,
     quantize_activation_rows,
     quantize_per_token,
     quantize_weight,
+    smoothing_factors,
 )
 
 
@@ -156,3 +159,73 @@ def test_a_graph_without_a_constant_weight_is_refused():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(ValueError, match="no MatMul with a constant"):
         quantize_per_token(model)
+
+
+def outlier_inputs(seed: int, batch: int = 4) -> np.ndarray:
+    """Activations with two channels 60x the others, as after a transformer's LayerNorm."""
+    x = np.random.default_rng(seed).normal(size=(batch, 6, 16)).astype(np.float32)
+    x[..., [3, 11]] *= 60
+    return x
+
+
+def test_channel_maxima_are_the_calibration_inputs_largest_magnitudes():
+    model = two_layer_graph(random_weights())
+    feeds = [{"x": outlier_inputs(seed)} for seed in (5, 6)]
+    maxima = channel_maxima(model, feeds)
+    assert set(maxima) == {"x", "q"}  # the inputs of the three constant-weight MatMuls
+    expected = np.abs(np.concatenate([f["x"] for f in feeds])).max(axis=(0, 1))
+    np.testing.assert_allclose(maxima["x"], expected)
+
+
+def test_smoothing_factors_follow_smoothquant_and_survive_dead_channels():
+    activation_max = np.array([8.0, 1.0, 0.0], np.float32)
+    weights = [np.array([[0.5, 2.0], [1.0, 1.0], [0.0, 0.0]], np.float32)]
+    factors = smoothing_factors(activation_max, weights, 0.5)
+    np.testing.assert_allclose(factors[:2], np.sqrt([8.0, 1.0]) / np.sqrt([2.0, 1.0]))
+    assert np.isfinite(factors).all() and factors[2] > 0
+    np.testing.assert_allclose(smoothing_factors(activation_max, weights, 0.0)[:2], [0.5, 1.0])
+    with pytest.raises(ValueError, match="alpha"):
+        smoothing_factors(activation_max, weights, 1.5)
+
+
+def test_smoothing_cuts_the_error_of_outlier_channels_and_keeps_the_float_product():
+    weights = random_weights()
+    model = two_layer_graph(weights)
+    calibration = [{"x": outlier_inputs(seed)} for seed in (7, 8, 9)]
+    x = outlier_inputs(10)
+    exact = run(model, x)["out"]
+    plain = quantize_per_token(model)
+    smoothed = quantize_per_token(model, calibration=calibration)
+    assert (plain.smoothed, smoothed.smoothed) == (0, 2)
+
+    def error(quantized) -> float:
+        return float(np.abs(run(quantized.model, x)["out"] - exact).max() / np.abs(exact).max())
+
+    assert error(smoothed) < error(plain) / 2
+    # What the graph computes: x divided by the factors channel by channel, the rows of the
+    # weights reading it multiplied by them (query and key share x, so share its factors).
+    factors = smoothing_factors(
+        channel_maxima(model, calibration)["x"],
+        [weights["wq"], weights["wk"]],
+        DEFAULT_SMOOTHING_ALPHA,
+    )
+    x_u8, x_scale = quantize_activation_rows(x * (1 / factors))
+
+    def smoothed_product(weight: np.ndarray) -> np.ndarray:
+        w_q, w_scale = quantize_weight(weight * factors[:, None])
+        product = (x_u8.astype(np.int32) - 128) @ w_q.astype(np.int32)
+        return product.astype(np.float32) * x_scale * w_scale
+
+    q, k = smoothed_product(weights["wq"]), smoothed_product(weights["wk"])
+    np.testing.assert_allclose(
+        run(smoothed.model, x)["scores"], q @ k.transpose(0, 2, 1), rtol=1e-4, atol=1e-2
+    )
+
+
+def test_a_smoothed_row_gets_the_same_result_alone_and_in_any_batch():
+    model = two_layer_graph(random_weights())
+    smoothed = quantize_per_token(model, calibration=[{"x": outlier_inputs(11)}]).model
+    batch = outlier_inputs(12, batch=5)
+    together = run(smoothed, batch)["out"]
+    for row in range(len(batch)):
+        np.testing.assert_array_equal(run(smoothed, batch[row : row + 1])["out"][0], together[row])
