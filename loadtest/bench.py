@@ -174,6 +174,48 @@ def bench_local(report, system, pipeline, queries, concurrencies, settings) -> N
         )
 
 
+def served_encoder_threads(repository: Path, profile: str | None) -> int:
+    """The intra-op threads each served encoder instance runs with (its config's
+    `intra_op_thread_count`; 0, ONNX Runtime's default, when unset)."""
+    from ecomsearch.paths import ModelRepositoryLayout, read_model_config
+
+    config = read_model_config(
+        ModelRepositoryLayout(repository).config_path(contract.ENCODER_MODEL, profile)
+    )
+    parameter = config.parameters.get("intra_op_thread_count")
+    return int(parameter.string_value) if parameter is not None else 0
+
+
+@contextmanager
+def served_thread_settings(repository: Path, profile: str | None):
+    """The native thread pools as the served models set theirs, for the in-process pipeline
+    (restored on exit, so the naive baseline keeps its own): BLAS and the tokenizers at one
+    thread (ecomsearch.serving.base.limit_native_threads), FAISS's OpenMP at retrieve's
+    `faiss_omp_threads`; yields the encoder's intra-op threads. With the libraries' defaults
+    instead (a pool of two threads in each, spinning while idle, on two cores), the in-process
+    pipeline's p50 at concurrency 1 moved between 4.7 and 12 ms from run to run here."""
+    import os
+
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    from ecomsearch.serving.retrieve import RetrieveSettings
+
+    omp_threads = faiss.omp_get_max_threads()
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    faiss.omp_set_num_threads(RetrieveSettings.faiss_omp_threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield served_encoder_threads(repository, profile)
+    finally:
+        faiss.omp_set_num_threads(omp_threads)
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
 def run_bench(
     repository: Path, queries: Sequence[str], out_dir: Path, settings: BenchSettings
 ) -> BenchReport:
@@ -210,14 +252,19 @@ def run_bench(
     if "in_process" in settings.systems:
         from ecomsearch.pipeline import InProcessPipeline
 
-        bench_local(
-            report,
-            "in_process",
-            InProcessPipeline(repository, profile=settings.profile),
-            queries,
-            settings.concurrencies,
-            settings,
-        )
+        # The same speed-ups as the served pipeline, thread settings included: the ratio at
+        # concurrency 1 then prices Triton's hops, not two threads against one.
+        with served_thread_settings(repository, settings.profile) as encoder_threads:
+            bench_local(
+                report,
+                "in_process",
+                InProcessPipeline(
+                    repository, encoder_threads=encoder_threads, profile=settings.profile
+                ),
+                queries,
+                settings.concurrencies,
+                settings,
+            )
     if "naive" in settings.systems:
         from ecomsearch.loadtest.baseline import NaivePipeline
 
