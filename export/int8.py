@@ -110,7 +110,7 @@ def quantized_activations(model: onnx.ModelProto) -> list[str]:
     weights = _constant_weights(model.graph)
     names: dict[str, None] = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights:
+        if _reads_constant_weight(node, weights):
             names[node.input[0]] = None
     return list(names)
 
@@ -158,6 +158,11 @@ def _constant_weights(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     }
 
 
+def _reads_constant_weight(node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> bool:
+    """A MatMul this module makes integer: its second input is a constant 2-D float weight."""
+    return node.op_type == "MatMul" and node.input[1] in weights
+
+
 def quantize_per_token(
     model: onnx.ModelProto,
     weight_bits: int = DEFAULT_WEIGHT_BITS,
@@ -198,7 +203,7 @@ def quantize_per_token(
     if calibration is not None:
         readers: dict[str, list[np.ndarray]] = {}
         for node in graph.node:
-            if node.op_type == "MatMul" and node.input[1] in weights:
+            if _reads_constant_weight(node, weights):
                 readers.setdefault(node.input[0], []).append(
                     numpy_helper.to_array(weights[node.input[1]])
                 )
@@ -242,7 +247,7 @@ def quantize_per_token(
         return smoothed + quantization, names["u8"], names["scale"]
 
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in weights:
+        if not _reads_constant_weight(node, weights):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)

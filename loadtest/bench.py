@@ -174,46 +174,49 @@ def bench_local(report, system, pipeline, queries, concurrencies, settings) -> N
         )
 
 
-def served_encoder_threads(repository: Path, profile: str | None) -> int:
-    """The intra-op threads each served encoder instance runs with (its config's
-    `intra_op_thread_count`; 0, ONNX Runtime's default, when unset)."""
+def served_config(repository: Path, model: str, profile: str | None) -> dict:
+    """A model's config for `profile` in the JSON form Triton hands a Python model, so the
+    models' own parameter readers apply to it."""
+    from google.protobuf import json_format
+
     from ecomsearch.paths import ModelRepositoryLayout, read_model_config
 
-    config = read_model_config(
-        ModelRepositoryLayout(repository).config_path(contract.ENCODER_MODEL, profile)
-    )
-    parameter = config.parameters.get("intra_op_thread_count")
-    return int(parameter.string_value) if parameter is not None else 0
+    config = read_model_config(ModelRepositoryLayout(repository).config_path(model, profile))
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def served_encoder_threads(repository: Path, profile: str | None) -> int:
+    """The intra-op threads each served encoder instance runs with, read as the ONNX Runtime
+    drop-in reads them (0, ONNX Runtime's default, when unset)."""
+    from ecomsearch.serving.base import int_parameter
+
+    config = served_config(repository, contract.ENCODER_MODEL, profile)
+    return int_parameter(config, "intra_op_thread_count", 0)
 
 
 @contextmanager
 def served_thread_settings(repository: Path, profile: str | None):
     """The native thread pools as the served models set theirs, for the in-process pipeline
-    (restored on exit, so the naive baseline keeps its own): BLAS and the tokenizers at one
-    thread (ecomsearch.serving.base.limit_native_threads), FAISS's OpenMP at retrieve's
+    (restored on exit, so the naive baseline keeps its own): BLAS and the tokenizers as every
+    Python model limits them (ecomsearch.serving.base), FAISS's OpenMP at retrieve's configured
     `faiss_omp_threads`; yields the encoder's intra-op threads. With the libraries' defaults
     instead (a pool of two threads in each, spinning while idle, on two cores), the in-process
     pipeline's p50 at concurrency 1 moved between 4.7 and 12 ms from run to run here."""
-    import os
-
     import faiss
-    from threadpoolctl import threadpool_limits
 
+    from ecomsearch.serving.base import native_threads_limited
     from ecomsearch.serving.retrieve import RetrieveSettings
 
+    retrieve = RetrieveSettings.from_config(
+        served_config(repository, contract.RETRIEVE_MODEL, profile)
+    )
     omp_threads = faiss.omp_get_max_threads()
-    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
-    faiss.omp_set_num_threads(RetrieveSettings.faiss_omp_threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    faiss.omp_set_num_threads(retrieve.faiss_omp_threads)
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with native_threads_limited(1):
             yield served_encoder_threads(repository, profile)
     finally:
         faiss.omp_set_num_threads(omp_threads)
-        if parallelism is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
 
 
 def run_bench(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
+import os
 import traceback
 import uuid
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ __all__ = [
     "int_parameter",
     "limit_native_threads",
     "model_config",
+    "native_threads_limited",
     "parameter",
     "split_rows",
     "text_values",
@@ -90,14 +93,35 @@ def limit_native_threads(threads: int = 1) -> None:
     queries cost 185 us of CPU with the tokenizers' thread pool, 49 us without. OpenMP (FAISS's
     search) is left to its owner's parameter.
     """
-    import os
+    _apply_native_thread_limits(threads)
 
+
+@contextlib.contextmanager
+def native_threads_limited(threads: int = 1) -> Iterator[None]:
+    """limit_native_threads for a block only: the previous limits come back on exit (the
+    benchmark's in-process pipeline, which must run as the served models do without changing
+    the baseline measured after it)."""
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    limits = _apply_native_thread_limits(threads)
+    try:
+        yield
+    finally:
+        limits.restore_original_limits()
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
+def _apply_native_thread_limits(threads: int):
+    """Applies the limits; returns threadpoolctl's handle, which can restore the BLAS ones."""
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=threads, user_api="blas")
+    limits = threadpool_limits(limits=threads, user_api="blas")
     # Read by the tokenizers library when it next encodes a batch.
     if threads == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return limits
 
 
 def input_array(pb_utils, request, name: str) -> np.ndarray | None:
