@@ -6,7 +6,9 @@ ONNX graphs, index, candidate code and top-k selection as the served models, wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from ecomsearch import contract
@@ -46,24 +48,55 @@ class InProcessPipeline:
         )
 
     def search(
-        self, queries: Sequence[str], k: int = contract.DEFAULT_TOP_K
+        self,
+        queries: Sequence[str],
+        k: int = contract.DEFAULT_TOP_K,
+        stage_cpu_s: dict[str, float] | None = None,
     ) -> list[list[tuple[str, float]]]:
-        input_ids, attention_mask = self.encoder.tokenizer(list(queries))
-        embeddings = self.encoder.encode_ids(input_ids, attention_mask)
-        candidates = self.retriever.retrieve(queries, embeddings)
-        (scores,) = self.ranker.run(
-            [contract.RANKING_SCORES], {contract.CANDIDATE_FEATURES: candidates.features}
-        )
-        rows, scores = top_k_rows(candidates.rows, scores, k)
-        ids = self.retriever.catalog.product_ids_of_keys(rows)
-        return [
-            [
-                (product_id.decode("utf-8"), float(score))
-                for product_id, score in zip(query_ids, query_scores, strict=True)
-                if product_id
+        """The top `k` (product id, score) of each query. `stage_cpu_s`, when given, gains
+        each stage's CPU time in seconds (this process's, so other work on the machine does
+        not count), keyed by the served model that does that stage's work."""
+        clock = _StageClock(stage_cpu_s)
+        with clock(contract.PREPROCESS_MODEL):
+            input_ids, attention_mask = self.encoder.tokenizer(list(queries))
+        with clock(contract.ENCODER_MODEL):
+            embeddings = self.encoder.encode_ids(input_ids, attention_mask)
+        with clock(contract.RETRIEVE_MODEL):
+            candidates = self.retriever.retrieve(queries, embeddings)
+        with clock(contract.RANKER_MODEL):
+            (scores,) = self.ranker.run(
+                [contract.RANKING_SCORES], {contract.CANDIDATE_FEATURES: candidates.features}
+            )
+        with clock(contract.SELECT_MODEL):
+            rows, scores = top_k_rows(candidates.rows, scores, k)
+            ids = self.retriever.catalog.product_ids_of_keys(rows)
+            return [
+                [
+                    (product_id.decode("utf-8"), float(score))
+                    for product_id, score in zip(query_ids, query_scores, strict=True)
+                    if product_id
+                ]
+                for query_ids, query_scores in zip(ids, scores, strict=True)
             ]
-            for query_ids, query_scores in zip(ids, scores, strict=True)
-        ]
+
+
+class _StageClock:
+    """Adds the CPU time of each `with clock(stage):` block to a dict, or does nothing."""
+
+    def __init__(self, totals_s: dict[str, float] | None) -> None:
+        self.totals_s = totals_s
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self.totals_s is None:
+            yield
+            return
+        start_s = time.process_time()
+        try:
+            yield
+        finally:
+            elapsed_s = time.process_time() - start_s
+            self.totals_s[stage] = self.totals_s.get(stage, 0.0) + elapsed_s
 
 
 __all__ = ["InProcessPipeline"]

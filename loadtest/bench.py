@@ -174,6 +174,43 @@ def bench_local(report, system, pipeline, queries, concurrencies, settings) -> N
         )
 
 
+# The batch sizes at which the in-process pipeline's own compute is priced: one query, the
+# 2-4 rows dynamic batching forms at the target's concurrency here, and a full batch.
+FLOOR_BATCH_SIZES = (1, 4, 16)
+
+
+def compute_floor(
+    pipeline,
+    queries: Sequence[str],
+    k: int,
+    batch_sizes: Sequence[int] = FLOOR_BATCH_SIZES,
+    passes: int = 3,
+) -> dict[int, dict[str, float]]:
+    """CPU ms per query of each stage of the in-process pipeline over `queries` in consecutive
+    batches of each size, the best of `passes` passes (by their total): the work the served
+    stages do, without Triton, its hops or other processes. A serving figure below this total
+    is not reachable by serving changes; the served figure minus it is what serving costs."""
+    floor: dict[int, dict[str, float]] = {}
+    for batch_size in batch_sizes:
+        batches = [
+            queries[start : start + batch_size]
+            for start in range(0, len(queries) - batch_size + 1, batch_size)
+        ]
+        if not batches:
+            continue
+        rows = len(batches) * batch_size
+        best: dict[str, float] | None = None
+        for _ in range(passes):
+            stage_cpu_s: dict[str, float] = {}
+            for batch in batches:
+                pipeline.search(batch, k, stage_cpu_s=stage_cpu_s)
+            per_query_ms = {stage: 1000 * s / rows for stage, s in stage_cpu_s.items()}
+            if best is None or sum(per_query_ms.values()) < sum(best.values()):
+                best = per_query_ms
+        floor[batch_size] = {stage: round(ms, 3) for stage, ms in best.items()}
+    return floor
+
+
 def served_config(repository: Path, model: str, profile: str | None) -> dict:
     """A model's config for `profile` in the JSON form Triton hands a Python model, so the
     models' own parameter readers apply to it."""
@@ -258,16 +295,11 @@ def run_bench(
         # The same speed-ups as the served pipeline, thread settings included: the ratio at
         # concurrency 1 then prices Triton's hops, not two threads against one.
         with served_thread_settings(repository, settings.profile) as encoder_threads:
-            bench_local(
-                report,
-                "in_process",
-                InProcessPipeline(
-                    repository, encoder_threads=encoder_threads, profile=settings.profile
-                ),
-                queries,
-                settings.concurrencies,
-                settings,
+            pipeline = InProcessPipeline(
+                repository, encoder_threads=encoder_threads, profile=settings.profile
             )
+            bench_local(report, "in_process", pipeline, queries, settings.concurrencies, settings)
+            report.compute_floor = compute_floor(pipeline, queries, settings.top_k)
     if "naive" in settings.systems:
         from ecomsearch.loadtest.baseline import NaivePipeline
 

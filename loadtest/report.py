@@ -23,6 +23,8 @@ class BenchReport:
     settings: dict[str, Any]
     runs: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Batch size -> stage -> CPU ms per query of the in-process pipeline (bench.compute_floor).
+    compute_floor: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def add(
         self,
@@ -63,7 +65,13 @@ def _ms(us: float | None) -> float | None:
 def save_json(report: BenchReport, path: Path) -> None:
     path.write_text(
         json.dumps(
-            {"settings": report.settings, "runs": report.runs, "stages": report.stages}, indent=2
+            {
+                "settings": report.settings,
+                "runs": report.runs,
+                "stages": report.stages,
+                "compute_floor": report.compute_floor,
+            },
+            indent=2,
         )
         + "\n"
     )
@@ -135,6 +143,8 @@ def markdown(report) -> str:
     for what, value, target in target_ratios(report.runs):
         measured = "not measured" if value is None else f"{value:.2f}"
         lines.append(f"| {what} | {measured} | {target} |")
+    if report.compute_floor:
+        lines += compute_floor_lines(report.compute_floor)
     if report.stages:
         lines += [
             "",
@@ -176,6 +186,27 @@ def markdown(report) -> str:
                 shown_others = ", ".join(f"{name} {ms:.2f} ms" for name, ms in others.items())
                 lines.append(f"- {run}: {shown_others}")
     return "\n".join(lines) + "\n"
+
+
+def compute_floor_lines(floor: dict[int, dict[str, float]]) -> list[str]:
+    """The in-process pipeline's own CPU per query by stage and batch size, as Markdown."""
+    stages = list(next(iter(floor.values())))
+    lines = [
+        "",
+        "## The pipeline's own compute (in-process, no serving)",
+        "",
+        "CPU ms per query of each stage in one process, the queries in consecutive batches of "
+        "each size, best of three passes: the floor of the CPU-per-query targets above. What a "
+        "served figure adds to the floor at the batch size its stages formed is what serving "
+        "costs.",
+        "",
+        "| batch size | " + " | ".join(stages) + " | total |",
+        "|---" * (len(stages) + 2) + "|",
+    ]
+    for batch_size, by_stage in floor.items():
+        cells = " | ".join(f"{by_stage.get(stage, 0.0):.2f}" for stage in stages)
+        lines.append(f"| {batch_size} | {cells} | {sum(by_stage.values()):.2f} |")
+    return lines
 
 
 def plot(report, out_dir: Path) -> list[Path]:

@@ -59,6 +59,14 @@ def test_bench_runs_every_system_and_writes_reports(model_repository, tmp_path):
     assert triton["client_cpu_ms_per_request"] > 0
     assert {"tritonserver", "query_encoder", "retrieve"} <= set(triton["server_cpu_ms_by_process"])
     assert "CPU per query at c=16" in markdown
+    # The in-process pipeline's own compute, stage by stage, at the batch sizes the queries fill.
+    assert list(report.compute_floor) == [1]
+    assert set(report.compute_floor[1]) == {
+        "preprocess", "query_encoder", "retrieve", "ranker", "select",
+    }  # fmt: skip
+    assert report.compute_floor[1]["query_encoder"] > 0 and report.compute_floor[1]["retrieve"] > 0
+    assert saved["compute_floor"] == {"1": report.compute_floor[1]}
+    assert "The pipeline's own compute" in markdown
     for plot in ("latency_vs_concurrency.png", "throughput_vs_concurrency.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
 

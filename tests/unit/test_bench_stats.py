@@ -144,3 +144,46 @@ def test_cpu_by_process_names_each_process_and_sums_to_the_group() -> None:
     # This process is named after its argv[0] (pytest, or python); a stub by its model.
     assert any(after[name] - before.get(name, 0.0) >= 0.2 for name in after), after
     assert sum(after.values()) == pytest.approx(group_cpu_seconds(group), abs=0.05)
+
+
+class ScriptedPipeline:
+    """Charges each batch a fixed CPU time per stage: a fixed cost a batch for `select`, a
+    cost a query for `query_encoder`, and `retrieve` slower on the first pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.passes_seen = 0
+
+    def search(self, queries, k, stage_cpu_s=None):
+        self.batches.append(list(queries))
+        stage_cpu_s["query_encoder"] = stage_cpu_s.get("query_encoder", 0.0) + 0.002 * len(
+            queries
+        )
+        stage_cpu_s["select"] = stage_cpu_s.get("select", 0.0) + 0.004
+        first_pass = len(self.batches) <= 2
+        stage_cpu_s["retrieve"] = stage_cpu_s.get("retrieve", 0.0) + (0.1 if first_pass else 0.0)
+        return [[] for _ in queries]
+
+
+def test_compute_floor_prices_each_stage_per_query_at_each_batch_size() -> None:
+    from ecomsearch.loadtest.bench import compute_floor
+
+    pipeline = ScriptedPipeline()
+    queries = [f"q{i}" for i in range(9)]
+    floor = compute_floor(pipeline, queries, k=10, batch_sizes=(1, 4, 16), passes=2)
+    # 16 is more than the queries: not priced. 4 runs the 8 queries of two full batches.
+    assert list(floor) == [1, 4]
+    assert all(len(batch) == 4 for batch in pipeline.batches[-2:])
+    # The encoder's cost is per query; select's per batch, shared by its queries; the best
+    # pass is kept (retrieve cost only on the very first two batches).
+    assert floor[4] == {"query_encoder": 2.0, "select": 1.0, "retrieve": 0.0}
+    assert floor[1]["query_encoder"] == 2.0 and floor[1]["select"] == 4.0
+    assert floor[1]["retrieve"] == 0.0
+
+
+def test_compute_floor_is_reported_with_its_total() -> None:
+    from ecomsearch.loadtest.report import markdown
+
+    report = BenchReport(settings={})
+    report.compute_floor = {1: {"query_encoder": 2.25, "retrieve": 1.5}}
+    assert "| 1 | 2.25 | 1.50 | 3.75 |" in markdown(report)
