@@ -156,9 +156,7 @@ class ScriptedPipeline:
 
     def search(self, queries, k, stage_cpu_s=None):
         self.batches.append(list(queries))
-        stage_cpu_s["query_encoder"] = stage_cpu_s.get("query_encoder", 0.0) + 0.002 * len(
-            queries
-        )
+        stage_cpu_s["query_encoder"] = stage_cpu_s.get("query_encoder", 0.0) + 0.002 * len(queries)
         stage_cpu_s["select"] = stage_cpu_s.get("select", 0.0) + 0.004
         first_pass = len(self.batches) <= 2
         stage_cpu_s["retrieve"] = stage_cpu_s.get("retrieve", 0.0) + (0.1 if first_pass else 0.0)
