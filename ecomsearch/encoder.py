@@ -68,3 +68,12 @@ class OnnxEncoder:
             input_ids, attention_mask = self.tokenizer.pad([token_ids[i] for i in rows])
             embeddings[rows] = self.encode_ids(input_ids, attention_mask)
         return embeddings
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine of each row of `a` with the same row of `b` ([n, d] each -> [n]). A pair with
+    a zero row (an all-padding input embeds to zero) scores 1 when the rows are equal, else 0."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.sum(a * b, axis=1)
+    equal = np.all(a == b, axis=1)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), equal.astype(dots.dtype))

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ecomsearch.encoder import row_cosines
+
 log = logging.getLogger(__name__)
 
 # The ONNX opset of every exported graph; ONNX Runtime 1.17+ and Triton 24.x run it.
@@ -137,8 +139,7 @@ def validate_embedding_agreement(
             f"shape {onnx_embeddings.shape} from ONNX Runtime, "
             f"{torch_embeddings.shape} from PyTorch"
         )
-    norms = np.linalg.norm(onnx_embeddings, axis=1) * np.linalg.norm(torch_embeddings, axis=1)
-    cosine = float(np.min(np.sum(onnx_embeddings * torch_embeddings, axis=1) / norms))
+    cosine = float(np.min(row_cosines(onnx_embeddings, torch_embeddings)))
     log.info("quantized graph: min cosine to PyTorch = %.5f (required %.3f)", cosine, min_cosine)
     if not cosine >= min_cosine:
         raise ExportValidationError(

@@ -10,11 +10,20 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ecomsearch import contract
 from ecomsearch.loadtest.load import closed_loop
-from ecomsearch.loadtest.report import BATCHING_COMPARISON_CONCURRENCY, BenchReport, write_report
+from ecomsearch.loadtest.report import (
+    BATCHING_COMPARISON_CONCURRENCY,
+    FLOOR_PASSES,
+    BenchReport,
+    write_report,
+)
 from ecomsearch.loadtest.triton_stats import breakdown, snapshot
+
+if TYPE_CHECKING:
+    from ecomsearch.pipeline import InProcessPipeline
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +189,11 @@ FLOOR_BATCH_SIZES = (1, 4, 16)
 
 
 def compute_floor(
-    pipeline,
+    pipeline: InProcessPipeline,
     queries: Sequence[str],
     k: int,
     batch_sizes: Sequence[int] = FLOOR_BATCH_SIZES,
-    passes: int = 3,
+    passes: int = FLOOR_PASSES,
 ) -> dict[int, dict[str, float]]:
     """CPU ms per query of each stage of the in-process pipeline over `queries` in consecutive
     batches of each size, the best of `passes` passes (by their total): the work the served

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ecomsearch import contract
-from ecomsearch.encoder import OnnxEncoder
+from ecomsearch.encoder import OnnxEncoder, row_cosines
 from ecomsearch.paths import ModelRepositoryLayout
 
 BATCH_SIZES = (1, 4, 16)
@@ -40,11 +40,6 @@ def seconds_per_query(encoder: OnnxEncoder, batches: Sequence[tuple[np.ndarray, 
     for input_ids, attention_mask in batches:
         encoder.encode_ids(input_ids, attention_mask)
     return (time.perf_counter() - began) / sum(len(ids) for ids, _ in batches)
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0)
 
 
 def compare_encoders(
@@ -100,12 +95,12 @@ def compare_encoders(
         "cosine_alone_to_batched_min": {},
     }
     for name in encoders:
-        cosine = cosine_rows(alone[name], reference)
+        cosine = row_cosines(alone[name], reference)
         result["cosine_to_reference"][name] = {
             "mean": round(float(cosine.mean()), 5),
             "min": round(float(cosine.min()), 5),
         }
-        rows = cosine_rows(alone[name], batched[name])
+        rows = row_cosines(alone[name], batched[name])
         result["cosine_alone_to_batched_min"][name] = round(float(rows.min()), 6)
     return result
 

@@ -121,6 +121,14 @@ def write_embedding_graph(path, batch_dependent: bool) -> None:
     onnx.save(model, str(path))
 
 
+def test_row_cosines_pairs_rows_and_scores_zero_rows_by_equality():
+    from ecomsearch.encoder import row_cosines
+
+    a = np.array([[1, 0], [3, 4], [0, 0], [0, 0], [1, 1]], dtype=np.float32)
+    b = np.array([[0, 1], [6, 8], [0, 0], [1, 0], [-2, -2]], dtype=np.float32)
+    np.testing.assert_allclose(row_cosines(a, b), [0.0, 1.0, 1.0, 0.0, -1.0], atol=1e-6)
+
+
 def test_a_graph_whose_rows_depend_on_their_batch_is_refused(tmp_path):
     inputs = encoder_export.sample_inputs(4, 9, vocab_size=5000, seed=3)
     independent, dependent = tmp_path / "independent.onnx", tmp_path / "dependent.onnx"
